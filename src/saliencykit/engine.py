@@ -1,0 +1,167 @@
+"""Batched forward/backward passes shared by every method and metric.
+
+- `gradient_pass`: one forward + one backward over a batch whose rows may repeat examples
+  (noisy copies, path interpolants); returns logits, scores, the input gradient and the
+  activations/gradients of captured layers. Parameters never receive `.grad`: gradients are
+  taken with `torch.autograd.grad` w.r.t. the input and the captured tensors only.
+- `forward_scores`: forward-only scoring of many inputs generated on the fly, chunked to a
+  batch size, under `torch.inference_mode()`.
+- `PassCounter`: counts forward/backward passes in *images* (rows), reported per input image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SaliencyError
+from .targets import ResolvedTarget
+
+DEFAULT_BATCH = 32
+
+
+@dataclass
+class PassCounter:
+    forward: int = 0   # rows (images) pushed through the model
+    backward: int = 0  # rows backpropagated
+    batches: int = 0   # model calls
+
+    def add(self, forward: int = 0, backward: int = 0):
+        self.forward += forward
+        self.backward += backward
+        self.batches += 1 if forward else 0
+
+    def per_image(self, n_images: int) -> dict:
+        n = max(n_images, 1)
+        return {"forward": self.forward / n, "backward": self.backward / n, "model_calls": self.batches}
+
+
+@dataclass
+class GradResult:
+    logits: torch.Tensor                  # [N,K] detached
+    scores: torch.Tensor                  # [N] detached
+    input_grad: torch.Tensor | None       # [N,C,H,W]
+    activations: dict = field(default_factory=dict)  # name -> [N,...] detached
+    gradients: dict = field(default_factory=dict)    # name -> [N,...]
+
+
+def gradient_pass(subject, x: torch.Tensor, target: ResolvedTarget, rows: torch.Tensor | None = None,
+                  layers: Sequence[str] = (), input_grad: bool = True, counter: PassCounter | None = None,
+                  output: str | None = None) -> GradResult:
+    """Forward `x` (rows mapped to examples by `rows`), backprop the summed target score.
+
+    Samples do not interact in eval mode, so the gradient of the sum is each row's own gradient.
+    Must be called inside `subject.explaining()`.
+    """
+    with torch.enable_grad():  # works even when the caller is under torch.no_grad()
+        xin = x.detach().clone().requires_grad_(True)
+        capture = subject.capture(layers) if layers else None
+        if capture is not None:
+            with capture:
+                logits = subject.forward(xin)
+            acts = {name: capture.get(name) for name in capture.modules}
+        else:
+            logits = subject.forward(xin)
+            acts = {}
+        scores = target.score(logits, rows=rows, output=output)
+        wrt = ([xin] if input_grad else []) + list(acts.values())
+        for name, a in acts.items():
+            if not a.requires_grad:
+                raise SaliencyError(f"layer {name!r} output does not depend on the input differentiably")
+        grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
+    if counter is not None:
+        counter.add(forward=x.shape[0], backward=x.shape[0])
+    gi = grads[0] if input_grad else None
+    if input_grad and gi is None:
+        gi = torch.zeros_like(xin)
+    layer_grads = {}
+    for (name, a), g in zip(acts.items(), grads[1 if input_grad else 0:]):
+        layer_grads[name] = torch.zeros_like(a) if g is None else g.detach()
+    return GradResult(logits=logits.detach(), scores=scores.detach(), input_grad=None if gi is None else gi.detach(),
+                      activations={k: v.detach() for k, v in acts.items()}, gradients=layer_grads)
+
+
+def chunked_gradient(subject, inputs: torch.Tensor, target: ResolvedTarget, rows: torch.Tensor,
+                     batch_size: int | None, counter: PassCounter | None = None, layers: Sequence[str] = (),
+                     input_grad: bool = True, reduce: Callable | None = None):
+    """`gradient_pass` over a large row set in chunks; returns concatenated input gradients
+    (or, with `reduce`, feeds each chunk's GradResult to `reduce(start, result)`)."""
+    bs = batch_size or DEFAULT_BATCH
+    out = []
+    for start in range(0, inputs.shape[0], bs):
+        res = gradient_pass(subject, inputs[start:start + bs], target, rows=rows[start:start + bs],
+                            layers=layers, input_grad=input_grad, counter=counter)
+        if reduce is not None:
+            reduce(start, res)
+        else:
+            out.append(res.input_grad)
+    return torch.cat(out) if out else None
+
+
+@torch.inference_mode()
+def forward_logits(subject, x: torch.Tensor, batch_size: int | None = None,
+                   counter: PassCounter | None = None) -> torch.Tensor:
+    bs = batch_size or DEFAULT_BATCH
+    outs = []
+    for start in range(0, x.shape[0], bs):
+        chunk = x[start:start + bs]
+        outs.append(subject.forward(chunk).float())
+        if counter is not None:
+            counter.add(forward=chunk.shape[0])
+    return torch.cat(outs)
+
+
+def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: int, target: ResolvedTarget,
+                   rows_of: Callable[[int, int], torch.Tensor], batch_size: int | None = None,
+                   counter: PassCounter | None = None, output: str | None = None,
+                   progress: bool = False, desc: str = "") -> torch.Tensor:
+    """Scores of `n` inputs produced lazily by `make_inputs(start, stop)`, in chunks, no grad."""
+    bs = batch_size or DEFAULT_BATCH
+    scores = []
+    it = range(0, n, bs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=math.ceil(n / bs), desc=desc, leave=False)
+    with torch.inference_mode():
+        for start in it:
+            stop = min(n, start + bs)
+            logits = subject.forward(make_inputs(start, stop))
+            scores.append(target.score(logits.float(), rows=rows_of(start, stop), output=output))
+            if counter is not None:
+                counter.add(forward=stop - start)
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def upsample(maps: torch.Tensor, size, mode: str = "bilinear", align_corners: bool = False) -> torch.Tensor:
+    """[B,h,w] or [B,C,h,w] -> same at `size` (bilinear, align_corners=False by default)."""
+    squeeze = maps.dim() == 3
+    m = maps.unsqueeze(1) if squeeze else maps
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = F.interpolate(m.float(), size=tuple(size), mode=mode,
+                          align_corners=align_corners if mode in ("bilinear", "bicubic") else None)
+    return m.squeeze(1) if squeeze else m
+
+
+def reduce_channels(attr: torch.Tensor, mode: str) -> torch.Tensor:
+    """[B,C,H,W] -> [B,H,W]: "sum", "abs_sum", "max_abs", "l2", "mean"."""
+    if mode == "sum":
+        return attr.sum(1)
+    if mode == "abs_sum":
+        return attr.abs().sum(1)
+    if mode == "max_abs":
+        return attr.abs().amax(1)
+    if mode == "l2":
+        return attr.pow(2).sum(1).sqrt()
+    if mode == "mean":
+        return attr.mean(1)
+    raise SaliencyError(f"unknown channel reduction {mode!r}; use sum, abs_sum, max_abs, l2 or mean")
+
+
+def generator(seed: int | None, device=None) -> torch.Generator:
+    g = torch.Generator(device=device if device is not None else "cpu")
+    g.manual_seed(0 if seed is None else int(seed))
+    return g

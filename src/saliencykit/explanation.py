@@ -1,0 +1,170 @@
+"""`Explanation`: the maps a method produced plus everything needed to reproduce and read them."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SaliencyError
+
+
+def package_versions() -> dict:
+    import platform
+
+    import torchvision
+
+    from . import __version__
+
+    return {"saliencykit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def normalize_maps(maps: torch.Tensor, signed: bool = False, eps: float = 1e-12) -> torch.Tensor:
+    """Per-map scaling for display: unsigned -> [0,1] by min-max; signed -> [-1,1] by max |m|.
+
+    A constant map becomes zeros, never NaN.
+    """
+    flat = maps.reshape(maps.shape[0], -1).float()
+    if signed:
+        scale = flat.abs().amax(1, keepdim=True)
+        out = torch.where(scale > eps, flat / scale.clamp_min(eps), torch.zeros_like(flat))
+    else:
+        lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+        rng = hi - lo
+        out = torch.where(rng > eps, (flat - lo) / rng.clamp_min(eps), torch.zeros_like(flat))
+    return out.reshape(maps.shape)
+
+
+@dataclass
+class Explanation:
+    maps: torch.Tensor                      # [B,H,W] float32 at input resolution
+    method: str
+    signed: bool = False
+    target: list = field(default_factory=list)   # per example: kind, indices, name (+ vs_*)
+    layer: str | None = None
+    params: dict = field(default_factory=dict)
+    seed: int | None = None
+    passes: dict = field(default_factory=lambda: {"forward": 0, "backward": 0})
+    seconds: float = 0.0
+    raw: torch.Tensor | None = None          # [B,h,w] layer-resolution map, when there is one
+    attributions: torch.Tensor | None = None  # [B,C,H,W] input-space attributions, when there are
+    versions: dict = field(default_factory=dict)
+    model: str | None = None
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.maps, torch.Tensor) or self.maps.dim() != 3:
+            raise SaliencyError(f"Explanation maps must be a [B,H,W] tensor, got "
+                                f"{getattr(self.maps, 'shape', type(self.maps))}")
+        self.maps = self.maps.detach().float().cpu()
+        if self.raw is not None:
+            self.raw = self.raw.detach().float().cpu()
+        if self.attributions is not None:
+            self.attributions = self.attributions.detach().float().cpu()
+        if not self.versions:
+            self.versions = package_versions()
+
+    # ------------------------------------------------------------------------------ access
+    def __len__(self):
+        return self.maps.shape[0]
+
+    def __repr__(self):
+        names = ", ".join(t.get("name", "?") for t in self.target[:3])
+        return (f"Explanation({self.method}, maps={tuple(self.maps.shape)}, signed={self.signed}, "
+                f"target=[{names}], layer={self.layer}, passes={self.passes})")
+
+    def __getitem__(self, i: int) -> "Explanation":
+        """One example of a batch as its own Explanation."""
+        sl = slice(i, i + 1) if isinstance(i, int) else i
+        return Explanation(
+            maps=self.maps[sl], method=self.method, signed=self.signed, target=self.target[sl],
+            layer=self.layer, params=dict(self.params), seed=self.seed, passes=dict(self.passes),
+            seconds=self.seconds, raw=None if self.raw is None else self.raw[sl],
+            attributions=None if self.attributions is None else self.attributions[sl],
+            versions=dict(self.versions), model=self.model, extras=dict(self.extras))
+
+    def normalized(self) -> torch.Tensor:
+        return normalize_maps(self.maps, self.signed)
+
+    def metadata(self) -> dict:
+        return {"method": self.method, "signed": self.signed, "target": self.target, "layer": self.layer,
+                "params": _jsonable(self.params), "seed": self.seed, "passes": self.passes,
+                "seconds": self.seconds, "versions": self.versions, "model": self.model,
+                "shape": list(self.maps.shape), "extras": _jsonable(self.extras)}
+
+    @staticmethod
+    def random_like(exp: "Explanation", seed: int = 0) -> "Explanation":
+        """A uniform-random map of the same shape: the baseline every comparison should include."""
+        g = torch.Generator().manual_seed(seed)
+        maps = torch.rand(exp.maps.shape, generator=g)
+        return Explanation(maps=maps, method="random", signed=False, target=list(exp.target),
+                           params={}, seed=seed, model=exp.model)
+
+    # ------------------------------------------------------------------------------ display
+    def overlay(self, image, index: int = 0, alpha: float = 0.5, cmap: str | None = None):
+        """The map blended over the photo (resized to the photo), as a PIL image."""
+        from .viz import overlay
+
+        return overlay(image, self.maps[index], signed=self.signed, alpha=alpha, cmap=cmap)
+
+    # ------------------------------------------------------------------------------ saving
+    def save(self, path) -> Path:
+        """Write `maps.npz` + `explanation.json` into the directory `path`, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        try:
+            arrays = {"maps": self.maps.numpy()}
+            if self.raw is not None:
+                arrays["raw"] = self.raw.numpy()
+            if self.attributions is not None:
+                arrays["attributions"] = self.attributions.numpy()
+            np.savez_compressed(tmp / "maps.npz", **arrays)
+            (tmp / "explanation.json").write_text(json.dumps(self.metadata(), indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Explanation":
+        path = Path(path)
+        if path.is_file():
+            path = path.parent
+        meta_file, npz_file = path / "explanation.json", path / "maps.npz"
+        if not meta_file.exists() or not npz_file.exists():
+            raise SaliencyError(f"{path} is not a saved explanation (needs explanation.json and maps.npz)")
+        meta = json.loads(meta_file.read_text())
+        with np.load(npz_file) as data:
+            arrays = {k: torch.from_numpy(data[k].copy()) for k in data.files}
+        return cls(maps=arrays["maps"], method=meta["method"], signed=meta["signed"], target=meta["target"],
+                   layer=meta.get("layer"), params=meta.get("params", {}), seed=meta.get("seed"),
+                   passes=meta.get("passes", {}), seconds=meta.get("seconds", 0.0), raw=arrays.get("raw"),
+                   attributions=arrays.get("attributions"), versions=meta.get("versions", {}),
+                   model=meta.get("model"), extras=meta.get("extras", {}))
+
+
+def _jsonable(value: Any):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 16 else f"<tensor {tuple(value.shape)}>"
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 16 else f"<array {value.shape}>"
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)

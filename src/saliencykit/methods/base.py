@@ -1,0 +1,234 @@
+"""Method registry, the per-call context that lets methods share passes, and `explain()`."""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any, Sequence
+
+import torch
+
+from ..engine import GradResult, PassCounter, forward_logits, gradient_pass
+from ..errors import SaliencyError
+from ..explanation import Explanation
+from ..targets import ResolvedTarget, Target, as_target
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(cls):
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no registry name")
+    REGISTRY[cls.name] = cls
+    for alias in cls.aliases:
+        REGISTRY[alias] = cls
+    return cls
+
+
+class Method:
+    """One attribution method. Subclasses set the class attributes and implement `run`."""
+
+    name: str = ""
+    aliases: tuple = ()
+    family: str = ""
+    cost: str = ""          # passes per image at defaults, e.g. "1F+1B", "50F+50B"
+    signed: bool = False
+    randomized: bool = False
+    experimental: bool = False
+    uses_layer: bool = False
+    defaults: dict = {}
+    description: str = ""
+
+    def run(self, ctx: "Context", target: ResolvedTarget, layer, **params) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def info(cls) -> dict:
+        return {"name": cls.name, "family": cls.family, "cost": cls.cost, "signed": cls.signed,
+                "randomized": cls.randomized, "experimental": cls.experimental, "uses_layer": cls.uses_layer,
+                "defaults": dict(cls.defaults), "description": cls.description, "aliases": list(cls.aliases)}
+
+
+def available(include_experimental: bool = True) -> dict[str, dict]:
+    """Registered methods: name -> {family, cost, signed, randomized, experimental, ...}."""
+    _load_all()
+    return {name: cls.info() for name, cls in sorted(REGISTRY.items())
+            if name == cls.name and (include_experimental or not cls.experimental)}
+
+
+def get(name: str) -> type[Method]:
+    _load_all()
+    if not isinstance(name, str):
+        raise SaliencyError(f"method must be given by name, got {type(name).__name__}")
+    key = name.lower().replace("-", "_")
+    if key not in REGISTRY:
+        import difflib
+
+        names = sorted(n for n, c in REGISTRY.items() if n == c.name)
+        close = difflib.get_close_matches(key, names, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise SaliencyError(f"unknown method {name!r}.{hint} Available: {', '.join(names)}")
+    return REGISTRY[key]
+
+
+def _load_all():
+    # importing the family modules registers their methods
+    from . import cam, gradient  # noqa: F401
+    import importlib
+
+    for mod in ("perturbation", "region", "propagation", "transformer", "extra"):
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{mod}":
+                raise
+
+
+class Context:
+    """Everything shared by the methods of one `explain` call on one input batch.
+
+    The clean forward pass and each layer capture (forward + backward for a given layer set and
+    target) run at most once, whatever number of methods ask for them.
+    """
+
+    def __init__(self, subject, x: torch.Tensor, seed: int | None = 0, batch_size: int | None = None,
+                 progress: bool = False):
+        self.subject = subject
+        self.x = x
+        self.seed = seed
+        self.batch_size = batch_size
+        self.progress = progress
+        self.counter = PassCounter()
+        self._logits: torch.Tensor | None = None
+        self._captures: dict = {}
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = forward_logits(self.subject, self.x, self.batch_size, self.counter)
+        return self._logits
+
+    def resolve(self, target: Target) -> ResolvedTarget:
+        resolved = target.resolve(self.subject, self.logits())
+        if len(resolved) != self.batch:
+            raise SaliencyError(f"target resolved to {len(resolved)} examples for a batch of {self.batch}")
+        return resolved
+
+    def activations(self, layers: Sequence[str]) -> tuple[dict, torch.Tensor]:
+        """Activations of `layers` on the clean input (and the logits): reuses any capture of
+        these layers made in this call, else one forward pass without gradients."""
+        layers = tuple(layers)
+        for k, res in self._captures.items():
+            if k[0] != "forward-only" and set(layers) <= set(k[0]):
+                return res.activations, res.logits
+        key = ("forward-only", layers)
+        if key not in self._captures:
+            with self.subject.capture(layers) as cap, torch.no_grad():
+                logits = self.subject.forward(self.x)
+                acts = {name: cap.get(name).detach() for name in cap.modules}
+            self.counter.add(forward=self.batch)
+            self._logits = logits.detach().float() if self._logits is None else self._logits
+            self._captures[key] = GradResult(logits=logits.detach(), scores=torch.zeros(0), input_grad=None,
+                                             activations=acts)
+        res = self._captures[key]
+        return res.activations, res.logits
+
+    def capture(self, layers: Sequence[str], target: ResolvedTarget, input_grad: bool = False) -> GradResult:
+        """One forward + backward capturing `layers`, cached per (layers, target)."""
+        key = (tuple(layers), target.key(), input_grad)
+        if key not in self._captures:
+            # a capture that already has the input gradient serves requests without it
+            for k, res in self._captures.items():
+                if len(k) == 3 and k[0] == tuple(layers) and k[1] == target.key() and k[2]:
+                    return res
+            self._captures[key] = gradient_pass(self.subject, self.x, target, layers=layers,
+                                                input_grad=input_grad, counter=self.counter)
+            self._logits = self._captures[key].logits if self._logits is None else self._logits
+        return self._captures[key]
+
+
+def _split_params(methods: list[type[Method]], params: dict, per_method: dict | None):
+    per_method = per_method or {}
+    known = set()
+    for m in methods:
+        known |= set(m.defaults)
+    unknown = set(params) - known
+    if unknown:
+        names = ", ".join(m.name for m in methods)
+        raise SaliencyError(f"unknown parameter(s) {sorted(unknown)} for method(s) {names}; "
+                            f"accepted: {sorted(known)}")
+    out = {}
+    for m in methods:
+        p = {k: v for k, v in params.items() if k in m.defaults}
+        extra = per_method.get(m.name, {})
+        bad = set(extra) - set(m.defaults)
+        if bad:
+            raise SaliencyError(f"unknown parameter(s) {sorted(bad)} for {m.name}; accepted: {sorted(m.defaults)}")
+        p.update(extra)
+        out[m.name] = {**m.defaults, **p}
+    return out
+
+
+def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto", seed: int | None = 0,
+            batch_size: int | None = None, progress: bool = False, params: dict | None = None,
+            **kwargs) -> Explanation | dict[str, Explanation]:
+    """Explain `subject`'s output on `x` with one method (-> Explanation) or several (-> dict).
+
+    Args:
+        subject: a `Subject` (see `load_model`), or a bare `nn.Module` (wrapped with defaults).
+        x: `[B,C,H,W]` input in the model's normalised space (`subject.preprocess(photo)`).
+        method: a registered name or a list of names (`methods.available()`).
+        target: a `Target` (`Class`, `Contrast`, `Group`, `TopK`), a label or index, or a per-example
+            list; None explains the top-1 class of each example.
+        layer: layer name / "auto" for layer methods (CAMs).
+        seed: seed of every random draw; same seed, same maps.
+        batch_size: rows per forward/backward chunk (memory budget).
+        params: per-method parameters, `{"integrated_gradients": {"steps": 128}}`.
+        **kwargs: parameters passed to every method that accepts them.
+    """
+    from ..model import Subject
+
+    if not isinstance(subject, Subject):
+        if isinstance(subject, torch.nn.Module):
+            subject = Subject(subject)
+        else:
+            raise SaliencyError(f"explain needs a Subject or nn.Module, got {type(subject).__name__}")
+    names = [method] if isinstance(method, str) else list(method)
+    if not names:
+        raise SaliencyError("no method given")
+    classes = [get(n) for n in names]
+    all_params = _split_params(classes, kwargs, params)
+    x = subject.check_input(x)
+    tgt = as_target(target)
+    results: dict[str, Explanation] = {}
+    with subject.explaining():
+        ctx = Context(subject, x, seed=seed, batch_size=batch_size, progress=progress)
+        resolved = ctx.resolve(tgt)
+        first = True
+        for cls in classes:
+            # the clean forward that fixed the target is charged to the first method
+            before = (0, 0, 0) if first else (ctx.counter.forward, ctx.counter.backward, ctx.counter.batches)
+            first = False
+            shared_before = len(ctx._captures)
+            t0 = time.perf_counter()
+            inst = cls()
+            out = inst.run(ctx, resolved, layer, **all_params[cls.name])
+            seconds = time.perf_counter() - t0
+            fwd = ctx.counter.forward - before[0]
+            bwd = ctx.counter.backward - before[1]
+            b = ctx.batch
+            passes = {"forward": fwd / b, "backward": bwd / b, "model_calls": ctx.counter.batches - before[2]}
+            extras = dict(out.get("extras", {}))
+            if cls.uses_layer and len(ctx._captures) == shared_before and fwd == 0 and "layer" in out:
+                extras["shared_capture"] = True  # reused the pass another method of this call made
+            results[cls.name] = Explanation(
+                maps=out["maps"], method=cls.name, signed=out.get("signed", cls.signed),
+                target=resolved.describe(), layer=out.get("layer"),
+                params={k: v for k, v in all_params[cls.name].items()},
+                seed=seed if cls.randomized else None, passes=passes, seconds=seconds,
+                raw=out.get("raw"), attributions=out.get("attributions"), model=subject.name, extras=extras)
+    if isinstance(method, str):
+        return results[names[0]]
+    return results

@@ -1,0 +1,351 @@
+"""Gradient family: saliency, gradient x input, SmoothGrad / SmoothGrad^2 / VarGrad,
+Integrated Gradients, guided backpropagation and DeconvNet (METHODS.md 1-6).
+
+Input-space methods keep the signed `[B,C,H,W]` attributions in `Explanation.attributions`
+and reduce channels for the map (`reduce=`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine import chunked_gradient, forward_logits, generator, gradient_pass, reduce_channels
+from ..errors import SaliencyError
+from .base import Method, register
+
+SIGNED_REDUCTIONS = ("sum", "mean")
+
+
+def _maps(attr: torch.Tensor, reduce: str) -> dict:
+    return {"maps": reduce_channels(attr, reduce), "attributions": attr, "signed": reduce in SIGNED_REDUCTIONS}
+
+
+def make_baseline(subject, x: torch.Tensor, baseline, seed=0) -> torch.Tensor:
+    """A baseline in the model's input space: "black"/"zero" (pixel 0), "white", "mean"
+    (zeros of the normalised space), "blur" (Gaussian blur of x), "noise" (uniform pixels),
+    a number (a pixel value), or a tensor broadcastable to x."""
+    if isinstance(baseline, torch.Tensor):
+        b = baseline.to(x.device, x.dtype)
+        try:
+            return b.expand_as(x).clone()
+        except RuntimeError:
+            raise SaliencyError(f"baseline of shape {tuple(b.shape)} does not broadcast to the input "
+                                f"{tuple(x.shape)}") from None
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return subject.normalize_pixels(torch.full_like(x, float(baseline)))
+    if baseline in ("black", "zero"):
+        return subject.black(x)
+    if baseline == "white":
+        return subject.normalize_pixels(torch.ones_like(x))
+    if baseline == "mean":
+        return torch.zeros_like(x)
+    if baseline == "blur":
+        return gaussian_blur(x, sigma=max(x.shape[-1], x.shape[-2]) / 16)
+    if baseline == "noise":
+        g = generator(seed)
+        return subject.normalize_pixels(torch.rand(x.shape, generator=g).to(x))
+    raise SaliencyError(f"unknown baseline {baseline!r}; use 'black' ('zero'), 'white', 'mean', 'blur', "
+                        "'noise', a pixel value or a tensor")
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur per channel, radius ceil(4 sigma), zero padding."""
+    if sigma <= 0:
+        return x.clone()
+    radius = int(math.ceil(4 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    c = x.shape[1]
+    h = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), padding=(0, radius), groups=c)
+    return F.conv2d(h, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), padding=(radius, 0), groups=c)
+
+
+def quadrature(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes alpha_k in [0,1] and weights w_k of the path integral."""
+    if steps < 1:
+        raise SaliencyError(f"steps must be >= 1, got {steps}")
+    if rule == "gausslegendre":
+        t, w = np.polynomial.legendre.leggauss(steps)
+        return torch.tensor((t + 1) / 2), torch.tensor(w / 2)
+    k = torch.arange(steps, dtype=torch.float64)
+    if rule == "riemann_left":
+        return k / steps, torch.full((steps,), 1 / steps, dtype=torch.float64)
+    if rule == "riemann_right":
+        return (k + 1) / steps, torch.full((steps,), 1 / steps, dtype=torch.float64)
+    if rule == "riemann_middle":
+        return (k + 0.5) / steps, torch.full((steps,), 1 / steps, dtype=torch.float64)
+    if rule == "riemann_trapezoid":
+        if steps < 2:
+            raise SaliencyError("the trapezoid rule needs steps >= 2")
+        a = k / (steps - 1)
+        w = torch.full((steps,), 1 / (steps - 1), dtype=torch.float64)
+        w[0] = w[-1] = 0.5 / (steps - 1)
+        return a, w
+    raise SaliencyError(f"unknown integration rule {rule!r}; use gausslegendre or riemann_left/right/middle/trapezoid")
+
+
+def _check_reduce(reduce):
+    if reduce not in ("sum", "abs_sum", "max_abs", "l2", "mean"):
+        raise SaliencyError(f"unknown channel reduction {reduce!r}; use sum, abs_sum, max_abs, l2 or mean")
+
+
+@register
+class Saliency(Method):
+    name = "saliency"
+    aliases = ("vanilla_gradient", "gradient")
+    family = "gradient"
+    cost = "1F+1B"
+    description = "Gradient of the target score w.r.t. the input (Simonyan et al. 2014)."
+    defaults = {"abs": False, "reduce": "max_abs"}
+
+    def run(self, ctx, target, layer, abs=False, reduce="max_abs"):
+        _check_reduce(reduce)
+        g = gradient_pass(ctx.subject, ctx.x, target, counter=ctx.counter).input_grad
+        return _maps(g.abs() if abs else g, reduce)
+
+
+@register
+class GradientXInput(Method):
+    name = "gradxinput"
+    aliases = ("gradient_x_input", "input_x_gradient")
+    family = "gradient"
+    cost = "1F+1B"
+    signed = True
+    description = "Input times gradient (Shrikumar et al. 2016); sums to the score on bias-free ReLU nets."
+    defaults = {"reduce": "sum"}
+
+    def run(self, ctx, target, layer, reduce="sum"):
+        _check_reduce(reduce)
+        g = gradient_pass(ctx.subject, ctx.x, target, counter=ctx.counter).input_grad
+        return _maps(ctx.x.detach() * g, reduce)
+
+
+def noisy_gradients(ctx, target, samples: int, noise: float, noise_abs: float | None, base: str,
+                    batch_size=None, layers=(), on_chunk=None):
+    """Gradients at `samples` noisy copies of each input. Noise is drawn copy by copy (each copy
+    one `randn` of the input's shape) so the draw does not depend on the batch size.
+
+    Rows are copy-major: row r is copy r // B of example r % B.
+    """
+    if samples < 1:
+        raise SaliencyError(f"samples must be >= 1, got {samples}")
+    x = ctx.x.detach()
+    b = x.shape[0]
+    if noise_abs is not None:
+        sigma = torch.full((b, 1, 1, 1), float(noise_abs), device=x.device, dtype=x.dtype)
+    else:
+        flat = x.reshape(b, -1)
+        sigma = (noise * (flat.amax(1) - flat.amin(1))).view(b, 1, 1, 1)
+    g = generator(ctx.seed)
+    noisy = torch.cat([x + sigma * torch.randn(x.shape, generator=g).to(x) for _ in range(samples)])
+    rows = torch.arange(b, device=x.device).repeat(samples)
+    if on_chunk is not None:
+        chunked_gradient(ctx.subject, noisy, target, rows, batch_size or ctx.batch_size, ctx.counter,
+                         layers=layers, input_grad=not layers, reduce=on_chunk)
+        return noisy, rows
+    grads = chunked_gradient(ctx.subject, noisy, target, rows, batch_size or ctx.batch_size, ctx.counter)
+    if base == "gradxinput":
+        grads = grads * noisy
+    elif base != "gradient":
+        raise SaliencyError(f"unknown SmoothGrad base {base!r}; use 'gradient' or 'gradxinput'")
+    return grads.view(samples, b, *x.shape[1:]), rows
+
+
+class _SmoothGradFamily(Method):
+    family = "gradient"
+    randomized = True
+    cost = "25F+25B"
+    defaults = {"samples": 25, "noise": 0.15, "noise_abs": None, "base": "gradient", "reduce": None,
+                "batch_size": None}
+    kind = "smoothgrad"
+
+    def run(self, ctx, target, layer, samples=25, noise=0.15, noise_abs=None, base="gradient", reduce=None,
+            batch_size=None):
+        grads, _ = noisy_gradients(ctx, target, samples, noise, noise_abs, base, batch_size)
+        if self.kind == "smoothgrad":
+            attr = grads.mean(0)
+            reduce = reduce or ("max_abs" if base == "gradient" else "sum")
+        elif self.kind == "smoothgrad_sq":
+            attr = grads.pow(2).mean(0)  # squared before any channel reduction
+            reduce = reduce or "sum"
+        else:
+            attr = grads.pow(2).mean(0) - grads.mean(0).pow(2)
+            attr = attr.clamp_min(0)  # exact arithmetic is >= 0; clamp rounding
+            reduce = reduce or "sum"
+        _check_reduce(reduce)
+        return _maps(attr, reduce)
+
+
+@register
+class SmoothGrad(_SmoothGradFamily):
+    name = "smoothgrad"
+    description = "Mean gradient over noisy copies (Smilkov et al. 2017); noise = 0.15 x input range."
+    kind = "smoothgrad"
+
+
+@register
+class SmoothGradSq(_SmoothGradFamily):
+    name = "smoothgrad_sq"
+    description = "Mean squared gradient over noisy copies (SmoothGrad^2, Hooker et al. 2019)."
+    kind = "smoothgrad_sq"
+
+
+@register
+class VarGrad(_SmoothGradFamily):
+    name = "vargrad"
+    description = "Variance of the gradient over noisy copies (Adebayo et al. 2018)."
+    kind = "vargrad"
+
+
+def integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, steps: int, rule: str,
+                         batch_size=None) -> torch.Tensor:
+    """(x - x') * sum_k w_k grad s(x' + a_k (x - x')), all interpolants batched (step-major rows)."""
+    alphas, weights = quadrature(steps, rule)
+    alphas = alphas.to(x.device, x.dtype)
+    weights = weights.to(x.device, torch.float64)
+    b = x.shape[0]
+    diff = x - baseline
+    rows = torch.arange(b, device=x.device).repeat(steps)
+    total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    bs = batch_size or ctx.batch_size or 32
+    # interpolants are made chunk by chunk: [steps*B] images never all in memory at once
+    n = steps * b
+    for start in range(0, n, bs):
+        idx = torch.arange(start, min(n, start + bs), device=x.device)
+        a = alphas[idx // b].view(-1, 1, 1, 1)
+        ex = idx % b
+        inputs = baseline[ex] + a * diff[ex]
+        g = gradient_pass(ctx.subject, inputs, target, rows=rows[idx], counter=ctx.counter).input_grad
+        total.index_add_(0, ex, g.double() * weights[idx // b].view(-1, 1, 1, 1))
+    return (diff.double() * total).to(x.dtype)
+
+
+@register
+class IntegratedGradients(Method):
+    name = "integrated_gradients"
+    aliases = ("ig",)
+    family = "gradient"
+    cost = "50F+50B"
+    signed = True
+    description = ("Path integral of gradients from a baseline (Sundararajan et al. 2017); Gauss-Legendre "
+                   "quadrature; extras['completeness_error'] = sum(attr) - (s(x) - s(baseline)).")
+    defaults = {"steps": 50, "baseline": "black", "rule": "gausslegendre", "reduce": "sum", "batch_size": None}
+
+    def run(self, ctx, target, layer, steps=50, baseline="black", rule="gausslegendre", reduce="sum",
+            batch_size=None):
+        _check_reduce(reduce)
+        x = ctx.x.detach()
+        base = make_baseline(ctx.subject, x, baseline, ctx.seed)
+        attr = integrated_gradients(ctx, target, x, base, steps, rule, batch_size)
+        # completeness check: s(x) is known; s(baseline) costs one forward
+        s_x = target.score(ctx.logits())
+        s_b = target.score(forward_logits(ctx.subject, base, batch_size, ctx.counter))
+        err = attr.reshape(x.shape[0], -1).sum(1) - (s_x - s_b)
+        return {**_maps(attr, reduce), "extras": {"completeness_error": err.tolist(),
+                                                  "score_difference": (s_x - s_b).tolist()}}
+
+
+# --------------------------------------------------------------------------- modified backprop
+class _ModifiedReLUBackward(torch.autograd.Function):
+    """Identity on the activation's output; backward replaces the ReLU rule.
+
+    guided:   grad_in = ReLU(grad_out) * 1[lo < x < hi]     (Springenberg et al.)
+    deconv:   grad_in = ReLU(grad_out)                       (Zeiler & Fergus)
+    """
+
+    @staticmethod
+    def forward(ctx, inp, out, lo, hi, guided):
+        ctx.save_for_backward(inp)
+        ctx.lo, ctx.hi, ctx.guided = lo, hi, guided
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inp,) = ctx.saved_tensors
+        grad_in = grad_out.clamp_min(0)
+        if ctx.guided:
+            mask = inp > ctx.lo
+            if ctx.hi is not None:
+                mask = mask & (inp < ctx.hi)
+            grad_in = grad_in * mask
+        return grad_in, None, None, None, None
+
+
+def _relu_range(module: nn.Module):
+    if isinstance(module, nn.ReLU):
+        return 0.0, None
+    if isinstance(module, nn.ReLU6):
+        return 0.0, 6.0
+    if isinstance(module, nn.Hardtanh) and module.min_val == 0:
+        return 0.0, float(module.max_val)
+    return None
+
+
+NON_RELU = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
+
+
+@contextlib.contextmanager
+def modified_relu_backward(model: nn.Module, guided: bool):
+    """Swap the backward rule of every ReLU-family activation, including functional `F.relu`."""
+    handles = []
+    others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, NON_RELU)})
+    if others:
+        warnings.warn(f"{'guided backprop' if guided else 'DeconvNet'} is defined for ReLU-family activations; "
+                      f"this model also has {', '.join(others)}, which pass ordinary gradients", stacklevel=4)
+    for m in model.modules():
+        rng = _relu_range(m)
+        if rng is None:
+            continue
+
+        def hook(_mod, inp, out, lo=rng[0], hi=rng[1]):
+            return _ModifiedReLUBackward.apply(inp[0], out, lo, hi, guided)
+
+        handles.append(m.register_forward_hook(hook))
+    original = F.relu
+
+    def relu(input, inplace=False):  # functional ReLUs (e.g. DenseNet's last) are invisible to hooks
+        out = original(input, inplace=False)
+        return _ModifiedReLUBackward.apply(input, out, 0.0, None, guided) if out.requires_grad else out
+
+    F.relu = relu
+    try:
+        yield
+    finally:
+        F.relu = original
+        for h in handles:
+            h.remove()
+
+
+class _ModifiedBackprop(Method):
+    family = "gradient"
+    cost = "1F+1B"
+    defaults = {"reduce": "max_abs"}
+    guided = True
+
+    def run(self, ctx, target, layer, reduce="max_abs"):
+        _check_reduce(reduce)
+        with modified_relu_backward(ctx.subject.model, self.guided):
+            g = gradient_pass(ctx.subject, ctx.x, target, counter=ctx.counter).input_grad
+        return _maps(g, reduce)
+
+
+@register
+class GuidedBackprop(_ModifiedBackprop):
+    name = "guided_backprop"
+    aliases = ("gbp",)
+    description = "Backprop passing only positive gradients through positive ReLU inputs (Springenberg 2015)."
+    guided = True
+
+
+@register
+class DeconvNet(_ModifiedBackprop):
+    name = "deconvnet"
+    description = "Backprop passing positive gradients through every ReLU (Zeiler & Fergus 2014)."
+    guided = False
