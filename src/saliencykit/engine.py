@@ -165,3 +165,29 @@ def generator(seed: int | None, device=None) -> torch.Generator:
     g = torch.Generator(device=device if device is not None else "cpu")
     g.manual_seed(0 if seed is None else int(seed))
     return g
+
+
+def perturbed_scores(subject, x: torch.Tensor, baseline: torch.Tensor, target: ResolvedTarget,
+                     masks: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], n: int,
+                     batch_size: int | None = None, counter: PassCounter | None = None,
+                     output: str | None = None, progress: bool = False, desc: str = "") -> torch.Tensor:
+    """The one perturbation runner: scores of `n` blends `x*m + baseline*(1-m)`.
+
+    `masks(start, stop)` returns `(rows, m)`: for each of the rows start..stop-1 the example index
+    it perturbs ([k] long) and its keep-mask ([k,1|C,H,W] in [0,1]; 1 keeps the input). Masks are
+    made per chunk, so N masks are never all in memory. Used by occlusion, RISE, LIME,
+    KernelSHAP, Score-CAM-like methods and the deletion/insertion-type metrics.
+    """
+    cache: dict = {}
+
+    def make_inputs(start, stop):
+        rows, m = masks(start, stop)
+        cache[(start, stop)] = rows
+        m = m.to(x.dtype)
+        return x[rows] * m + baseline[rows] * (1 - m)
+
+    def rows_of(start, stop):
+        return cache.pop((start, stop))
+
+    return forward_scores(subject, make_inputs, n, target, rows_of, batch_size=batch_size, counter=counter,
+                          output=output, progress=progress, desc=desc)
