@@ -117,8 +117,12 @@ def forward_logits(subject, x: torch.Tensor, batch_size: int | None = None,
 def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: int, target: ResolvedTarget,
                    rows_of: Callable[[int, int], torch.Tensor], batch_size: int | None = None,
                    counter: PassCounter | None = None, output: str | None = None,
-                   progress: bool = False, desc: str = "") -> torch.Tensor:
-    """Scores of `n` inputs produced lazily by `make_inputs(start, stop)`, in chunks, no grad."""
+                   progress: bool = False, desc: str = "",
+                   on_chunk: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Scores of `n` inputs produced lazily by `make_inputs(start, stop)`, in chunks, no grad.
+
+    `on_chunk(start, stop, logits)`, when given, also receives each chunk's full `[k,K]` logits
+    (float), so a caller can keep the scores of every class from the same passes (RISE)."""
     bs = batch_size or DEFAULT_BATCH
     scores = []
     it = range(0, n, bs)
@@ -129,8 +133,10 @@ def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: 
     with torch.inference_mode():
         for start in it:
             stop = min(n, start + bs)
-            logits = subject.forward(make_inputs(start, stop))
-            scores.append(target.score(logits.float(), rows=rows_of(start, stop), output=output))
+            logits = subject.forward(make_inputs(start, stop)).float()
+            scores.append(target.score(logits, rows=rows_of(start, stop), output=output))
+            if on_chunk is not None:
+                on_chunk(start, stop, logits)
             if counter is not None:
                 counter.add(forward=stop - start)
     return torch.cat(scores) if scores else torch.zeros(0)
@@ -170,13 +176,15 @@ def generator(seed: int | None, device=None) -> torch.Generator:
 def perturbed_scores(subject, x: torch.Tensor, baseline: torch.Tensor, target: ResolvedTarget,
                      masks: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], n: int,
                      batch_size: int | None = None, counter: PassCounter | None = None,
-                     output: str | None = None, progress: bool = False, desc: str = "") -> torch.Tensor:
+                     output: str | None = None, progress: bool = False, desc: str = "",
+                     on_chunk: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """The one perturbation runner: scores of `n` blends `x*m + baseline*(1-m)`.
 
     `masks(start, stop)` returns `(rows, m)`: for each of the rows start..stop-1 the example index
     it perturbs ([k] long) and its keep-mask ([k,1|C,H,W] in [0,1]; 1 keeps the input). Masks are
     made per chunk, so N masks are never all in memory. Used by occlusion, RISE, LIME,
     KernelSHAP, Score-CAM-like methods and the deletion/insertion-type metrics.
+    `on_chunk(start, stop, logits)` receives every chunk's full logits (see `forward_scores`).
     """
     cache: dict = {}
 
@@ -190,4 +198,4 @@ def perturbed_scores(subject, x: torch.Tensor, baseline: torch.Tensor, target: R
         return cache.pop((start, stop))
 
     return forward_scores(subject, make_inputs, n, target, rows_of, batch_size=batch_size, counter=counter,
-                          output=output, progress=progress, desc=desc)
+                          output=output, progress=progress, desc=desc, on_chunk=on_chunk)
