@@ -1,0 +1,436 @@
+"""Path-integral variants and newer layer methods (METHODS.md 4b, 4c, 20, 26, 27):
+
+- `blur_ig`   Blur IG: integrated gradients along the Gaussian scale-space path (Xu et al. 2020).
+- `guided_ig` Guided IG: adaptive path that moves low-|gradient| features first (Kapishnikov et al. 2021).
+- `cf_cam`    CF-CAM: channel clustering (scikit-learn DBSCAN) and filtered cluster gradients.
+- `iia`       Iterated Integrated Attributions (Barkan et al. 2023): iterated integration over the
+              input path and, for each input step, over a path of the internal representation.
+- `dix`       Deep Integrated Explanations: integration of a layer representation with its
+              gradients (experimental: the definition is not confirmed against the paper).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..engine import forward_logits, gradient_pass, reduce_channels, upsample
+from ..errors import SaliencyError
+from .base import Method, register
+from .cam import as_grid, resolve_layers
+from .gradient import _check_reduce, _maps, gaussian_blur, make_baseline, quadrature
+
+
+def _check_positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SaliencyError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _completeness(ctx, target, attr, start, batch_size):
+    """sum(attr) - (s(x) - s(start)): one extra forward of the path's start point."""
+    s_x = target.score(ctx.logits())
+    s_0 = target.score(forward_logits(ctx.subject, start, batch_size, ctx.counter))
+    err = attr.reshape(attr.shape[0], -1).sum(1).double() - (s_x - s_0).double()
+    return {"completeness_error": err.tolist(), "score_difference": (s_x - s_0).tolist()}
+
+
+# =========================================================================== Blur IG
+def blur_sigmas(max_sigma: float, steps: int, sqrt: bool = False) -> list[float]:
+    """sigma_i = i * max_sigma / steps (i = 0..steps); sqrt=True uses sqrt(i * max_sigma / steps)."""
+    sig = [i * max_sigma / steps for i in range(steps + 1)]
+    return [math.sqrt(s) for s in sig] if sqrt else sig
+
+
+def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, steps: int, grad_step: float,
+                              sqrt: bool = False, batch_size=None) -> torch.Tensor:
+    """attr = - sum_i (sigma_{i+1} - sigma_i) * dgamma/dsigma(sigma_i) * grad s(G_{sigma_i} x).
+
+    dgamma/dsigma is the forward difference (G_{sigma+delta} x - G_sigma x) / delta. Each step
+    uses its own Delta sigma (also when `sqrt=True`). Rows are step-major; steps are chunked so
+    that at most `batch_size` rows are in memory.
+    """
+    sig = blur_sigmas(max_sigma, steps, sqrt)
+    b = x.shape[0]
+    bs = batch_size or ctx.batch_size or 32
+    per_chunk = max(1, bs // b)
+    total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    rows_one = torch.arange(b, device=x.device)
+    for s0 in range(0, steps, per_chunk):
+        idx = list(range(s0, min(steps, s0 + per_chunk)))
+        pts, deriv = [], []
+        for i in idx:
+            xi = gaussian_blur(x, sig[i])
+            pts.append(xi)
+            deriv.append((gaussian_blur(x, sig[i] + grad_step) - xi) / grad_step * (sig[i + 1] - sig[i]))
+        inputs = torch.cat(pts)
+        g = gradient_pass(ctx.subject, inputs, target, rows=rows_one.repeat(len(idx)),
+                          counter=ctx.counter).input_grad
+        contrib = (g.double() * torch.cat(deriv).double()).view(len(idx), b, *x.shape[1:]).sum(0)
+        total -= contrib
+    return total.to(x.dtype)
+
+
+@register
+class BlurIG(Method):
+    name = "blur_ig"
+    aliases = ("blur_integrated_gradients",)
+    family = "gradient"
+    cost = "100F+100B"
+    signed = True
+    description = ("Integrated gradients along the Gaussian blur path from sigma=max_sigma to the image "
+                   "(Xu et al. 2020); extras['completeness_error'] = sum(attr) - (s(x) - s(blurred x)).")
+    defaults = {"max_sigma": 50.0, "steps": 100, "grad_step": 0.01, "sqrt": False, "reduce": "sum",
+                "batch_size": None}
+
+    def run(self, ctx, target, layer, max_sigma=50.0, steps=100, grad_step=0.01, sqrt=False, reduce="sum",
+            batch_size=None):
+        _check_reduce(reduce)
+        _check_positive_int("steps", steps)
+        if not isinstance(max_sigma, (int, float)) or max_sigma < 0:
+            raise SaliencyError(f"max_sigma must be a number >= 0, got {max_sigma!r}")
+        if not isinstance(grad_step, (int, float)) or grad_step <= 0:
+            raise SaliencyError(f"grad_step must be > 0, got {grad_step!r}")
+        x = ctx.x.detach()
+        if max_sigma == 0:
+            attr = torch.zeros_like(x)
+            return {**_maps(attr, reduce), "extras": {"completeness_error": [0.0] * x.shape[0]}}
+        attr = blur_integrated_gradients(ctx, target, x, float(max_sigma), steps, float(grad_step), sqrt,
+                                         batch_size)
+        extras = _completeness(ctx, target, attr, gaussian_blur(x, float(max_sigma)), batch_size)
+        return {**_maps(attr, reduce), "extras": extras}
+
+
+# =========================================================================== Guided IG
+_EPS = 1e-9
+
+
+def _guided_ig_step(x_cur, x_in, x_base, grad, alpha, max_dist, l1_total, fraction):
+    """One Guided IG step for one example (flat float64 tensors). Returns the new point and the
+    attribution gained, sum of (x_new - x_old) * grad over the sub-moves of this step."""
+    diff = x_in - x_base
+    a_min, a_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
+    lo = x_base + a_min * diff
+    hi = x_base + a_max * diff
+    l1_target = l1_total * (1.0 - alpha)
+    attr = torch.zeros_like(x_cur)
+    absg = grad.abs()
+    moving = diff != 0
+    while True:
+        x_old = x_cur.clone()
+        # features lagging behind the band are pulled to its lower edge
+        a_cur = torch.where(moving, (x_cur - x_base) / torch.where(moving, diff, torch.ones_like(diff)),
+                            torch.full_like(x_cur, a_max))
+        lag = a_cur < a_min
+        x_cur = torch.where(lag, lo, x_cur)
+        l1_cur = (x_cur - x_in).abs().sum().item()
+        if math.isclose(l1_target, l1_cur, rel_tol=_EPS, abs_tol=_EPS):
+            attr += (x_cur - x_old) * grad
+            break
+        # among features not yet at the upper edge, select those with the smallest |gradient|
+        free = x_cur != hi
+        if not bool(free.any()):
+            attr += (x_cur - x_old) * grad
+            break
+        g = torch.where(free, absg, torch.full_like(absg, math.inf))
+        threshold = torch.quantile(g, fraction, interpolation="lower")
+        sel = (g <= threshold) & free
+        l1_sel = ((x_cur - hi).abs() * sel).sum().item()
+        gamma = (l1_cur - l1_target) / l1_sel if l1_sel > 0 else math.inf
+        if gamma > 1.0:
+            x_cur = torch.where(sel, hi, x_cur)
+        else:
+            x_cur = torch.where(sel, x_cur + gamma * (hi - x_cur), x_cur)
+        attr += (x_cur - x_old) * grad
+        if gamma <= 1.0 or l1_sel == 0:
+            break
+    return x_cur, attr
+
+
+def guided_integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, steps: int,
+                                fraction: float, max_dist: float) -> torch.Tensor:
+    """The adaptive path of Guided IG in float64; one gradient of the whole batch per step."""
+    b = x.shape[0]
+    x_in = x.detach().double().reshape(b, -1)
+    x_base = baseline.detach().double().reshape(b, -1)
+    x_cur = x_base.clone()
+    l1_total = (x_in - x_base).abs().sum(1)
+    attr = torch.zeros_like(x_in)
+    for step in range(steps):
+        g = gradient_pass(ctx.subject, x_cur.view_as(x).to(x.dtype), target, counter=ctx.counter).input_grad
+        g = g.double().reshape(b, -1)
+        alpha = (step + 1) / steps
+        for i in range(b):
+            x_cur[i], a = _guided_ig_step(x_cur[i], x_in[i], x_base[i], g[i], alpha, max_dist,
+                                          l1_total[i].item(), fraction)
+            attr[i] += a
+    return attr.view(x.shape).to(x.dtype)
+
+
+@register
+class GuidedIG(Method):
+    name = "guided_ig"
+    aliases = ("guided_integrated_gradients",)
+    family = "gradient"
+    cost = "200F+200B"
+    signed = True
+    description = ("Guided IG (Kapishnikov et al. 2021): path from the baseline that moves the features with "
+                   "the smallest |gradient| first, within max_dist of the straight line; max_dist=0 is IG "
+                   "(left Riemann rule). Sequential along the path, batched across images.")
+    defaults = {"steps": 200, "fraction": 0.25, "max_dist": 0.02, "baseline": "black", "reduce": "sum",
+                "batch_size": None}
+
+    def run(self, ctx, target, layer, steps=200, fraction=0.25, max_dist=0.02, baseline="black", reduce="sum",
+            batch_size=None):
+        _check_reduce(reduce)
+        _check_positive_int("steps", steps)
+        if not 0 < fraction <= 1:
+            raise SaliencyError(f"fraction must be in (0, 1], got {fraction!r}")
+        if not 0 <= max_dist <= 1:
+            raise SaliencyError(f"max_dist must be in [0, 1], got {max_dist!r}")
+        x = ctx.x.detach()
+        base = make_baseline(ctx.subject, x, baseline, ctx.seed)
+        attr = guided_integrated_gradients(ctx, target, x, base, steps, float(fraction), float(max_dist))
+        return {**_maps(attr, reduce), "extras": _completeness(ctx, target, attr, base, batch_size)}
+
+
+# =========================================================================== CF-CAM
+def _cluster_filter(gbar: torch.Tensor, spatial_sigma: float, range_sigma: float | None) -> torch.Tensor:
+    """Filter a cluster's mean gradient map [h,w] with a normalised h x w kernel: a spatial Gaussian
+    centred on the map times (unless range_sigma is None) a range term exp(-(g - mean g)^2 / 2 rs^2);
+    2-D convolution with 'same' padding."""
+    h, w = gbar.shape
+    yy = torch.arange(h, dtype=gbar.dtype) - h // 2
+    xx = torch.arange(w, dtype=gbar.dtype) - w // 2
+    r2 = yy.view(-1, 1) ** 2 + xx.view(1, -1) ** 2
+    k = torch.exp(-r2 / (2 * spatial_sigma ** 2))
+    if range_sigma is not None:
+        k = k * torch.exp(-(gbar - gbar.mean()) ** 2 / (2 * range_sigma ** 2))
+    k = k / k.sum().clamp_min(1e-30)
+    # 'same' zero padding, the extra row/column of an even kernel on the far side
+    pad = ((w - 1) // 2, (w - 1) - (w - 1) // 2, (h - 1) // 2, (h - 1) - (h - 1) // 2)
+    return F.conv2d(F.pad(gbar.view(1, 1, h, w), pad), k.view(1, 1, h, w))[0, 0]
+
+
+def cf_cam_map(A: torch.Tensor, G: torch.Tensor, spatial_sigma: float = 5.0, range_sigma: float | None = 0.1,
+               importance_percentile: float = 75.0, eps_percentile: float = 25.0,
+               min_samples_fraction: float = 0.05) -> tuple[torch.Tensor, dict]:
+    """CF-CAM of one example from activations and gradients [C,h,w] -> ReLU map [h,w] and info.
+
+    Important channels (activation norm >= the 75th percentile) keep the mean gradient as weight;
+    the others are clustered with scikit-learn's DBSCAN (Euclidean, eps = 25th percentile of the
+    off-diagonal pairwise distances, min_samples = max(2, floor(0.05 n))); noise channels are dropped;
+    each cluster member gets the mean of the filtered cluster-mean gradient. Weights are softmaxed
+    over the valid channels.
+    """
+    from sklearn.cluster import DBSCAN
+
+    A = A.double()
+    G = G.double()
+    c = A.shape[0]
+    vec = A.reshape(c, -1)
+    norms = vec.norm(dim=1)
+    important = norms >= torch.quantile(norms, importance_percentile / 100.0)
+    weights = torch.full((c,), float("nan"), dtype=torch.float64)
+    weights[important] = G[important].mean((1, 2))
+    rest = torch.nonzero(~important).flatten()
+    n_clusters = 0
+    if rest.numel() >= 2:
+        d = torch.cdist(vec[rest], vec[rest])
+        off = d[~torch.eye(len(rest), dtype=torch.bool)]
+        eps = max(float(torch.quantile(off, eps_percentile / 100.0)), 1e-5)
+        min_samples = max(2, int(math.floor(min_samples_fraction * len(rest))))
+        labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(d.numpy())
+        labels = torch.from_numpy(labels)
+        for lab in sorted(set(labels.tolist()) - {-1}):
+            members = rest[labels == lab]
+            gbar = G[members].mean(0)
+            weights[members] = _cluster_filter(gbar, spatial_sigma, range_sigma).mean()
+            n_clusters += 1
+    valid = ~torch.isnan(weights)
+    w = torch.softmax(weights[valid], 0)
+    cam = torch.relu((w.view(-1, 1, 1) * A[valid]).sum(0))
+    info = {"clusters": n_clusters, "important": int(important.sum()), "noise": int(c - valid.sum())}
+    return cam, info
+
+
+@register
+class CFCAM(Method):
+    name = "cf_cam"
+    aliases = ("cfcam",)
+    family = "cam"
+    cost = "1F+1B"
+    uses_layer = True
+    description = ("CF-CAM: high-norm channels weighted by mean gradient, the rest clustered with DBSCAN "
+                   "(scikit-learn) and weighted by filtered cluster gradients; softmax weights; map / max.")
+    defaults = {"spatial_sigma": 5.0, "range_sigma": 0.1, "importance_percentile": 75.0,
+                "eps_percentile": 25.0, "min_samples_fraction": 0.05}
+
+    def run(self, ctx, target, layer, spatial_sigma=5.0, range_sigma=0.1, importance_percentile=75.0,
+            eps_percentile=25.0, min_samples_fraction=0.05):
+        if spatial_sigma <= 0 or (range_sigma is not None and range_sigma <= 0):
+            raise SaliencyError("spatial_sigma and range_sigma must be > 0 (range_sigma=None: spatial filter only)")
+        for nm, p in (("importance_percentile", importance_percentile), ("eps_percentile", eps_percentile)):
+            if not 0 <= p <= 100:
+                raise SaliencyError(f"{nm} must be in [0, 100], got {p!r}")
+        names = resolve_layers(ctx, layer)
+        if len(names) != 1:
+            raise SaliencyError("cf_cam takes one layer")
+        res = ctx.capture(names, target)
+        A = as_grid(ctx, names[0], res.activations[names[0]]).float()
+        G = as_grid(ctx, names[0], res.gradients[names[0]]).float()
+        raws, infos = [], []
+        for i in range(A.shape[0]):
+            m, info = cf_cam_map(A[i], G[i], spatial_sigma, range_sigma, importance_percentile, eps_percentile,
+                                 min_samples_fraction)
+            raws.append(m.float())
+            infos.append(info)
+        raw = torch.stack(raws)
+        maps = upsample(raw, ctx.x.shape[-2:])
+        peak = maps.reshape(maps.shape[0], -1).amax(1).view(-1, 1, 1)
+        maps = torch.where(peak > 0, maps / peak.clamp_min(1e-30), maps)
+        return {"maps": maps, "raw": raw, "layer": names[0], "extras": {"clusters": infos}}
+
+
+# =========================================================================== IIA / DIX
+class _ReplaceOutput:
+    """Forward hook replacing a module's output `a` by `base + beta * (a - base)` per row, as a leaf
+    tensor whose gradient is then taken. `base` is zero ("zero") or the per-channel spatial minimum
+    of `a` ("min")."""
+
+    def __init__(self, module, beta: torch.Tensor, base: str):
+        self.module, self.beta, self.base = module, beta, base
+        self.tensors: list[torch.Tensor] = []
+
+    def hook(self, _mod, _inp, out):
+        if not isinstance(out, torch.Tensor):
+            raise SaliencyError("the chosen layer does not output a single tensor")
+        a = out.detach()
+        if self.base == "zero":
+            base = torch.zeros_like(a)
+        else:
+            dims = tuple(range(2, a.dim())) if a.dim() == 4 else (1,)
+            base = a.amin(dim=dims, keepdim=True)
+        beta = self.beta.to(a.dtype).view(-1, *([1] * (a.dim() - 1)))
+        r = (base + beta * (a - base)).requires_grad_(True)
+        self.tensors.append(r)
+        return r
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self.hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torch.Tensor, betas: torch.Tensor,
+                        weights: torch.Tensor, base: str, relu: bool, batch_size=None) -> torch.Tensor:
+    """sum over rows of weight * [ReLU](dS/dr (.) r) summed over channels, at r = base + beta (a(input) - base),
+    a = output of layer `name`; accumulated per example -> [B,h,w]. Chunked F+B passes."""
+    _, module = ctx.subject.find_layer(name)
+    bs = batch_size or ctx.batch_size or 32
+    out = None
+    for start in range(0, inputs.shape[0], bs):
+        sl = slice(start, start + bs)
+        rep = _ReplaceOutput(module, betas[sl], base)
+        with torch.enable_grad(), rep:
+            logits = ctx.subject.forward(inputs[sl].detach())
+            if len(rep.tensors) != 1:
+                raise SaliencyError(f"layer {name!r} runs {len(rep.tensors)} times in one forward pass; "
+                                    "choose a layer that runs once")
+            r = rep.tensors[0]
+            score = target.score(logits, rows=rows[sl])
+            (g,) = torch.autograd.grad(score.sum(), r, allow_unused=True)
+        ctx.counter.add(forward=inputs[sl].shape[0], backward=inputs[sl].shape[0])
+        g = torch.zeros_like(r) if g is None else g
+        e = as_grid(ctx, name, g.detach() * r.detach()).double()
+        if relu:
+            e = e.clamp_min(0)
+        e = e.sum(1) * weights[sl].view(-1, 1, 1).double()
+        if out is None:
+            out = torch.zeros((ctx.batch, *e.shape[1:]), dtype=torch.float64, device=e.device)
+        out.index_add_(0, rows[sl], e)
+    return out
+
+
+def _layer_name(ctx, layer):
+    names = resolve_layers(ctx, layer)
+    if len(names) != 1:
+        raise SaliencyError("this method takes one layer")
+    return names[0]
+
+
+def _upsample_map(raw: torch.Tensor, size, mode: str, nonneg: bool) -> torch.Tensor:
+    if mode not in ("bilinear", "bicubic"):
+        raise SaliencyError(f"unknown upsampling {mode!r}; use 'bilinear' or 'bicubic'")
+    up = upsample(raw.float(), size, mode=mode)
+    # bicubic overshoot below zero is an interpolation artefact of a non-negative map
+    return up.clamp_min(0) if nonneg else up
+
+
+@register
+class IIA(Method):
+    name = "iia"
+    aliases = ("iterated_integrated_attributions",)
+    family = "gradient"
+    cost = "25F+25B"
+    uses_layer = True
+    description = ("Iterated Integrated Attributions (Barkan et al. 2023): for inputs x_k on the path from the "
+                   "baseline to x and representations r = beta_j * a(x_k) of the layer, integrate "
+                   "ReLU(dS/dr * r) over (alpha_k, beta_j); channel sum; upsampled.")
+    defaults = {"steps": 5, "rule": "riemann_right", "baseline": "mean", "relu": True, "upsample": "bicubic",
+                "batch_size": None}
+
+    def run(self, ctx, target, layer, steps=5, rule="riemann_right", baseline="mean", relu=True,
+            upsample="bicubic", batch_size=None):
+        _check_positive_int("steps", steps)
+        name = _layer_name(ctx, layer)
+        x = ctx.x.detach()
+        b = x.shape[0]
+        base = make_baseline(ctx.subject, x, baseline, ctx.seed)
+        alphas, wa = quadrature(steps, rule)
+        betas, wb = quadrature(steps, rule)
+        # rows ordered (k, j, example): input step k, representation step j
+        k_idx = torch.arange(steps).repeat_interleave(steps * b)
+        j_idx = torch.arange(steps).repeat_interleave(b).repeat(steps)
+        ex = torch.arange(b).repeat(steps * steps)
+        a = alphas.to(x.dtype)[k_idx].view(-1, 1, 1, 1)
+        inputs = base[ex] + a * (x[ex] - base[ex])
+        raw = representation_path(ctx, target, name, inputs, ex.to(x.device), betas[j_idx], wa[k_idx] * wb[j_idx],
+                                  "zero", relu, batch_size)
+        return {"maps": _upsample_map(raw, x.shape[-2:], upsample, relu), "raw": raw.float(), "layer": name,
+                "signed": not relu}
+
+
+@register
+class DIX(Method):
+    name = "dix"
+    aliases = ("deep_integrated_explanations",)
+    family = "gradient"
+    cost = "4F+4B"
+    uses_layer = True
+    experimental = True
+    description = ("Deep Integrated Explanations (experimental, definition unconfirmed): mean over "
+                   "a_t = a' + (t/T)(a - a'), t = 0..T, of ReLU(dS/da(a_t) * a_t) at one layer; channel sum.")
+    defaults = {"steps": 4, "baseline": "zero", "relu": True, "upsample": "bicubic", "batch_size": None}
+
+    def run(self, ctx, target, layer, steps=4, baseline="zero", relu=True, upsample="bicubic", batch_size=None):
+        _check_positive_int("steps", steps)
+        if baseline not in ("zero", "min"):
+            raise SaliencyError(f"dix baseline must be 'zero' or 'min' (per-channel minimum), got {baseline!r}")
+        name = _layer_name(ctx, layer)
+        x = ctx.x.detach()
+        b = x.shape[0]
+        t = torch.arange(steps + 1, dtype=torch.float64) / steps
+        ex = torch.arange(b).repeat(steps + 1)
+        betas = t.repeat_interleave(b)
+        weights = torch.full((len(ex),), 1.0 / (steps + 1), dtype=torch.float64)
+        if baseline == "zero":  # the t = 0 term is exactly zero: skip its pass
+            keep = betas > 0
+            ex, betas, weights = ex[keep], betas[keep], weights[keep]
+        raw = representation_path(ctx, target, name, x[ex], ex.to(x.device), betas, weights, baseline, relu,
+                                  batch_size)
+        return {"maps": _upsample_map(raw, x.shape[-2:], upsample, relu), "raw": raw.float(), "layer": name,
+                "signed": not relu}
