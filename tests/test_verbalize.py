@@ -1,0 +1,205 @@
+"""sk.verbalize: every number in the text is a measured fact.
+
+Checks: the numbers in each sentence are exactly the facts the sentence cites; the hide/keep
+probabilities equal the model's outputs on the exact masked inputs (recomputed here with a
+direct forward pass); position words follow the map; same input, same text; targets read as
+contrast / group; part names are used; bad input raises SaliencyError.
+"""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from saliencykit import Class, Contrast, Explanation, Group, SaliencyError, explain
+from saliencykit.methods.gradient import make_baseline
+from saliencykit.verbalize import verbalize
+
+NUMBER = re.compile(r"[<>]?-?\d+(?:\.\d+)?%?")
+
+
+def _numbers(text):
+    # labels and part names are wrapped in *...* and may contain digits: not measured numbers
+    return NUMBER.findall(re.sub(r"\*[^*]*\*", "", text))
+
+
+def _shown_agrees(shown, value):
+    """The printed number is the fact, rounded the documented way."""
+    if shown.endswith("%"):
+        s, p = shown[:-1], 100 * value
+        if s == "<1":
+            return 0 < p < 0.5
+        if s == ">99":
+            return 99.5 <= p < 100
+        return abs(int(s) - p) <= 0.5
+    return abs(float(shown) - value) <= 0.005
+
+
+def _box_map(hw, boxes, values=None):
+    m = torch.zeros(hw)
+    for i, (y0, x0, y1, x1) in enumerate(boxes):
+        m[y0:y1, x0:x1] = 1.0 if values is None else values[i]
+    return m
+
+
+def _exp(maps, method="gradcam", signed=False):
+    return Explanation(maps=maps[None] if maps.dim() == 2 else maps, method=method, signed=signed)
+
+
+def _direct_probs(subject, x, base, mask, cls):
+    """Independent forward pass on x*m + base*(1-m), softmax, the class probability."""
+    with torch.no_grad():
+        m = torch.as_tensor(mask, dtype=x.dtype)[None, None]
+        logits = subject.model.eval()(x * m + base * (1 - m))
+    return logits.softmax(-1)[0, cls].item()
+
+
+def test_every_number_in_the_text_is_the_cited_fact(lite0, chelsea):
+    x = lite0.preprocess(chelsea)
+    exps = explain(lite0, x, ["gradcam", "saliency"])
+    v = verbalize(lite0, x, exps["gradcam"], compare=[exps["saliency"]])
+    assert v.text == " ".join(s["text"] for s in v.sentences)
+    seen_keys = set()
+    for sent in v.sentences:
+        # the numbers printed, in order, are exactly those the sentence cites ...
+        assert _numbers(sent["text"]) == [n["shown"] for n in sent["numbers"]], sent["text"]
+        for n in sent["numbers"]:
+            # ... each cited value is the fact stored under its key, and printed correctly rounded
+            assert n["value"] == v.fact(n["key"])
+            assert _shown_agrees(n["shown"], n["value"]), n
+            seen_keys.add(n["key"])
+    # the main region's size, share and both measured effects are all in the text
+    assert {"prob", "regions.0.area", "regions.0.evidence", "regions.0.removed", "regions.0.kept",
+            "compare.0.rank_correlation"} <= seen_keys
+    # shares are of one pool of positive evidence: they cannot add up to more than all of it
+    assert sum(r["evidence"] for r in v.facts["regions"]) <= 1 + 1e-9
+    top = lite0.predict(x, k=1)[0][0]
+    assert v.facts["prob"] == pytest.approx(top["prob"], abs=1e-5)
+    assert f"*{top['label']}*" in v.text
+
+
+def test_hide_and_keep_numbers_are_the_model_outputs_on_those_masked_inputs(tiny, tiny_x):
+    # two exact rectangles (smooth=0): the regions are known, so the masked inputs can be rebuilt
+    x = tiny_x[:1]
+    boxes = [(2, 3, 12, 14), (20, 18, 30, 30)]
+    smap = _box_map((32, 32), boxes, values=[1.0, 0.8])
+    v = verbalize(tiny, x, _exp(smap), smooth=0.0, baseline="black")
+    cls = v.facts["target"]["indices"][0]
+    black = tiny.black(x)
+    assert len(v.facts["regions"]) == 2
+    for rf, (y0, x0, y1, x1) in zip(v.facts["regions"], boxes):
+        mask = np.zeros((32, 32), dtype=bool)
+        mask[y0:y1, x0:x1] = True
+        # float32 forward of the same input: differences are rounding only
+        assert rf["removed"] == pytest.approx(_direct_probs(tiny, x, black, ~mask, cls), abs=1e-6)
+        assert rf["kept"] == pytest.approx(_direct_probs(tiny, x, black, mask, cls), abs=1e-6)
+        assert rf["area"] == pytest.approx(mask.mean())
+    union = _box_map((32, 32), boxes).numpy() > 0
+    assert v.facts["together"]["removed"] == pytest.approx(_direct_probs(tiny, x, black, ~union, cls), abs=1e-6)
+    assert v.facts["together"]["kept"] == pytest.approx(_direct_probs(tiny, x, black, union, cls), abs=1e-6)
+    # evidence shares: 100 px * 1.0 and 120 px * 0.8 of the 196 total
+    assert v.facts["regions"][0]["evidence"] == pytest.approx(110 / 206)
+    assert v.facts["regions"][1]["evidence"] == pytest.approx(96 / 206)
+    # passes: 1 clean forward + (hide, keep) x (2 regions + both together)
+    assert v.facts["passes"] == {"forward": 7, "backward": 0}
+
+
+def test_hide_keep_on_pretrained_model_with_blur_baseline(lite0, chelsea):
+    # the meaning check: Grad-CAM's main region on the cat matters more than the same-size area moved
+    # to the opposite corner, and the numbers are the model's own on those exact blurred inputs
+    x = lite0.preprocess(chelsea)
+    exp = explain(lite0, x, "gradcam")
+    v = verbalize(lite0, x, exp)
+    cls = v.facts["target"]["indices"][0]
+    base = make_baseline(lite0, x, "blur")
+    main = v.masks[0]
+    assert v.facts["regions"][0]["removed"] == pytest.approx(_direct_probs(lite0, x, base, ~main, cls), abs=1e-4)
+    assert v.facts["regions"][0]["kept"] == pytest.approx(_direct_probs(lite0, x, base, main, cls), abs=1e-4)
+    moved = np.roll(main, (112, 112), axis=(0, 1))
+    moved_removed = _direct_probs(lite0, x, base, ~moved, cls)
+    assert v.facts["regions"][0]["removed"] < moved_removed - 0.2
+    assert v.facts["regions"][0]["kept"] > v.facts["regions"][0]["removed"]
+
+
+@pytest.mark.parametrize("quadrant,words", [((0, 0), "upper left"), ((0, 1), "upper right"),
+                                            ((1, 0), "lower left"), ((1, 1), "lower right")])
+def test_a_map_in_one_quadrant_gets_that_quadrants_words(tiny, tiny_x, quadrant, words):
+    qy, qx = quadrant
+    y0, x0 = 2 + 20 * qy, 2 + 20 * qx  # a 8x8 blob well inside the quadrant's outer cell
+    smap = _box_map((32, 32), [(y0, x0, y0 + 8, x0 + 8)])
+    v = verbalize(tiny, tiny_x[:1], _exp(smap))
+    r = v.facts["regions"][0]
+    assert r["words"] == words and f"{words} of the image" in v.text
+    assert r["grid_cell"] == [2 * qy, 2 * qx]
+    assert v.facts["n_regions_found"] == 1 and "one region" in v.text
+    # all positive evidence lies in that one blob (smoothing only shapes the region)
+    assert r["evidence"] == pytest.approx(1.0)
+
+
+def test_centre_and_same_input_same_text(tiny, tiny_x):
+    smap = _box_map((32, 32), [(12, 12, 20, 20)])
+    a = verbalize(tiny, tiny_x[:1], _exp(smap))
+    b = verbalize(tiny, tiny_x[:1], _exp(smap.clone()))
+    assert "in the centre of the image" in a.text
+    assert a.text == b.text and a.to_json() == b.to_json()
+    back = json.loads(a.to_json())
+    assert back["text"] == a.text and back["facts"]["regions"][0]["words"] == "centre"
+
+
+def test_contrast_and_group_wording(lite0, chelsea):
+    x = lite0.preprocess(chelsea)
+    e = explain(lite0, x, "gradcam", target=Contrast("tabby", vs="Egyptian cat"))
+    v = verbalize(lite0, x, e)
+    assert "*tabby*" in v.text and "rather than *Egyptian cat*" in v.text
+    probs = torch.softmax(lite0.forward(x).detach(), -1)[0]
+    assert v.facts["prob"] == pytest.approx(probs[lite0.class_index("tabby")].item(), abs=1e-5)
+    assert v.facts["vs_prob"] == pytest.approx(probs[lite0.class_index("Egyptian cat")].item(), abs=1e-5)
+    g = explain(lite0, x, "gradcam", target=Group("cat"))
+    vg = verbalize(lite0, x, g)
+    assert "any kind of *cat*" in vg.text
+    idx = lite0.groups["cat"]
+    assert vg.facts["prob"] == pytest.approx(probs[idx].sum().item(), abs=1e-5)
+
+
+def test_part_names_are_used(tiny, tiny_x):
+    smap = _box_map((32, 32), [(2, 2, 10, 10)])
+    head = np.zeros((32, 32), dtype=bool)
+    head[0:12, 0:12] = True
+    tail = ~head
+    v = verbalize(tiny, tiny_x[:1], _exp(smap), parts={"head": head, "tail": tail})
+    assert v.facts["regions"][0]["name"] == "head" and "(the *head*)" in v.text
+    vp = verbalize(tiny, tiny_x[:1], _exp(smap), parts={"head": head, "tail": tail}, regions="parts")
+    assert [r["name"] for r in vp.facts["regions"]] == ["head", "tail"]
+    assert vp.facts["regions"][0]["evidence"] == pytest.approx(1.0)
+
+
+def test_signed_map_mentions_negative_evidence(tiny, tiny_x):
+    smap = _box_map((32, 32), [(2, 2, 10, 10), (22, 22, 30, 30)], values=[1.0, -0.5])
+    v = verbalize(tiny, tiny_x[:1], _exp(smap, method="integrated_gradients", signed=True))
+    assert v.facts["negative"]["words"] == "lower right"
+    assert "Evidence against" in v.text and "lower right" in v.text.split("Evidence against")[1]
+
+
+def test_no_positive_evidence(tiny, tiny_x):
+    v = verbalize(tiny, tiny_x[:1], _exp(torch.zeros(32, 32)))
+    assert "finds no region of positive evidence" in v.text and v.facts["regions"] == []
+
+
+def test_bad_input_and_model_left_as_found(tiny, tiny_x):
+    before = tiny.state_fingerprint()
+    smap = _exp(_box_map((32, 32), [(2, 2, 10, 10)]))
+    with pytest.raises(SaliencyError, match="threshold"):
+        verbalize(tiny, tiny_x[:1], smap, threshold=0)
+    with pytest.raises(SaliencyError, match="NaN"):
+        verbalize(tiny, tiny_x[:1], _exp(torch.full((32, 32), float("nan"))))
+    with pytest.raises(SaliencyError, match="index"):
+        verbalize(tiny, tiny_x, smap, index=5)
+    e = explain(tiny, tiny_x[:1], "gradcam", target=Class(1))
+    with pytest.raises(SaliencyError, match="made for"):
+        verbalize(tiny, tiny_x[:1], e, target=Class(2))
+    verbalize(tiny, tiny_x[:1], e)
+    after = tiny.state_fingerprint()
+    assert after["hooks"] == before["hooks"] and after["training"] == before["training"]
+    assert all(torch.equal(a, b) for a, b in zip(after["params"], before["params"]))
+    assert after["requires_grad"] == before["requires_grad"]
