@@ -1,0 +1,310 @@
+"""`evaluate()`: several metrics over several explanations of the same inputs, one result table."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..engine import PassCounter, forward_logits
+from ..errors import SaliencyError
+from ..explanation import Explanation
+from ..targets import Class, as_target
+from .base import EvalContext, MetricResult, get
+
+DEFAULT_METRICS = ("deletion", "insertion", "saco", "sparseness")
+ARROW = {"higher": "↑", "lower": "↓", None: "·"}
+
+
+class Table(list):
+    """Rows (dicts) with `image`, `method` and one column per metric; `directions` says which way
+    each metric is better. `str(table)` is an aligned text table."""
+
+    def __init__(self, rows, columns, directions):
+        super().__init__(rows)
+        self.columns = list(columns)
+        self.directions = dict(directions)
+
+    def __str__(self):
+        return format_rows(self, self.columns, self.directions)
+
+    def to_csv(self, path) -> Path:
+        import csv
+        import io
+
+        from ..viz import atomic_write
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
+        w.writeheader()
+        for row in self:
+            w.writerow({k: _fmt_csv(row.get(k)) for k in self.columns})
+        return atomic_write(path, lambda p: Path(p).write_text(buf.getvalue()))
+
+
+def _fmt_csv(v):
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else repr(v)
+    return v
+
+
+def format_rows(rows, columns, directions) -> str:
+    head = [c if c not in directions else f"{c} {ARROW[directions[c]]}" for c in columns]
+    body = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+class EvaluationResult:
+    """Scores of every (metric, method) pair: `results[metric][method]` is a `MetricResult`."""
+
+    def __init__(self, results: dict, image_names: list[str], target: list, shared_passes: dict,
+                 seconds: dict, seed, params: dict):
+        self.results = results
+        self.image_names = list(image_names)
+        self.target = target
+        self.shared_passes = shared_passes
+        self.seconds = seconds
+        self.seed = seed
+        self.params = params
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.results)
+
+    @property
+    def methods(self) -> list[str]:
+        seen = []
+        for per in self.results.values():
+            for m in per:
+                if m not in seen:
+                    seen.append(m)
+        return seen
+
+    @property
+    def directions(self) -> dict:
+        return {m: next(iter(per.values())).direction if per else None for m, per in self.results.items()}
+
+    def __getitem__(self, key) -> dict[str, MetricResult]:
+        return self.results[key]
+
+    def __repr__(self):
+        return (f"EvaluationResult(metrics={self.metrics}, methods={self.methods}, "
+                f"images={len(self.image_names)})")
+
+    def score(self, metric: str, method: str) -> torch.Tensor:
+        return self.results[metric][method].scores
+
+    def table(self) -> Table:
+        """One row per (image, method): `image`, `method`, then one column per metric."""
+        rows = []
+        for b, image in enumerate(self.image_names):
+            for method in self.methods:
+                row = {"image": image, "method": method}
+                for metric, per in self.results.items():
+                    r = per.get(method)
+                    row[metric] = float(r.scores[b]) if r is not None else float("nan")
+                rows.append(row)
+        return Table(rows, ["image", "method"] + self.metrics, self.directions)
+
+    def summary(self) -> Table:
+        """One row per method with each metric's mean over images (NaN-skipping), ranked by the
+        first metric that has a direction (best first)."""
+        rows = []
+        for method in self.methods:
+            row = {"method": method}
+            for metric, per in self.results.items():
+                row[metric] = per[method].mean() if method in per else float("nan")
+            rows.append(row)
+        key = next((m for m in self.metrics if self.directions[m] is not None), None)
+        if key is not None:
+            sign = -1.0 if self.directions[key] == "higher" else 1.0
+            rows.sort(key=lambda r: (math.isnan(r[key]), sign * r[key] if not math.isnan(r[key]) else 0.0))
+        return Table(rows, ["method"] + self.metrics, self.directions)
+
+    def to_dict(self) -> dict:
+        out = {"images": self.image_names, "target": self.target, "seed": self.seed, "params": _plain(self.params),
+               "directions": self.directions, "shared_passes": self.shared_passes, "seconds": self.seconds,
+               "metrics": {}}
+        for metric, per in self.results.items():
+            out["metrics"][metric] = {}
+            for method, r in per.items():
+                entry = {"scores": [_num(v) for v in r.scores.tolist()], "mean": _num(r.mean()),
+                         "direction": r.direction, "passes": r.passes, "extras": _plain(r.extras)}
+                if r.curves:
+                    entry["curve_x"] = r.curves["x"].tolist()
+                    entry["curve_y"] = [[_num(v) for v in row] for row in r.curves["y"].tolist()]
+                out["metrics"][metric][method] = entry
+        return out
+
+    def to_csv(self, path) -> Path:
+        return self.table().to_csv(path)
+
+    def to_json(self, path) -> Path:
+        from ..viz import atomic_write
+
+        text = json.dumps(self.to_dict(), indent=2)
+        return atomic_write(path, lambda p: Path(p).write_text(text))
+
+    def curve_metrics(self) -> list[str]:
+        return [m for m, per in self.results.items() if any(r.curves for r in per.values())]
+
+    def plot_curves(self, path, metrics=None) -> Path | None:
+        """One panel per curve metric (deletion, insertion, ROAD, ...), one line per method: the
+        mean curve over images, with each method's mean score in the legend. None if no curves."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        from ..viz import atomic_write
+
+        names = [m for m in (metrics or self.curve_metrics()) if m in self.results]
+        names = [m for m in names if any(r.curves for r in self.results[m].values())]
+        if not names:
+            return None
+        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+        for ax, metric in zip(axes[0], names):
+            for method, r in self.results[metric].items():
+                if not r.curves:
+                    continue
+                y = r.curves["y"].double()
+                ax.plot(r.curves["x"].numpy(), torch.nanmean(y, 0).numpy(), label=f"{method} ({r.mean():.3f})",
+                        linestyle="--" if method == "random" else "-")
+            d = self.directions[metric]
+            ax.set_title(f"{metric} ({'higher' if d == 'higher' else 'lower'} is better)")
+            first = next(r for r in self.results[metric].values() if r.curves)
+            ax.set_xlabel(first.curves.get("xlabel", ""))
+            ax.set_ylabel(first.curves.get("ylabel", "score"))
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+
+        def write(p):
+            fig.savefig(p, dpi=110, format="png")
+
+        try:
+            return atomic_write(path, write)
+        finally:
+            plt.close(fig)
+
+
+def _num(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _plain(v):
+    from ..explanation import _jsonable
+
+    return _jsonable(v)
+
+
+def _target_from_explanations(exps: dict[str, Explanation], batch: int):
+    """The class the explanations were made for, when they all agree on a per-image class."""
+    picked = None
+    for exp in exps.values():
+        t = exp.target
+        if not t or len(t) != batch or any(d.get("kind") != "class" or len(d.get("indices", [])) != 1 for d in t):
+            continue
+        cls = [int(d["indices"][0]) for d in t]
+        if picked is None:
+            picked = cls
+        elif picked != cls:
+            raise SaliencyError("the explanations were made for different classes; pass target=... to evaluate")
+    return Class(picked) if picked is not None else Class(None)
+
+
+def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, target=None, seed: int | None = 0,
+             masks=None, batch_size: int | None = None, params: dict | None = None, progress: bool = False,
+             image_names=None, random_baseline: bool = True) -> EvaluationResult:
+    """Score explanations of `x` with several metrics.
+
+    Args:
+        subject: the `Subject` the explanations were made for.
+        x: the `[B,C,H,W]` input the explanations explain.
+        explanations: one `Explanation` or a dict name -> Explanation (maps `[B,H,W]` each).
+        metrics: registered metric names (`available()`).
+        target: what the metrics score (a Target, label or index). Default: the class the
+            explanations were made for (if they all say one class per image), else the top-1 class.
+        seed: seed of every random draw (tie-breaks, perturbations); same seed, same numbers.
+        masks: `[B,H,W]` boolean object masks at the input size, for localisation metrics.
+        params: per-metric parameters, `{"deletion": {"step": 8}}`.
+        random_baseline: add `Explanation.random_like` as method "random" when no explanation
+            is called that, so every table has its chance level.
+    """
+    from ..model import Subject
+
+    if not isinstance(subject, Subject):
+        if isinstance(subject, torch.nn.Module):
+            subject = Subject(subject)
+        else:
+            raise SaliencyError(f"evaluate needs a Subject or nn.Module, got {type(subject).__name__}")
+    x = subject.check_input(x)
+    if isinstance(explanations, Explanation):
+        exps = {explanations.method: explanations}
+    elif isinstance(explanations, dict) and explanations:
+        exps = dict(explanations)
+    else:
+        raise SaliencyError("evaluate needs an Explanation or a non-empty dict name -> Explanation")
+    for name, e in exps.items():
+        if not isinstance(e, Explanation):
+            raise SaliencyError(f"explanation {name!r} is a {type(e).__name__}, not an Explanation")
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    metrics = list(metrics)
+    if not metrics:
+        raise SaliencyError("no metric given")
+    classes = {m: get(m) for m in metrics}   # unknown names fail here, before any work
+    params = dict(params or {})
+    unknown = set(params) - set(classes)
+    if unknown:
+        raise SaliencyError(f"parameters given for metric(s) not requested: {sorted(unknown)}")
+    for m, cls in classes.items():
+        bad = set(params.get(m, {})) - set(cls.defaults)
+        if bad:
+            raise SaliencyError(f"unknown parameter(s) {sorted(bad)} for metric {m!r}; accepted: {sorted(cls.defaults)}")
+    if random_baseline and "random" not in exps:
+        first = next(iter(exps.values()))
+        exps["random"] = Explanation.random_like(first, seed=0 if seed is None else seed)
+    B = x.shape[0]
+    if masks is not None:
+        masks = torch.as_tensor(masks)
+        if masks.dim() == 2:
+            masks = masks.unsqueeze(0)
+        if masks.dim() != 3 or masks.shape[0] != B or tuple(masks.shape[-2:]) != tuple(x.shape[-2:]):
+            raise SaliencyError(f"masks have shape {tuple(masks.shape)}; expected [{B}, {x.shape[-2]}, "
+                                f"{x.shape[-1]}] (one boolean mask per image at the input size)")
+        masks = masks.bool().to(x.device)
+    names = list(image_names) if image_names is not None else [f"image{i}" for i in range(B)]
+    if len(names) != B:
+        raise SaliencyError(f"{len(names)} image names for {B} images")
+    tgt = as_target(target) if target is not None else _target_from_explanations(exps, B)
+    results: dict = {}
+    seconds: dict = {}
+    shared = PassCounter()
+    with subject.explaining():
+        logits = forward_logits(subject, x, batch_size, shared)
+        resolved = tgt.resolve(subject, logits)
+        if len(resolved) != B:
+            raise SaliencyError(f"target resolved to {len(resolved)} examples for a batch of {B}")
+        ctx = EvalContext(subject, x, resolved, logits, seed=seed, batch_size=batch_size, progress=progress,
+                          masks=masks, shared=shared)
+        for m, cls in classes.items():
+            inst = cls()
+            if "masks" in cls.needs and masks is None:
+                raise SaliencyError(f"metric {m!r} needs ground-truth object masks or boxes (masks=...)")
+            t0 = time.perf_counter()
+            p = {**cls.defaults, **params.get(m, {})}
+            results[m] = inst.compute(ctx, exps, **p)
+            seconds[m] = time.perf_counter() - t0
+    return EvaluationResult(results, names, resolved.describe(), shared.per_image(B), seconds, seed,
+                            {m: {**classes[m].defaults, **params.get(m, {})} for m in classes})
