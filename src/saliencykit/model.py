@@ -348,6 +348,12 @@ class Subject:
         size = tuple(x.shape[-2:]) if x is not None else self.input_size
         if size in self._auto_layer_cache:
             return self._auto_layer_cache[size]
+        from .vit import token_auto_layer  # Vision Transformers: the last block's first LayerNorm
+
+        token_layer = token_auto_layer(self)
+        if token_layer is not None:
+            self._auto_layer_cache[size] = token_layer
+            return token_layer
         probe = torch.zeros(1, self.in_channels, *size, device=self.device)
         finished: list[str] = []
         handles = []
@@ -385,23 +391,22 @@ class Subject:
     def tokens_to_grid(self, tokens: torch.Tensor, input_hw, layer: str | None = None) -> torch.Tensor:
         """Token output [B, P+N, D] of a ViT-like layer -> [B, D, h, w], dropping P prefix tokens.
 
-        Uses `self.grid_fn` when set (the `tokens_to_grid=` override); otherwise infers the patch size
-        and prefix count from the input size: N = (H/p)(W/p) for an integer patch p, P in 0..8.
+        Uses `self.grid_fn` when set (the `tokens_to_grid=` override); otherwise reads the patch size
+        from the model's patch-embedding conv (or `self.patch_size`), so P = N - (H//p)(W//p); with no
+        such conv, searches N = (H/p)(W/p) for an integer patch p, P in 0..8 (see `saliencykit.vit`).
         """
         if getattr(self, "grid_fn", None) is not None:
-            return self.grid_fn(tokens)
+            grid = self.grid_fn(tokens)
+            if not isinstance(grid, torch.Tensor) or grid.dim() != 4 or grid.shape[0] != tokens.shape[0]:
+                got = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
+                raise SaliencyError(f"subject.grid_fn returned {got} for tokens {tuple(tokens.shape)} of layer "
+                                    f"{layer!r}; it must return [B, D, h, w]")
+            return grid
+        from .vit import grid_of  # patch size read from the patch-embedding conv, else a search
+
         b, n, d = tokens.shape
-        H, W = input_hw
-        for prefix in (1, 0, 2, 5, 3, 4, 6, 7, 8):
-            patches = n - prefix
-            if patches <= 0:
-                continue
-            for p in range(1, min(H, W) + 1):
-                if H % p == 0 and W % p == 0 and (H // p) * (W // p) == patches:
-                    h, w = H // p, W // p
-                    return tokens[:, prefix:].reshape(b, h, w, d).permute(0, 3, 1, 2)
-        raise SaliencyError(f"cannot turn {n} tokens of layer {layer!r} into a patch grid for a {H}x{W} input; "
-                            "set subject.grid_fn = lambda t: ... returning [B, D, h, w]")
+        prefix, h, w = grid_of(self, n, tuple(input_hw), layer)
+        return tokens[:, prefix:].reshape(b, h, w, d).permute(0, 3, 1, 2)
 
     # ------------------------------------------------------------------- state handling
     @contextlib.contextmanager
