@@ -30,15 +30,26 @@ def make_baseline(subject, x: torch.Tensor, baseline, seed=0) -> torch.Tensor:
     """A baseline in the model's input space: "black"/"zero" (pixel 0), "white", "mean"
     (zeros of the normalised space), "blur" (Gaussian blur of x), "noise" (uniform pixels),
     a number (a pixel value), or a tensor broadcastable to x."""
+    if isinstance(baseline, np.ndarray):
+        baseline = torch.from_numpy(baseline)
     if isinstance(baseline, torch.Tensor):
+        if not baseline.is_floating_point():
+            baseline = baseline.double()
         b = baseline.to(x.device, x.dtype)
         try:
-            return b.expand_as(x).clone()
+            out = b.expand_as(x).clone()
         except RuntimeError:
             raise SaliencyError(f"baseline of shape {tuple(b.shape)} does not broadcast to the input "
                                 f"{tuple(x.shape)}") from None
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        if not torch.isfinite(out).all():
+            raise SaliencyError("baseline contains NaN or infinite values")
+        return out
+    if isinstance(baseline, (int, float, np.integer, np.floating)) and not isinstance(baseline, bool):
+        if not math.isfinite(float(baseline)):
+            raise SaliencyError(f"baseline pixel value must be finite, got {baseline}")
         return subject.normalize_pixels(torch.full_like(x, float(baseline)))
+    if not isinstance(baseline, str):
+        raise SaliencyError(f"baseline must be a name, a pixel value or a tensor, got {type(baseline).__name__}")
     if baseline in ("black", "zero"):
         return subject.black(x)
     if baseline == "white":
@@ -69,8 +80,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def quadrature(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes alpha_k in [0,1] and weights w_k of the path integral."""
-    if steps < 1:
-        raise SaliencyError(f"steps must be >= 1, got {steps}")
+    steps = _check_count(steps, "steps")
     if rule == "gausslegendre":
         t, w = np.polynomial.legendre.leggauss(steps)
         return torch.tensor((t + 1) / 2), torch.tensor(w / 2)
@@ -91,6 +101,31 @@ def quadrature(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     raise SaliencyError(f"unknown integration rule {rule!r}; use gausslegendre or riemann_left/right/middle/trapezoid")
 
 
+def _check_count(value, what: str) -> int:
+    """A positive integer count (steps, samples)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise SaliencyError(f"{what} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise SaliencyError(f"{what} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_scale(value, what: str) -> float:
+    """A finite, non-negative number (noise levels)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise SaliencyError(f"{what} must be a non-negative number, got {value!r}")
+    if not math.isfinite(float(value)) or value < 0:
+        raise SaliencyError(f"{what} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def _input_gradient(ctx, target) -> torch.Tensor:
+    """Gradient of the target score w.r.t. the clean input, chunked to `ctx.batch_size` rows."""
+    x = ctx.x
+    rows = torch.arange(x.shape[0], device=x.device)
+    return chunked_gradient(ctx.subject, x, target, rows, ctx.batch_size, ctx.counter)
+
+
 def _check_reduce(reduce):
     if reduce not in ("sum", "abs_sum", "max_abs", "l2", "mean"):
         raise SaliencyError(f"unknown channel reduction {reduce!r}; use sum, abs_sum, max_abs, l2 or mean")
@@ -107,7 +142,7 @@ class Saliency(Method):
 
     def run(self, ctx, target, layer, abs=False, reduce="max_abs"):
         _check_reduce(reduce)
-        g = gradient_pass(ctx.subject, ctx.x, target, counter=ctx.counter).input_grad
+        g = _input_gradient(ctx, target)
         return _maps(g.abs() if abs else g, reduce)
 
 
@@ -123,7 +158,7 @@ class GradientXInput(Method):
 
     def run(self, ctx, target, layer, reduce="sum"):
         _check_reduce(reduce)
-        g = gradient_pass(ctx.subject, ctx.x, target, counter=ctx.counter).input_grad
+        g = _input_gradient(ctx, target)
         return _maps(ctx.x.detach() * g, reduce)
 
 
@@ -132,19 +167,24 @@ def noisy_gradients(ctx, target, samples: int, noise: float, noise_abs: float | 
     """Gradients at `samples` noisy copies of each input. Noise is drawn copy by copy (each copy
     one `randn` of the input's shape) so the draw does not depend on the batch size.
 
+    `noise` is relative (sigma = noise x (max - min) of each example); `noise_abs`, when given,
+    is an absolute sigma in the model's input space. `base` is "gradient" or "gradxinput"
+    (the gradient times the noisy input). Every parameter is checked before any pass runs.
     Rows are copy-major: row r is copy r // B of example r % B.
     """
-    if samples < 1:
-        raise SaliencyError(f"samples must be >= 1, got {samples}")
+    samples = _check_count(samples, "samples")
+    if base not in ("gradient", "gradxinput"):
+        raise SaliencyError(f"unknown SmoothGrad base {base!r}; use 'gradient' or 'gradxinput'")
     x = ctx.x.detach()
     b = x.shape[0]
     if noise_abs is not None:
-        sigma = torch.full((b, 1, 1, 1), float(noise_abs), device=x.device, dtype=x.dtype)
+        sigma = torch.full((b, 1, 1, 1), _check_scale(noise_abs, "noise_abs"), device=x.device, dtype=x.dtype)
     else:
         flat = x.reshape(b, -1)
-        sigma = (noise * (flat.amax(1) - flat.amin(1))).view(b, 1, 1, 1)
+        sigma = (_check_scale(noise, "noise") * (flat.amax(1) - flat.amin(1))).view(b, 1, 1, 1)
     g = generator(ctx.seed)
-    noisy = torch.cat([x + sigma * torch.randn(x.shape, generator=g).to(x) for _ in range(samples)])
+    noisy = torch.cat([x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+                       for _ in range(samples)])
     rows = torch.arange(b, device=x.device).repeat(samples)
     if on_chunk is not None:
         chunked_gradient(ctx.subject, noisy, target, rows, batch_size or ctx.batch_size, ctx.counter,
@@ -153,8 +193,6 @@ def noisy_gradients(ctx, target, samples: int, noise: float, noise_abs: float | 
     grads = chunked_gradient(ctx.subject, noisy, target, rows, batch_size or ctx.batch_size, ctx.counter)
     if base == "gradxinput":
         grads = grads * noisy
-    elif base != "gradient":
-        raise SaliencyError(f"unknown SmoothGrad base {base!r}; use 'gradient' or 'gradxinput'")
     return grads.view(samples, b, *x.shape[1:]), rows
 
 
@@ -168,19 +206,21 @@ class _SmoothGradFamily(Method):
 
     def run(self, ctx, target, layer, samples=25, noise=0.15, noise_abs=None, base="gradient", reduce=None,
             batch_size=None):
+        if reduce is None:
+            reduce = ("max_abs" if base == "gradient" else "sum") if self.kind == "smoothgrad" else "sum"
+        _check_reduce(reduce)
         grads, _ = noisy_gradients(ctx, target, samples, noise, noise_abs, base, batch_size)
         if self.kind == "smoothgrad":
-            attr = grads.mean(0)
-            reduce = reduce or ("max_abs" if base == "gradient" else "sum")
-        elif self.kind == "smoothgrad_sq":
+            return _maps(grads.mean(0), reduce)
+        if self.kind == "smoothgrad_sq":
             attr = grads.pow(2).mean(0)  # squared before any channel reduction
-            reduce = reduce or "sum"
         else:
-            attr = grads.pow(2).mean(0) - grads.mean(0).pow(2)
-            attr = attr.clamp_min(0)  # exact arithmetic is >= 0; clamp rounding
-            reduce = reduce or "sum"
-        _check_reduce(reduce)
-        return _maps(attr, reduce)
+            # E[g^2] - E[g]^2, accumulated in float64; exact arithmetic is >= 0, the clamp removes rounding
+            gd = grads.double()
+            attr = (gd.pow(2).mean(0) - gd.mean(0).pow(2)).clamp_min(0).to(grads.dtype)
+        out = _maps(attr, reduce)
+        out["signed"] = False  # squares and variances are never negative
+        return out
 
 
 @register
@@ -241,15 +281,36 @@ class IntegratedGradients(Method):
     def run(self, ctx, target, layer, steps=50, baseline="black", rule="gausslegendre", reduce="sum",
             batch_size=None):
         _check_reduce(reduce)
+        quadrature(steps, rule)  # checks steps and rule before any pass
         x = ctx.x.detach()
         base = make_baseline(ctx.subject, x, baseline, ctx.seed)
         attr = integrated_gradients(ctx, target, x, base, steps, rule, batch_size)
-        # completeness check: s(x) is known; s(baseline) costs one forward
-        s_x = target.score(ctx.logits())
-        s_b = target.score(forward_logits(ctx.subject, base, batch_size, ctx.counter))
-        err = attr.reshape(x.shape[0], -1).sum(1) - (s_x - s_b)
+        # completeness check: sum(attr) vs s(x) - s(baseline). The shared clean logits are float32;
+        # a float64 input is re-scored in its own precision so the check can reach 1e-12.
+        if x.dtype == torch.float32:
+            s_x = target.score(ctx.logits()).double()
+            s_b = target.score(forward_logits(ctx.subject, base, batch_size, ctx.counter)).double()
+        else:
+            s_x = target.score(_native_logits(ctx, x, batch_size)).double()
+            s_b = target.score(_native_logits(ctx, base, batch_size)).double()
+        diff = s_x - s_b
+        err = attr.double().reshape(x.shape[0], -1).sum(1) - diff
+        rel = err.abs() / diff.abs().clamp_min(1e-12)
         return {**_maps(attr, reduce), "extras": {"completeness_error": err.tolist(),
-                                                  "score_difference": (s_x - s_b).tolist()}}
+                                                  "relative_completeness_error": rel.tolist(),
+                                                  "score_difference": diff.tolist()}}
+
+
+def _native_logits(ctx, x: torch.Tensor, batch_size=None) -> torch.Tensor:
+    """Logits in the input's own floating-point precision (forward only, counted)."""
+    bs = batch_size or ctx.batch_size or 32
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, x.shape[0], bs):
+            chunk = x[start:start + bs]
+            outs.append(ctx.subject.forward(chunk))
+            ctx.counter.add(forward=chunk.shape[0])
+    return torch.cat(outs)
 
 
 # --------------------------------------------------------------------------- modified backprop
@@ -293,32 +354,40 @@ NON_RELU = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Si
 
 @contextlib.contextmanager
 def modified_relu_backward(model: nn.Module, guided: bool):
-    """Swap the backward rule of every ReLU-family activation, including functional `F.relu`."""
-    handles = []
+    """Swap the backward rule of every ReLU-family activation: `nn.ReLU`, `nn.ReLU6`,
+    `nn.Hardtanh(0, t)` modules (forward hooks) and the functional `F.relu` / `F.relu6`
+    (patched for the duration; restored on exit, also after an exception)."""
     others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, NON_RELU)})
     if others:
         warnings.warn(f"{'guided backprop' if guided else 'DeconvNet'} is defined for ReLU-family activations; "
                       f"this model also has {', '.join(others)}, which pass ordinary gradients", stacklevel=4)
-    for m in model.modules():
-        rng = _relu_range(m)
-        if rng is None:
-            continue
-
-        def hook(_mod, inp, out, lo=rng[0], hi=rng[1]):
-            return _ModifiedReLUBackward.apply(inp[0], out, lo, hi, guided)
-
-        handles.append(m.register_forward_hook(hook))
-    original = F.relu
+    handles = []
+    original_relu, original_relu6 = F.relu, F.relu6
 
     def relu(input, inplace=False):  # functional ReLUs (e.g. DenseNet's last) are invisible to hooks
-        out = original(input, inplace=False)
+        out = original_relu(input, inplace=False)
         return _ModifiedReLUBackward.apply(input, out, 0.0, None, guided) if out.requires_grad else out
 
-    F.relu = relu
+    def relu6(input, inplace=False):
+        out = original_relu6(input, inplace=False)
+        return _ModifiedReLUBackward.apply(input, out, 0.0, 6.0, guided) if out.requires_grad else out
+
     try:
+        for m in model.modules():
+            rng = _relu_range(m)
+            if rng is None:
+                continue
+
+            def hook(_mod, inp, out, lo=rng[0], hi=rng[1]):
+                if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                    return None
+                return _ModifiedReLUBackward.apply(inp[0], out, lo, hi, guided)
+
+            handles.append(m.register_forward_hook(hook))
+        F.relu, F.relu6 = relu, relu6
         yield
     finally:
-        F.relu = original
+        F.relu, F.relu6 = original_relu, original_relu6
         for h in handles:
             h.remove()
 
@@ -332,7 +401,7 @@ class _ModifiedBackprop(Method):
     def run(self, ctx, target, layer, reduce="max_abs"):
         _check_reduce(reduce)
         with modified_relu_backward(ctx.subject.model, self.guided):
-            g = gradient_pass(ctx.subject, ctx.x, target, counter=ctx.counter).input_grad
+            g = _input_gradient(ctx, target)
         return _maps(g, reduce)
 
 
