@@ -1,0 +1,614 @@
+"""Propagation family (METHODS.md 7, 8, 10): FullGrad, NormGrad and Layer-wise Relevance Propagation.
+
+FullGrad (`fullgrad`)
+    One forward + backward. For every Conv/Linear layer with a bias and every BatchNorm in eval mode
+    (implicit bias `b = beta - mean * gamma / sqrt(var + eps)`) the bias-gradient `g_z * b` is
+    collected with a forward hook on the layer output. Completeness
+    `sum(grad_x * x) + sum_l sum(g_zl * b_l) == s_c(x)` holds for piecewise-linear nets (ReLU,
+    max-pool, zero padding); the error is reported in `extras["completeness_error"]` and a
+    `RuntimeWarning` is raised when it is large (ReLU6 saturation, SiLU/GELU, LayerNorm act as
+    hidden biases). Map: `normalisation="official"` (default; |.|, per-sample min-max over the
+    whole tensor, bilinear upsampling with align_corners=True, sum over channels and layers) or
+    `"grad_cam_lib"` (|.|, min-max per channel, bilinear align_corners=False, sum; the variant of
+    pytorch-grad-cam). Only spatial bias-gradients enter the map; all enter completeness.
+
+NormGrad (`normgrad`)
+    From the layer capture shared with the CAMs: activation `a(u)` and gradient `g(u)` per location.
+    `variant="norm"` (NormGrad, virtual 1x1 conv + Frobenius norm): `||g(u)|| * ||a(u)||`;
+    `"selective"`: `||ReLU(a(u) * g(u))||`; `"selective_outer"`: Frobenius norm of the positively
+    clipped outer product `ReLU(g(u) a(u)^T)`; `"bias"`: `||g(u)||`; `"scaling_sum"`:
+    `sum_c a(u) g(u)` (linear approximation; on a GAP + linear head equals CAM / (h w)).
+    Several layers (`layer=[...]`): each map is upsampled (bilinear), min-max normalised and the
+    maps are multiplied (`combine="product"`, the paper's multi-layer combination; "mean" also
+    offered). `meta=True`: meta-saliency - one SGD step (lr `meta_lr`) on the cross-entropy of the
+    target (the negative log-probability score) per example, NormGrad on the updated weights,
+    weights restored bit-exactly (+1F+1B per example).
+
+LRP (`lrp`)
+    Own implementation of the rules (Zennit is used in the tests as the reference). Relevance is
+    carried as `R = activation * modified_gradient`: each Conv/Linear layer keeps its forward value
+    but its backward is replaced, through a forward hook, by the rule's
+    `R_in = a * d/da [z'(a) * (R_out / stab(z'))]` (one autograd pass for the whole network;
+    no module backward hooks). In this representation
+      * ReLU / ReLU6 / LeakyReLU, max-pooling, concatenation, flatten, dropout pass relevance as the
+        plain gradient does (ReLU6 drops the relevance of saturated units);
+      * average pooling and additions - including torchvision ResNet's functional `out += identity`,
+        which module hooks cannot see - receive the plain gradient, which in this representation is
+        exactly the (unstabilised) Norm rule: each summand gets its share `x_k / sum`. No ResNet
+        canonizer is needed; relevance is conserved through skips.
+    BatchNorm layers that directly follow a Conv/Linear (found by a one-row probe pass) are merged
+    into it for the duration (`merged_batchnorm`, restored bit-exactly after); unmerged BatchNorms
+    (e.g. DenseNet's norm-relu-conv order) get the plain gradient (LRP-0 of an affine map whose
+    shift absorbs relevance). Rules: epsilon / zero, gamma (generalised, for both input signs),
+    alpha-beta, z-plus, flat and z-box (first layer only). Composites: "epsilon_plus_flat"
+    (default), "epsilon_plus", "epsilon_alpha2beta1", "epsilon_gamma_box", and single-rule
+    "epsilon", "zero", "gamma", "alpha_beta", "zplus"; `rules={layer_name: rule}` overrides.
+    Layers for which LRP rules are not defined (LayerNorm, GroupNorm, GELU, SiLU, Hardswish,
+    sigmoid gates, softmax/attention) raise `SaliencyError` unless `unsupported="gradient"`, which
+    lets the plain gradient pass through them (no conservation; the error is in the extras).
+    Start relevance: the target score itself (`R_out = one_hot(c) * s_c`), so
+    `sum(R_input) ~= s_c` when the rules conserve and there are no biases.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine import gradient_pass, upsample
+from ..errors import SaliencyError
+from .base import Method, register
+from .cam import as_grid, normalize01, resolve_layers
+
+RULE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+# --------------------------------------------------------------------------------- helpers
+def _minmax(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-sample min-max over all non-batch dims: (t - min) / (max - min + eps)."""
+    flat = t.reshape(t.shape[0], -1)
+    lo = flat.amin(1, keepdim=True)
+    flat = flat - lo
+    return (flat / (flat.amax(1, keepdim=True) + eps)).view_as(t)
+
+
+def batchnorm_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as `y = k * x + b`: `k = gamma / sqrt(var + eps)`, `b = beta - mean * k`."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise SaliencyError(f"{type(bn).__name__} without running statistics uses batch statistics even in "
+                            "eval mode; it has no fixed affine form (FullGrad / LRP merging undefined)")
+    k = 1.0 / torch.sqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        k = k * bn.weight
+    b = -bn.running_mean * k
+    if bn.bias is not None:
+        b = b + bn.bias
+    return k.detach(), b.detach()
+
+
+def _channel_first(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A layer output with its feature axis at dim 1 (Linear layers keep features last)."""
+    if isinstance(module, nn.Linear) and t.dim() > 2:
+        return t.movedim(-1, 1)
+    return t
+
+
+# --------------------------------------------------------------------------------- FullGrad
+def full_gradient(subject, x: torch.Tensor, target, counter=None) -> dict:
+    """One forward + backward: input-gradient and bias-gradient terms of every biased layer.
+
+    Returns dict(scores [B], input_term [B,C,H,W] = grad_x * x, bias_terms = list of
+    (layer name, [B,C,...] tensor g_z * b with channels at dim 1, module), completeness_error [B]).
+    Must be called inside `subject.explaining()`.
+    """
+    names = {m: n for n, m in subject.model.named_modules()}
+    records: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def hook(module, _inp, out):
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            records.append((module, out))
+
+    handles = []
+    for m in subject.model.modules():
+        if isinstance(m, RULE_LAYERS) and m.bias is not None:
+            handles.append(m.register_forward_hook(hook))
+        elif isinstance(m, BATCHNORMS):
+            batchnorm_affine(m)  # raises for BN without running stats
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            xin = x.detach().clone().requires_grad_(True)
+            logits = subject.forward(xin)
+            scores = target.score(logits)
+            grads = torch.autograd.grad(scores.sum(), [xin] + [o for _, o in records], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    if counter is not None:
+        counter.add(forward=x.shape[0], backward=x.shape[0])
+    gx = grads[0] if grads[0] is not None else torch.zeros_like(xin)
+    input_term = (gx * x).detach()
+    total = input_term.flatten(1).sum(1)
+    terms = []
+    for (module, out), g in zip(records, grads[1:]):
+        if g is None:
+            continue
+        g = _channel_first(g.detach(), module)
+        if isinstance(module, BATCHNORMS):
+            _, b = batchnorm_affine(module)
+        else:
+            b = module.bias.detach()
+        b = b.to(g.dtype).view(1, -1, *([1] * (g.dim() - 2)))
+        term = g * b
+        total = total + term.flatten(1).sum(1)
+        terms.append((names.get(module, type(module).__name__), term, module))
+    scores = scores.detach()
+    return {"scores": scores, "input_term": input_term, "bias_terms": terms,
+            "completeness_error": (total - scores).abs(), "total": total}
+
+
+@register
+class FullGrad(Method):
+    name = "fullgrad"
+    aliases = ("full_grad",)
+    family = "gradient"
+    cost = "1F+1B"
+    signed = False
+    defaults = {"normalisation": "official", "tolerance": 1e-3}
+    description = ("Full-gradient representation (Srinivas & Fleuret 2019): |input-gradient x input| plus "
+                   "|bias-gradient x bias| of every conv/BatchNorm layer (BatchNorm's implicit bias included), "
+                   "each min-max normalised, upsampled and summed. Completeness error reported in extras.")
+
+    def run(self, ctx, target, layer, normalisation="official", tolerance=1e-3):
+        if normalisation not in ("official", "grad_cam_lib"):
+            raise SaliencyError(f"unknown FullGrad normalisation {normalisation!r}; use 'official' or 'grad_cam_lib'")
+        if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+            raise SaliencyError(f"tolerance must be a non-negative number, got {tolerance!r}")
+        x = ctx.x
+        fg = full_gradient(ctx.subject, x, target, ctx.counter)
+        size = tuple(x.shape[-2:])
+        spatial = [(n, t) for n, t, _ in fg["bias_terms"] if t.dim() == x.dim()]
+        if normalisation == "official":
+            maps = _minmax(fg["input_term"].abs(), 1e-6).sum(1)
+            for _, t in spatial:
+                # bilinear upsampling is linear: summing channels first gives the same map, C times cheaper
+                maps = maps + upsample(_minmax(t.abs(), 1e-6).sum(1), size, align_corners=True).to(maps.dtype)
+        else:
+            def per_channel(t):
+                b, c = t.shape[:2]
+                return _minmax(t.abs().reshape(b * c, *t.shape[2:]), 1e-7).reshape(t.shape)
+            maps = per_channel(fg["input_term"]).sum(1)
+            for _, t in spatial:
+                maps = maps + upsample(per_channel(t).sum(1), size, align_corners=False).to(maps.dtype)
+        err = fg["completeness_error"]
+        rel = err / fg["scores"].abs().clamp_min(1.0)
+        if bool((rel > tolerance).any()):
+            warnings.warn(
+                f"FullGrad completeness fails: |sum of terms - score| = {err.max().item():.3g} "
+                f"(relative {rel.max().item():.3g} > {tolerance}); the model has implicit biases that the "
+                "decomposition does not see (saturating ReLU6, SiLU/GELU, LayerNorm, BatchNorm without "
+                "running stats ...)", RuntimeWarning, stacklevel=2)
+        extras = {"completeness_error": err.tolist(), "completeness_relative": rel.tolist(),
+                  "score": fg["scores"].tolist(), "bias_layers": len(fg["bias_terms"]),
+                  "spatial_bias_layers": len(spatial), "normalisation": normalisation}
+        return {"maps": maps.detach(), "attributions": fg["input_term"], "signed": False, "extras": extras}
+
+
+# --------------------------------------------------------------------------------- NormGrad
+NORMGRAD_VARIANTS = ("norm", "selective", "selective_outer", "bias", "scaling_sum")
+
+
+def normgrad_map(A: torch.Tensor, G: torch.Tensor, variant: str = "norm") -> torch.Tensor:
+    """Per-location aggregate of the virtual-layer gradient contribution, [B,C,h,w] -> [B,h,w]."""
+    if variant == "norm":
+        return G.norm(dim=1) * A.norm(dim=1)
+    if variant == "selective":
+        return (A * G).clamp_min(0).norm(dim=1)
+    if variant == "selective_outer":
+        # ||ReLU(g a^T)||_F^2 = sum over same-sign pairs g_i^2 a_j^2
+        gp, gn = G.clamp_min(0).pow(2).sum(1), G.clamp_max(0).pow(2).sum(1)
+        ap, an = A.clamp_min(0).pow(2).sum(1), A.clamp_max(0).pow(2).sum(1)
+        return (gp * ap + gn * an).sqrt()
+    if variant == "bias":
+        return G.norm(dim=1)
+    if variant == "scaling_sum":
+        return (A * G).sum(1)
+    raise SaliencyError(f"unknown NormGrad variant {variant!r}; use one of {', '.join(NORMGRAD_VARIANTS)}")
+
+
+@contextlib.contextmanager
+def _sgd_step(model: nn.Module, grads: list, params: list, lr: float) -> Iterator[None]:
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.sub_(lr * g)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+@register
+class NormGrad(Method):
+    name = "normgrad"
+    aliases = ("norm_grad",)
+    family = "gradient"
+    cost = "1F+1B (meta: +1F+1B)"
+    signed = False
+    uses_layer = True
+    defaults = {"variant": "norm", "combine": "product", "meta": False, "meta_lr": 1e-4, "meta_negate": False}
+    description = ("NormGrad (Rebuffi et al. 2020): ||gradient|| x ||activation|| per location of a layer "
+                   "(virtual 1x1 conv); 'selective' variant; several layers combined by product of min-max "
+                   "normalised maps; optional meta-saliency (one SGD step on the target's cross-entropy).")
+
+    def run(self, ctx, target, layer, variant="norm", combine="product", meta=False, meta_lr=1e-4,
+            meta_negate=False):
+        if variant not in NORMGRAD_VARIANTS:
+            raise SaliencyError(f"unknown NormGrad variant {variant!r}; use one of {', '.join(NORMGRAD_VARIANTS)}")
+        if combine not in ("product", "mean"):
+            raise SaliencyError(f"unknown NormGrad layer combination {combine!r}; use 'product' or 'mean'")
+        if not (isinstance(meta_lr, (int, float)) and meta_lr >= 0):
+            raise SaliencyError(f"meta_lr must be a non-negative number, got {meta_lr!r}")
+        names = resolve_layers(ctx, layer)
+        if meta:
+            acts, grads = self._meta_capture(ctx, target, names, float(meta_lr), bool(meta_negate))
+        else:
+            res = ctx.capture(names, target)
+            acts, grads = res.activations, res.gradients
+        raws = []
+        for name in names:
+            A = as_grid(ctx, name, acts[name]).to(ctx.x.dtype)
+            G = as_grid(ctx, name, grads[name]).to(ctx.x.dtype)
+            raws.append(normgrad_map(A, G, variant))
+        size = tuple(ctx.x.shape[-2:])
+        if len(raws) == 1:
+            maps = upsample(raws[0], size).to(ctx.x.dtype)
+        else:
+            ups = [normalize01(upsample(r, size)) for r in raws]
+            maps = torch.stack(ups).prod(0) if combine == "product" else torch.stack(ups).mean(0)
+        return {"maps": maps, "raw": raws[0] if len(raws) == 1 else None, "layer": ",".join(names),
+                "signed": variant == "scaling_sum",
+                "extras": {"layers": names, "combine": combine if len(raws) > 1 else None, "meta": bool(meta)}}
+
+    @staticmethod
+    def _meta_capture(ctx, target, names, lr, negate):
+        """Per example: one SGD step on -log p(target), capture at the updated weights, restore."""
+        subject, x = ctx.subject, ctx.x
+        params = [p for p in subject.model.parameters() if p.is_floating_point()]
+        flags = [p.requires_grad for p in params]
+        acts: dict[str, list] = {n: [] for n in names}
+        grads: dict[str, list] = {n: [] for n in names}
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            for i in range(x.shape[0]):
+                rows = torch.tensor([i], device=x.device)
+                with torch.enable_grad():
+                    logits = subject.forward(x[i:i + 1])
+                    loss = -target.score(logits, rows=rows, output="log_prob").sum()
+                    if negate:
+                        loss = -loss
+                    pg = torch.autograd.grad(loss, params, allow_unused=True)
+                ctx.counter.add(forward=1, backward=1)
+                with _sgd_step(subject.model, pg, params, lr):
+                    res = gradient_pass(subject, x[i:i + 1], target, rows=rows, layers=names, input_grad=False,
+                                        counter=ctx.counter)
+                for n in names:
+                    acts[n].append(res.activations[n])
+                    grads[n].append(res.gradients[n])
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+        return ({n: torch.cat(v) for n, v in acts.items()}, {n: torch.cat(v) for n, v in grads.items()})
+
+
+# --------------------------------------------------------------------------------- LRP
+RULES = ("epsilon", "zero", "gamma", "alpha_beta", "zplus", "flat", "zbox")
+FIRST_ONLY = ("flat", "zbox")
+# composite -> (first layer rule or None, conv rule, linear rule)
+COMPOSITES = {
+    "epsilon_plus_flat": ("flat", "zplus", "epsilon"),
+    "epsilon_plus": (None, "zplus", "epsilon"),
+    "epsilon_alpha2beta1": (None, "alpha_beta", "epsilon"),
+    "epsilon_gamma_box": ("zbox", "gamma", "epsilon"),
+    "epsilon": (None, "epsilon", "epsilon"),
+    "zero": (None, "zero", "zero"),
+    "gamma": (None, "gamma", "gamma"),
+    "alpha_beta": (None, "alpha_beta", "alpha_beta"),
+    "zplus": (None, "zplus", "zplus"),
+}
+UNDEFINED_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                    nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.ELU, nn.SELU,
+                    nn.CELU, nn.Mish, nn.Softplus, nn.Softmax, nn.MultiheadAttention)
+
+
+def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
+    return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+@contextlib.contextmanager
+def merged_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[list[tuple[str, str]]]:
+    """Merge every BatchNorm that directly consumes a Conv/Linear output into that layer.
+
+    Pairs are found by running `probe` (one row is enough) and matching the BatchNorm's input
+    tensor with the layer's output tensor (each module called once). While active:
+    `W' = W * k` (output-channel axis), `b' = (b - mean) * k + beta` with `k = gamma/sqrt(var+eps)`
+    (a zero bias is created if absent) and the BatchNorm is the identity (mean 0, var 1, gamma 1,
+    beta 0, eps 0). Everything, including a missing bias, is restored bit-exactly on exit.
+    Yields the merged (layer, batchnorm) name pairs.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    outputs: dict[int, list] = {}
+    calls: dict[nn.Module, int] = {}
+    pairs = []
+
+    def lin_hook(m, _i, out):
+        calls[m] = calls.get(m, 0) + 1
+        outputs[id(out)] = [m, out]
+
+    def bn_hook(m, inp, _o):
+        calls[m] = calls.get(m, 0) + 1
+        src = outputs.get(id(inp[0]))
+        if src is not None and src[1] is inp[0]:
+            pairs.append((src[0], m, inp[0].dim()))
+
+    handles = [m.register_forward_hook(lin_hook) for m in model.modules() if isinstance(m, RULE_LAYERS)]
+    handles += [m.register_forward_hook(bn_hook) for m in model.modules()
+                if isinstance(m, BATCHNORMS) and m.running_var is not None]
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    def mergeable(lin, bn, out_dim):
+        channels = lin.out_features if isinstance(lin, nn.Linear) else lin.out_channels
+        # a Linear on [B, N, F] has its features last, where BatchNorm1d would normalise N
+        linear_ok = not isinstance(lin, nn.Linear) or out_dim == 2
+        return calls.get(lin) == 1 and calls.get(bn) == 1 and channels == bn.num_features and linear_ok
+
+    pairs = [(lin, bn) for lin, bn, out_dim in pairs if mergeable(lin, bn, out_dim)]
+    saved = []
+    try:
+        with torch.no_grad():
+            for lin, bn in pairs:
+                k, b = batchnorm_affine(bn)
+                rec = {"lin": lin, "bn": bn, "weight": lin.weight.detach().clone(),
+                       "bias": None if lin.bias is None else lin.bias.detach().clone(),
+                       "bn_state": {key: t.detach().clone() for key, t in
+                                    (("running_mean", bn.running_mean), ("running_var", bn.running_var),
+                                     ("weight", bn.weight), ("bias", bn.bias)) if t is not None},
+                       "eps": bn.eps}
+                saved.append(rec)
+                shape = [-1] + [1] * (lin.weight.dim() - 1)
+                bias0 = lin.bias.detach() if lin.bias is not None else torch.zeros_like(k)
+                lin.weight.mul_(k.to(lin.weight.dtype).view(shape))
+                new_bias = (bias0 * k + b).to(lin.weight.dtype)
+                if lin.bias is None:
+                    lin.bias = nn.Parameter(new_bias, requires_grad=lin.weight.requires_grad)
+                else:
+                    lin.bias.copy_(new_bias)
+                bn.running_mean.zero_()
+                bn.running_var.fill_(1.0)
+                if bn.weight is not None:
+                    bn.weight.fill_(1.0)
+                if bn.bias is not None:
+                    bn.bias.zero_()
+                bn.eps = 0.0
+        yield [(names.get(lin, "?"), names.get(bn, "?")) for lin, bn in pairs]
+    finally:
+        with torch.no_grad():
+            for rec in reversed(saved):
+                lin, bn = rec["lin"], rec["bn"]
+                lin.weight.copy_(rec["weight"])
+                if rec["bias"] is None:
+                    lin.bias = None
+                else:
+                    lin.bias.copy_(rec["bias"])
+                for key, t in rec["bn_state"].items():
+                    getattr(bn, key).copy_(t)
+                bn.eps = rec["eps"]
+
+
+class _RuleHooks:
+    """Forward hooks that keep each Conv/Linear output but route its gradient through an LRP rule."""
+
+    def __init__(self, model, assign, first_rule, xin, eps, gamma, alpha, beta, low, high):
+        self.model, self.assign, self.first_rule, self.xin = model, assign, first_rule, xin
+        self.eps, self.gamma, self.alpha, self.beta = eps, gamma, alpha, beta
+        self.low, self.high = low, high
+        self.leaves: list[torch.Tensor] = []  # extra relevance carriers of the first layer (flat, z-box)
+        self.seen_first = False
+        self.busy = False
+        self.handles = []
+
+    def __enter__(self):
+        for m in self.assign:
+            self.handles.append(m.register_forward_hook(self.hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False
+
+    def _call(self, m, a, wmod, bmod):
+        w = wmod(m.weight)
+        params = {"weight": w}
+        if m.bias is not None:
+            params["bias"] = bmod(m.bias)
+        return torch.func.functional_call(m, params, (a,))
+
+    def hook(self, m, inputs, out):
+        if self.busy or not isinstance(out, torch.Tensor):
+            return None
+        rule = self.assign[m]
+        if not self.seen_first:
+            self.seen_first = True
+            if self.first_rule is not None:
+                rule = self.first_rule
+        a = inputs[0]
+        if rule in FIRST_ONLY and a is not self.xin:
+            raise SaliencyError(f"LRP rule {rule!r} belongs to the first layer, whose input must be the model input; "
+                                f"layer {type(m).__name__} receives a transformed tensor; use another composite")
+        self.busy = True
+        try:
+            path = self._path(m, a, out.detach(), rule)
+        finally:
+            self.busy = False
+        return out.detach() + (path - path.detach())
+
+    def _path(self, m, a, z, rule):
+        ident = lambda p: p  # noqa: E731
+        pos = lambda p: p.clamp(min=0)  # noqa: E731
+        neg = lambda p: p.clamp(max=0)  # noqa: E731
+        zero = torch.zeros_like
+        call = lambda inp, w, b: self._call(m, inp, w, b)  # noqa: E731
+        if rule in ("epsilon", "zero"):
+            zp = call(a, ident, ident)
+            eps = 0.0 if rule == "zero" else self.eps
+            return zp * _ratio(z, _stab(zp.detach(), eps)).detach()
+        if rule == "zplus":
+            zp = call(a.clamp(min=0), pos, pos) + call(a.clamp(max=0), neg, zero)
+            return zp * _ratio(z, _stab(zp.detach(), self.eps)).detach()
+        if rule == "alpha_beta":
+            zp = call(a.clamp(min=0), pos, pos) + call(a.clamp(max=0), neg, zero)
+            zn = call(a.clamp(min=0), neg, neg) + call(a.clamp(max=0), pos, zero)
+            return (self.alpha * zp * _ratio(z, _stab(zp.detach(), self.eps)).detach()
+                    - self.beta * zn * _ratio(z, _stab(zn.detach(), self.eps)).detach())
+        if rule == "gamma":
+            g = self.gamma
+            up = lambda p: p + g * p.clamp(min=0)  # noqa: E731
+            dn = lambda p: p + g * p.clamp(max=0)  # noqa: E731
+            zp = call(a.clamp(min=0), up, up) + call(a.clamp(max=0), dn, zero)
+            zn = call(a.clamp(min=0), dn, dn) + call(a.clamp(max=0), up, zero)
+            sp = torch.where(z > 0, _ratio(z, _stab(zp.detach(), self.eps)), torch.zeros_like(z))
+            sn = torch.where(z < 0, _ratio(z, _stab(zn.detach(), self.eps)), torch.zeros_like(z))
+            return zp * sp.detach() + zn * sn.detach()
+        if rule == "flat":
+            ones = torch.ones_like(a).requires_grad_(True)
+            self.leaves.append(ones)
+            zp = call(ones, lambda p: torch.ones_like(p), zero)
+            return zp * _ratio(z, _stab(zp.detach(), self.eps)).detach()
+        if rule == "zbox":
+            low = self.low.to(a).expand_as(a).clone().requires_grad_(True)
+            high = self.high.to(a).expand_as(a).clone().requires_grad_(True)
+            self.leaves += [low, high]
+            zp = call(a, ident, ident) - call(low, pos, pos) - call(high, neg, neg)
+            return zp * _ratio(z, _stab(zp.detach(), self.eps)).detach()
+        raise SaliencyError(f"unknown LRP rule {rule!r}; use one of {', '.join(RULES)}")
+
+
+def _bound(value, subject, x, pixel):
+    if value is None:
+        value = pixel
+        mean = torch.tensor(subject.mean, dtype=x.dtype, device=x.device).view(1, -1, *([1] * (x.dim() - 2)))
+        std = torch.tensor(subject.std, dtype=x.dtype, device=x.device).view(1, -1, *([1] * (x.dim() - 2)))
+        if mean.shape[1] != x.shape[1]:
+            return torch.full((1,) * x.dim(), float(value), dtype=x.dtype, device=x.device)
+        return (value - mean) / std
+    if isinstance(value, (int, float)):
+        return torch.full((1,) * x.dim(), float(value), dtype=x.dtype, device=x.device)
+    if isinstance(value, torch.Tensor):
+        return value.to(x)
+    raise SaliencyError(f"z-box bound must be a number, a tensor or None, got {type(value).__name__}")
+
+
+def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None, epsilon=1e-6, gamma=0.25,
+                  alpha=2.0, beta=1.0, low=None, high=None, canonize=True, unsupported="raise", counter=None):
+    """Input relevance [B,C,H,W] and bookkeeping; must be called inside `subject.explaining()`."""
+    if composite not in COMPOSITES:
+        raise SaliencyError(f"unknown LRP composite {composite!r}; use one of {', '.join(COMPOSITES)}")
+    if unsupported not in ("raise", "gradient"):
+        raise SaliencyError(f"unsupported must be 'raise' or 'gradient', got {unsupported!r}")
+    for name, val in (("epsilon", epsilon), ("gamma", gamma)):
+        if not (isinstance(val, (int, float)) and val >= 0):
+            raise SaliencyError(f"LRP {name} must be a non-negative number, got {val!r}")
+    if not (isinstance(alpha, (int, float)) and isinstance(beta, (int, float)) and beta >= 0
+            and abs(alpha - beta - 1) < 1e-9):
+        raise SaliencyError(f"LRP alpha-beta needs alpha - beta = 1 and beta >= 0, got alpha={alpha}, beta={beta}")
+    model = subject.model
+    undefined = sorted({type(m).__name__ for m in model.modules() if isinstance(m, UNDEFINED_LAYERS)})
+    undefined += sorted({f"{type(m).__name__} without running stats" for m in model.modules()
+                         if isinstance(m, BATCHNORMS) and m.running_var is None})
+    if undefined and unsupported == "raise":
+        raise SaliencyError(f"LRP rules are not defined for {', '.join(undefined)} in {subject.name}; pass "
+                            "unsupported='gradient' to let the plain gradient pass through them (relevance is "
+                            "then not conserved), or use a gradient method")
+    first, conv_rule, lin_rule = COMPOSITES[composite]
+    by_name = dict(model.named_modules())
+    assign = {m: (lin_rule if isinstance(m, nn.Linear) else conv_rule) for m in model.modules()
+              if isinstance(m, RULE_LAYERS)}
+    for lname, rule in (rules or {}).items():
+        if lname not in by_name or not isinstance(by_name[lname], RULE_LAYERS):
+            raise SaliencyError(f"LRP rules: {lname!r} is not a Conv/Linear layer of {subject.name}")
+        if rule not in RULES:
+            raise SaliencyError(f"unknown LRP rule {rule!r} for {lname!r}; use one of {', '.join(RULES)}")
+        assign[by_name[lname]] = rule
+    if not assign:
+        raise SaliencyError(f"{subject.name} has no Conv/Linear layer: LRP has nothing to apply its rules to")
+    lo, hi = _bound(low, subject, x, 0.0), _bound(high, subject, x, 1.0)
+    merge = merged_batchnorm(model, x[:1]) if canonize else contextlib.nullcontext([])
+    with merge as merged:
+        if canonize and counter is not None:
+            counter.add(forward=1)
+        with torch.enable_grad():
+            xin = x.detach().clone().requires_grad_(True)
+            with _RuleHooks(model, assign, first, xin, float(epsilon), float(gamma), float(alpha), float(beta),
+                            lo, hi) as hooks:
+                logits = subject.forward(xin)
+            scores = target.score(logits)
+            leaves = hooks.leaves
+            grads = torch.autograd.grad(scores.sum(), [xin] + leaves, allow_unused=True)
+    if counter is not None:
+        counter.add(forward=x.shape[0], backward=x.shape[0])
+    rel = xin.detach() * (grads[0] if grads[0] is not None else torch.zeros_like(xin))
+    for leaf, g in zip(leaves, grads[1:]):
+        if g is not None:
+            rel = rel + leaf.detach() * g
+    return {"relevance": rel.detach(), "scores": scores.detach(), "logits": logits.detach(), "merged": merged,
+            "undefined": undefined}
+
+
+@register
+class LRP(Method):
+    name = "lrp"
+    family = "propagation"
+    cost = "1F+1B (modified)"
+    signed = True
+    defaults = {"composite": "epsilon_plus_flat", "rules": None, "epsilon": 1e-6, "gamma": 0.25, "alpha": 2.0,
+                "beta": 1.0, "low": None, "high": None, "canonize": True, "unsupported": "raise",
+                "reduce": "sum"}
+    description = ("Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019): epsilon, gamma, "
+                   "alpha-beta, z-plus, flat and z-box rules in composites (default EpsilonPlusFlat), BatchNorm "
+                   "merged into the preceding layer; skip additions split relevance by share (Norm rule).")
+
+    def run(self, ctx, target, layer, composite="epsilon_plus_flat", rules=None, epsilon=1e-6, gamma=0.25,
+            alpha=2.0, beta=1.0, low=None, high=None, canonize=True, unsupported="raise", reduce="sum"):
+        from ..engine import reduce_channels
+
+        out = lrp_relevance(ctx.subject, ctx.x, target, composite=composite, rules=rules, epsilon=epsilon,
+                            gamma=gamma, alpha=alpha, beta=beta, low=low, high=high, canonize=canonize,
+                            unsupported=unsupported, counter=ctx.counter)
+        rel = out["relevance"]
+        total = rel.flatten(1).sum(1)
+        extras = {"relevance_sum": total.tolist(), "score": out["scores"].tolist(),
+                  "conservation_error": (total - out["scores"]).abs().tolist(),
+                  "merged_batchnorm": [list(p) for p in out["merged"]], "composite": composite}
+        if out["undefined"]:
+            extras["gradient_through"] = out["undefined"]
+        return {"maps": reduce_channels(rel, reduce), "attributions": rel, "signed": reduce in ("sum", "mean"),
+                "extras": extras}
