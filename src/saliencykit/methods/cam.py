@@ -7,15 +7,18 @@ for several CAMs of the same layer and target costs a single pass.
 
 Raw maps are at layer resolution (`Explanation.raw`, [B,h,w]); `maps` are upsampled bilinearly
 (align_corners=False) to the input size, not normalised. With several layers, each layer's map
-is upsampled and min-max normalised, then the maps are averaged (LayerCAM: element-wise max).
+is upsampled and min-max normalised, then the maps are averaged (LayerCAM: each normalised map
+is scaled by tanh(2 M / max M), then the element-wise max is taken, METHODS.md 17).
 """
 from __future__ import annotations
+
+import difflib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import forward_logits, forward_scores, upsample
+from ..engine import forward_logits, perturbed_scores, upsample
 from ..errors import SaliencyError
 from .base import Method, register
 from .gradient import noisy_gradients
@@ -24,10 +27,16 @@ EPS = 1e-7
 
 
 def resolve_layers(ctx, layer) -> list[str]:
-    layers = layer if isinstance(layer, (list, tuple)) else [layer]
+    """`layer` (a name, a module, "auto" or a list of those) -> unique layer names, in order."""
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if not layers:
-        raise SaliencyError("empty layer list")
-    return [ctx.subject.find_layer(item, ctx.x)[0] for item in layers]
+        raise SaliencyError("the layer list is empty; give at least one layer name (or 'auto')")
+    names = []
+    for item in layers:
+        name = ctx.subject.find_layer(item, ctx.x)[0]
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def as_grid(ctx, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -41,6 +50,7 @@ def as_grid(ctx, name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def normalize01(m: torch.Tensor) -> torch.Tensor:
+    """Per-sample min-max to [0,1]; a constant map becomes zeros (never NaN)."""
     flat = m.reshape(m.shape[0], -1)
     lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
     out = torch.where(hi - lo > 1e-12, (flat - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(flat))
@@ -48,15 +58,30 @@ def normalize01(m: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_layers(raws: list[torch.Tensor], size, how: str = "mean") -> torch.Tensor:
+    """Upsample each layer's map to `size`; several layers: normalise each and fuse.
+
+    "mean": average of min-max normalised maps (pytorch-grad-cam's multi-layer rule).
+    "tanh_max": LayerCAM's rule, each map scaled by tanh(2 M / max M), then element-wise max.
+    """
     if len(raws) == 1:
         return upsample(raws[0], size)
     ups = [normalize01(upsample(r, size)) for r in raws]
-    stacked = torch.stack(ups)
-    return stacked.amax(0) if how == "max" else stacked.mean(0)
+    if how == "tanh_max":
+        return torch.stack([torch.tanh(2.0 * u) for u in ups]).amax(0)
+    return torch.stack(ups).mean(0)
+
+
+def _finish(ctx, names, raws, relu, how="mean", extras=None) -> dict:
+    raws = [r.clamp_min(0) if relu else r for r in raws]
+    out = {"maps": fuse_layers(raws, ctx.x.shape[-2:], how), "raw": raws[0] if len(raws) == 1 else None,
+           "layer": ",".join(names), "signed": not relu}
+    if extras:
+        out["extras"] = extras
+    return out
 
 
 class _GradCamBase(Method):
-    """A CAM computed from (A, G) of one shared capture."""
+    """A CAM computed from (A, G) of one shared capture (one forward + one backward)."""
 
     family = "cam"
     cost = "1F+1B"
@@ -67,18 +92,15 @@ class _GradCamBase(Method):
     def combine(self, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def run(self, ctx, target, layer, relu=True, **params):
+    def run(self, ctx, target, layer, relu=True):
         names = resolve_layers(ctx, layer)
         res = ctx.capture(names, target)
         raws = []
-        for i, name in enumerate(names):
+        for name in names:
             A = as_grid(ctx, name, res.activations[name]).float()
             G = as_grid(ctx, name, res.gradients[name]).float()
-            m = self.combine(A, G, **params) if params else self.combine(A, G)
-            raws.append(m.clamp_min(0) if relu else m)
-        maps = fuse_layers(raws, ctx.x.shape[-2:], self.fuse)
-        return {"maps": maps, "raw": raws[0] if len(raws) == 1 else None, "layer": ",".join(names),
-                "signed": not relu}
+            raws.append(self.combine(A, G))
+        return _finish(ctx, names, raws, relu, self.fuse)
 
 
 @register
@@ -98,15 +120,18 @@ class GradCAMPlusPlus(_GradCamBase):
     description = "Grad-CAM++ (Chattopadhay et al. 2018): higher-order pixel weights under exp(score)."
 
     def combine(self, A, G):
-        return (gradcam_pp_weights(A, G, G, G.pow(2), G.pow(3)) * A).sum(1)
+        return (gradcam_pp_weights(A, G, G.pow(2), G.pow(3)) * A).sum(1)
 
 
-def gradcam_pp_weights(A, D1, G_unused, D2, D3):
-    """w_k = sum_ij alpha_kij ReLU(D1_kij), alpha = D2 / (2 D2 + sum_ab A_kab D3); alpha = 0 where D2 = 0."""
+def gradcam_pp_weights(A, D1, D2, D3):
+    """w_k = sum_ij alpha_kij ReLU(D1_kij), alpha = D2 / (2 D2 + sum_ab A_kab D3); alpha = 0 where D2 = 0.
+
+    Grad-CAM++ passes D1, D2, D3 = G, G^2, G^3; Smooth Grad-CAM++ their means over noisy copies.
+    """
     sum_a = A.sum((2, 3), keepdim=True)
     denom = 2 * D2 + sum_a * D3
-    alpha = torch.where(D2 != 0, D2 / torch.where(denom != 0, denom, torch.full_like(denom, EPS)),
-                        torch.zeros_like(D2))
+    safe = torch.where(denom != 0, denom, torch.full_like(denom, EPS))
+    alpha = torch.where(D2 != 0, D2 / safe, torch.zeros_like(D2))
     return (alpha * D1.clamp_min(0)).sum((2, 3), keepdim=True)
 
 
@@ -123,10 +148,13 @@ class HiResCAM(_GradCamBase):
 class XGradCAM(_GradCamBase):
     name = "xgradcam"
     aliases = ("xgrad_cam",)
-    description = "Channel weights = sum(G*A)/sum(A) (Fu et al. 2020)."
+    description = "Channel weights = sum(G*A)/sum(A) (Fu et al. 2020); channels with sum(A) = 0 get weight 0."
 
     def combine(self, A, G):
-        w = (G * A).sum((2, 3), keepdim=True) / (A.sum((2, 3), keepdim=True) + EPS)
+        num = (G * A).sum((2, 3), keepdim=True)
+        den = A.sum((2, 3), keepdim=True) + EPS
+        w = torch.where(den.abs() > 1e-12, num / torch.where(den.abs() > 1e-12, den, torch.ones_like(den)),
+                        torch.zeros_like(num))
         return (w * A).sum(1)
 
 
@@ -134,20 +162,33 @@ class XGradCAM(_GradCamBase):
 class LayerCAM(_GradCamBase):
     name = "layercam"
     aliases = ("layer_cam",)
-    description = "ReLU(gradient) x activation per location (Jiang et al. 2021); works at shallow layers."
-    fuse = "max"
+    description = ("ReLU(gradient) x activation per location (Jiang et al. 2021); works at shallow layers; "
+                   "several layers are fused by max of tanh(2 M / max M).")
+    fuse = "tanh_max"
 
     def combine(self, A, G):
         return (G.clamp_min(0) * A).sum(1)
 
 
-def _head_linear(model: nn.Module, channels: int) -> nn.Linear:
+def _gap_linear_head(model: nn.Module, A: torch.Tensor, logits: torch.Tensor, layer: str) -> nn.Linear:
+    """The linear layer L with L(GAP(A)) == logits, checked numerically; else a clear error."""
+    c = A.shape[1]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears or linears[-1].in_features != channels:
-        found = f"last linear layer has {linears[-1].in_features} inputs" if linears else "no linear layer"
-        raise SaliencyError(f"CAM needs a global-average-pool + linear head fed by the chosen layer "
-                            f"({channels} channels; {found}); use gradcam or hirescam instead")
-    return linears[-1]
+    candidates = [m for m in reversed(linears) if m.in_features == c and m.out_features == logits.shape[1]]
+    pooled = A.mean((2, 3)).double()
+    ref = logits.detach().double()
+    tol = 1e-3 * (ref.abs().max().item() + 1e-6)
+    for lin in candidates:
+        pred = pooled @ lin.weight.detach().double().t()
+        if lin.bias is not None:
+            pred = pred + lin.bias.detach().double()
+        if (pred - ref).abs().max().item() <= tol:
+            return lin
+    found = (f"the last linear layer has {linears[-1].in_features} inputs" if linears and not candidates
+             else "no linear layer" if not linears
+             else "a linear layer of matching size exists but linear(mean(A)) does not reproduce the logits")
+    raise SaliencyError(f"cam needs layer {layer!r} ({c} channels) to feed a global-average-pool + linear head "
+                        f"directly ({found}); use gradcam or hirescam for this model/layer")
 
 
 @register
@@ -158,26 +199,24 @@ class CAM(Method):
     uses_layer = True
     defaults = {"relu": True}
     description = ("Class activation map (Zhou et al. 2016): classifier weights x last feature map; "
-                   "needs a GAP + linear head. Contrast/Group targets use the target's derivative "
+                   "needs a GAP + linear head (checked). Contrast/Group targets use the target's derivative "
                    "w.r.t. the logits to combine class weights.")
 
     def run(self, ctx, target, layer, relu=True):
         names = resolve_layers(ctx, layer)
         if len(names) != 1:
-            raise SaliencyError("cam takes a single layer (the one feeding global pooling)")
+            raise SaliencyError("cam takes a single layer (the one feeding global average pooling)")
         name = names[0]
         acts, logits = ctx.activations(names)
         A = as_grid(ctx, name, acts[name]).float()
-        fc = _head_linear(ctx.subject.model, A.shape[1])
+        fc = _gap_linear_head(ctx.subject.model, A, logits, name)
         # d score / d logits: one-hot for a class, +/- for a contrast, softmax-weights for a group
         with torch.enable_grad():
             lg = logits.detach().float().requires_grad_(True)
             (dlogits,) = torch.autograd.grad(target.score(lg).sum(), lg)
         w = dlogits @ fc.weight.detach().float()          # [B,C]
         m = torch.einsum("bc,bchw->bhw", w, A)
-        if relu:
-            m = m.clamp_min(0)
-        return {"maps": upsample(m, ctx.x.shape[-2:]), "raw": m, "layer": name, "signed": not relu}
+        return _finish(ctx, names, [m], relu)
 
 
 @register
@@ -185,23 +224,24 @@ class SmoothGradCAMPlusPlus(Method):
     name = "smooth_gradcam_pp"
     aliases = ("smoothgradcampp", "smooth_gradcam++")
     family = "cam"
-    cost = "11F+11B"
+    cost = "11F+10B"
     uses_layer = True
     randomized = True
     defaults = {"samples": 10, "noise": 0.15, "noise_abs": None, "relu": True, "batch_size": None}
-    description = ("Grad-CAM++ with gradient moments averaged over noisy copies (Omeiza et al. 2019); "
-                   "activations from the clean input.")
+    description = ("Grad-CAM++ with gradient moments D1, D2, D3 averaged over all noisy copies (Omeiza et al. "
+                   "2019); activations from the clean input. noise = std as a fraction of the input range "
+                   "(noise_abs: absolute std).")
 
     def run(self, ctx, target, layer, samples=10, noise=0.15, noise_abs=None, relu=True, batch_size=None):
         names = resolve_layers(ctx, layer)
-        clean = ctx.capture(names, target)
+        clean, _ = ctx.activations(names)   # reuses a capture of these layers if one was made
         b = ctx.batch
         sums = {n: [0.0, 0.0, 0.0] for n in names}
 
         def accumulate(start, res):
             for n in names:
                 g = as_grid(ctx, n, res.gradients[n]).float()
-                ex = torch.arange(start, start + g.shape[0], device=g.device) % b
+                ex = torch.arange(start, start + g.shape[0], device=g.device) % b   # copy-major rows
                 for p in range(3):
                     acc = torch.zeros((b, *g.shape[1:]), device=g.device)
                     acc.index_add_(0, ex, g.pow(p + 1))
@@ -211,12 +251,10 @@ class SmoothGradCAMPlusPlus(Method):
                         on_chunk=accumulate)
         raws = []
         for n in names:
-            A = as_grid(ctx, n, clean.activations[n]).float()
+            A = as_grid(ctx, n, clean[n]).float()
             D1, D2, D3 = (s / samples for s in sums[n])
-            m = (gradcam_pp_weights(A, D1, None, D2, D3) * A).sum(1)
-            raws.append(m.clamp_min(0) if relu else m)
-        return {"maps": fuse_layers(raws, ctx.x.shape[-2:]), "raw": raws[0] if len(raws) == 1 else None,
-                "layer": ",".join(names), "signed": not relu}
+            raws.append((gradcam_pp_weights(A, D1, D2, D3) * A).sum(1))
+        return _finish(ctx, names, raws, relu)
 
 
 @register
@@ -227,9 +265,11 @@ class ScoreCAM(Method):
     cost = "(C+2)F"
     uses_layer = True
     defaults = {"weighting": "paper", "batch_size": None, "relu": True}
-    description = ("Channel weights from the score of the input masked by each upsampled, normalised "
-                   "channel (Wang et al. 2020). weighting='paper' (prob increase over the zero baseline), "
-                   "'official' (masked prob, maps accumulated on upsampled channels) or 'channel_softmax'.")
+    description = ("Channel weights from the score of the input masked by each upsampled, min-max normalised "
+                   "channel, blended towards a zero baseline (Wang et al. 2020). weighting='paper': increase of "
+                   "the target probability over the zero input; 'official': masked probability; "
+                   "'channel_softmax': softmax over channels of the masked logits (pytorch-grad-cam). "
+                   "Constant channels are skipped (weight 0, no forward pass).")
 
     def run(self, ctx, target, layer, weighting="paper", batch_size=None, relu=True):
         if weighting not in ("paper", "official", "channel_softmax"):
@@ -242,54 +282,39 @@ class ScoreCAM(Method):
         A = as_grid(ctx, name, acts[name]).float()
         b, c = A.shape[:2]
         size = tuple(ctx.x.shape[-2:])
+        # pytorch-grad-cam upsamples with align_corners=True; the paper/official variants with False
         align = weighting == "channel_softmax"
         x = ctx.x.detach()
         flat = A.reshape(b, c, -1)
-        lo, hi = flat.amin(2), flat.amax(2)
-        valid = (hi - lo) > 1e-12   # constant channels carry no spatial information: skipped
+        valid = (flat.amax(2) - flat.amin(2)) > 1e-12   # constant channels carry no spatial information
+        ex_all, ch_all = valid.nonzero(as_tuple=True)   # only these (example, channel) pairs are scored
 
         def masks(start, stop):
-            idx = torch.arange(start, stop, device=A.device)
-            ex, ch = idx // c, idx % c
+            ex, ch = ex_all[start:stop], ch_all[start:stop]
             up = F.interpolate(A[ex, ch].unsqueeze(1), size=size, mode="bilinear", align_corners=align)
-            l, h = lo[ex, ch].view(-1, 1, 1, 1), hi[ex, ch].view(-1, 1, 1, 1)
-            return up, (up - l) / (h - l).clamp_min(1e-12), ex
-
-        def make_inputs(start, stop):
-            _, norm, ex = masks(start, stop)
-            return x[ex] * norm
+            lo = up.amin((2, 3), keepdim=True)
+            hi = up.amax((2, 3), keepdim=True)
+            return ex, (up - lo) / (hi - lo).clamp_min(1e-12)
 
         output = "logit" if weighting == "channel_softmax" else "prob"
-        scores = forward_scores(ctx.subject, make_inputs, b * c, target,
-                                rows_of=lambda s, e: torch.arange(s, e, device=A.device) // c,
-                                batch_size=batch_size or ctx.batch_size, counter=ctx.counter, output=output,
-                                progress=ctx.progress, desc="scorecam").view(b, c)
+        scores = perturbed_scores(ctx.subject, x, torch.zeros_like(x), target, masks, int(ex_all.numel()),
+                                  batch_size=batch_size or ctx.batch_size, counter=ctx.counter, output=output,
+                                  progress=ctx.progress, desc="scorecam")
+        S = torch.full((b, c), float("-inf") if weighting == "channel_softmax" else 0.0, device=A.device)
+        S[ex_all, ch_all] = scores.float().to(A.device)
         if weighting == "channel_softmax":
-            w = scores.masked_fill(~valid, float("-inf")).softmax(1)
+            w = S.softmax(1)
         elif weighting == "paper":
-            base = target.score(forward_logits(ctx.subject, torch.zeros_like(x), counter=ctx.counter), output="prob")
-            w = scores - base.view(b, 1)
+            base = target.score(forward_logits(ctx.subject, torch.zeros_like(x), counter=ctx.counter),
+                                output="prob")
+            w = S - base.view(b, 1).to(S)
         else:
-            w = scores
-        w = torch.where(valid, w, torch.zeros_like(w))
-        if weighting == "official":
-            maps = torch.zeros(b, *size, device=A.device)
-            bs = batch_size or 64
-            for start in range(0, b * c, bs):
-                stop = min(b * c, start + bs)
-                up, _, ex = masks(start, stop)
-                idx = torch.arange(start, stop, device=A.device)
-                maps.index_add_(0, ex, up.squeeze(1) * w[ex, idx % c].view(-1, 1, 1))
-            raw = None
-            if relu:
-                maps = maps.clamp_min(0)
-        else:
-            raw = torch.einsum("bc,bchw->bhw", w, A)
-            if relu:
-                raw = raw.clamp_min(0)
-            maps = upsample(raw, size)
-        return {"maps": maps, "raw": raw, "layer": name, "signed": not relu,
-                "extras": {"skipped_constant_channels": int((~valid).sum())}}
+            w = S
+        w = torch.where(valid, w, torch.zeros_like(w))   # also clears NaN of an all-constant layer
+        raw = torch.einsum("bc,bchw->bhw", w, A)
+        return _finish(ctx, [name], [raw], relu,
+                       extras={"skipped_constant_channels": int((~valid).sum()), "channel_weights": w,
+                               "weighting": weighting})
 
 
 @register
@@ -306,26 +331,21 @@ class EigenCAM(Method):
 
     def run(self, ctx, target, layer, relu=True, sign_correction=True):
         names = resolve_layers(ctx, layer)
-        raws = []
         acts, _ = ctx.activations(names)
-        for name in names:
-            A = as_grid(ctx, name, acts[name]).float()
-            raws.append(eigen_projection(A, sign_correction))
-        raws = [r.clamp_min(0) if relu else r for r in raws]
-        return {"maps": fuse_layers(raws, ctx.x.shape[-2:]), "raw": raws[0] if len(raws) == 1 else None,
-                "layer": ",".join(names), "signed": not relu}
+        raws = [eigen_projection(as_grid(ctx, n, acts[n]).float(), sign_correction) for n in names]
+        return _finish(ctx, names, raws, relu)
 
 
 def eigen_projection(A: torch.Tensor, sign_correction: bool = True) -> torch.Tensor:
+    """Per image: X = positions x channels, columns centred; returns X v1 (= sigma1 u1) as [B,h,w]."""
     b, c, h, w = A.shape
-    X = A.reshape(b, c, h * w).transpose(1, 2)          # [B, hw, C]
+    X = torch.nan_to_num(A.double()).reshape(b, c, h * w).transpose(1, 2)   # [B, hw, C]
     X = X - X.mean(1, keepdim=True)                     # centre each channel over positions
-    X = torch.nan_to_num(X)
-    _, _, Vh = torch.linalg.svd(X.double(), full_matrices=False)
-    proj = (X.double() @ Vh[:, 0, :].unsqueeze(-1)).squeeze(-1).float()   # [B, hw]
+    _, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    proj = (X @ Vh[:, 0, :].unsqueeze(-1)).squeeze(-1)   # [B, hw]
     if sign_correction:
-        ref = A.mean(1).reshape(b, -1)
+        ref = torch.nan_to_num(A.double()).mean(1).reshape(b, -1)
         ref = ref - ref.mean(1, keepdim=True)
         sign = torch.sign((proj * ref).sum(1))
         proj = proj * torch.where(sign == 0, torch.ones_like(sign), sign).view(b, 1)
-    return proj.view(b, h, w)
+    return proj.float().view(b, h, w)
