@@ -43,13 +43,50 @@ def blur_sigmas(max_sigma: float, steps: int, sqrt: bool = False) -> list[float]
     return [math.sqrt(s) for s in sig] if sqrt else sig
 
 
-def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, steps: int, grad_step: float,
-                              sqrt: bool = False, batch_size=None) -> torch.Tensor:
+def _gauss_kernels(sigma: float, radius: int, dtype, device):
+    """Normalised 1-D Gaussian on -radius..radius and its exact derivative with respect to sigma."""
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    dk = k * (t ** 2 - (k * t ** 2).sum()) / sigma ** 3
+    return k.to(dtype), dk.to(dtype)
+
+
+def _separable(x: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+    c, r = x.shape[1], (kx.numel() - 1) // 2
+    h = F.conv2d(x, kx.view(1, 1, 1, -1).repeat(c, 1, 1, 1), padding=(0, r), groups=c)
+    return F.conv2d(h, ky.view(1, 1, -1, 1).repeat(c, 1, 1, 1), padding=(r, 0), groups=c)
+
+
+def blur_derivative(x: torch.Tensor, sigma: float, grad_step: float | None) -> torch.Tensor:
+    """d(G_sigma * x)/d sigma: forward difference with step `grad_step`, or exact (None).
+
+    Both blurs of the difference use the kernel radius of the larger sigma, so the difference
+    never includes the jump of the truncation radius ceil(4 sigma) (a 1/grad_step spike).
+    The exact form differentiates the normalised truncated kernel: G = k (x) k, dG = k' (x) k + k (x) k'.
+    """
+    if grad_step is None:
+        if sigma <= 0:
+            return torch.zeros_like(x)
+        k, dk = _gauss_kernels(sigma, int(math.ceil(4 * sigma)), x.dtype, x.device)
+        return _separable(x, dk, k) + _separable(x, k, dk)
+    radius = int(math.ceil(4 * (sigma + grad_step)))
+    k2, _ = _gauss_kernels(sigma + grad_step, radius, x.dtype, x.device)
+    blurred2 = _separable(x, k2, k2)
+    if sigma <= 0:
+        return (blurred2 - x) / grad_step
+    k1, _ = _gauss_kernels(sigma, radius, x.dtype, x.device)
+    return (blurred2 - _separable(x, k1, k1)) / grad_step
+
+
+def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, steps: int,
+                              grad_step: float | None, sqrt: bool = False, batch_size=None) -> torch.Tensor:
     """attr = - sum_i (sigma_{i+1} - sigma_i) * dgamma/dsigma(sigma_i) * grad s(G_{sigma_i} x).
 
-    dgamma/dsigma is the forward difference (G_{sigma+delta} x - G_sigma x) / delta. Each step
-    uses its own Delta sigma (also when `sqrt=True`). Rows are step-major; steps are chunked so
-    that at most `batch_size` rows are in memory.
+    dgamma/dsigma is the forward difference (G_{sigma+delta} x - G_sigma x) / delta with
+    delta = grad_step, or the exact derivative when grad_step is None. Each step uses its own
+    Delta sigma (also when `sqrt=True`). Rows are step-major; steps are chunked so that at most
+    `batch_size` rows are in memory.
     """
     sig = blur_sigmas(max_sigma, steps, sqrt)
     b = x.shape[0]
@@ -59,16 +96,10 @@ def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, st
     rows_one = torch.arange(b, device=x.device)
     for s0 in range(0, steps, per_chunk):
         idx = list(range(s0, min(steps, s0 + per_chunk)))
-        pts, deriv = [], []
-        for i in idx:
-            xi = gaussian_blur(x, sig[i])
-            pts.append(xi)
-            deriv.append((gaussian_blur(x, sig[i] + grad_step) - xi) / grad_step * (sig[i + 1] - sig[i]))
-        inputs = torch.cat(pts)
-        g = gradient_pass(ctx.subject, inputs, target, rows=rows_one.repeat(len(idx)),
-                          counter=ctx.counter).input_grad
-        contrib = (g.double() * torch.cat(deriv).double()).view(len(idx), b, *x.shape[1:]).sum(0)
-        total -= contrib
+        pts = torch.cat([gaussian_blur(x, sig[i]) for i in idx])
+        deriv = torch.cat([blur_derivative(x, sig[i], grad_step) * (sig[i + 1] - sig[i]) for i in idx])
+        g = gradient_pass(ctx.subject, pts, target, rows=rows_one.repeat(len(idx)), counter=ctx.counter).input_grad
+        total -= (g.double() * deriv.double()).view(len(idx), b, *x.shape[1:]).sum(0)
     return total.to(x.dtype)
 
 
@@ -80,7 +111,7 @@ class BlurIG(Method):
     cost = "100F+100B"
     signed = True
     description = ("Integrated gradients along the Gaussian blur path from sigma=max_sigma to the image "
-                   "(Xu et al. 2020); extras['completeness_error'] = sum(attr) - (s(x) - s(blurred x)).")
+                   "(Xu et al. 2020); grad_step=None uses the exact d(blur)/d(sigma); extras['completeness_error'] = sum(attr) - (s(x) - s(blurred x)).")
     defaults = {"max_sigma": 50.0, "steps": 100, "grad_step": 0.01, "sqrt": False, "reduce": "sum",
                 "batch_size": None}
 
@@ -90,13 +121,14 @@ class BlurIG(Method):
         _check_positive_int("steps", steps)
         if not isinstance(max_sigma, (int, float)) or max_sigma < 0:
             raise SaliencyError(f"max_sigma must be a number >= 0, got {max_sigma!r}")
-        if not isinstance(grad_step, (int, float)) or grad_step <= 0:
-            raise SaliencyError(f"grad_step must be > 0, got {grad_step!r}")
+        if grad_step is not None and (not isinstance(grad_step, (int, float)) or grad_step <= 0):
+            raise SaliencyError(f"grad_step must be > 0 (or None: exact derivative), got {grad_step!r}")
         x = ctx.x.detach()
         if max_sigma == 0:
             attr = torch.zeros_like(x)
             return {**_maps(attr, reduce), "extras": {"completeness_error": [0.0] * x.shape[0]}}
-        attr = blur_integrated_gradients(ctx, target, x, float(max_sigma), steps, float(grad_step), sqrt,
+        attr = blur_integrated_gradients(ctx, target, x, float(max_sigma), steps,
+                                         None if grad_step is None else float(grad_step), sqrt,
                                          batch_size)
         extras = _completeness(ctx, target, attr, gaussian_blur(x, float(max_sigma)), batch_size)
         return {**_maps(attr, reduce), "extras": extras}
@@ -295,15 +327,19 @@ class CFCAM(Method):
 
 # =========================================================================== IIA / DIX
 class _ReplaceOutput:
-    """Forward hook replacing a module's output `a` by `base + beta * (a - base)` per row, as a leaf
-    tensor whose gradient is then taken. `base` is zero ("zero") or the per-channel spatial minimum
-    of `a` ("min")."""
+    """Forward hook replacing the output `a` of the module's `call`-th call in a forward pass by
+    `base + beta * (a - base)` per row, as a leaf tensor whose gradient is then taken. `base` is
+    zero ("zero") or the per-channel spatial minimum of `a` ("min")."""
 
-    def __init__(self, module, beta: torch.Tensor, base: str):
-        self.module, self.beta, self.base = module, beta, base
-        self.tensors: list[torch.Tensor] = []
+    def __init__(self, module, beta: torch.Tensor, base: str, call: int):
+        self.module, self.beta, self.base, self.call = module, beta, base, call
+        self.calls = 0
+        self.tensor: torch.Tensor | None = None
 
     def hook(self, _mod, _inp, out):
+        self.calls += 1
+        if self.calls - 1 != self.call:
+            return None
         if not isinstance(out, torch.Tensor):
             raise SaliencyError("the chosen layer does not output a single tensor")
         a = out.detach()
@@ -313,9 +349,8 @@ class _ReplaceOutput:
             dims = tuple(range(2, a.dim())) if a.dim() == 4 else (1,)
             base = a.amin(dim=dims, keepdim=True)
         beta = self.beta.to(a.dtype).view(-1, *([1] * (a.dim() - 1)))
-        r = (base + beta * (a - base)).requires_grad_(True)
-        self.tensors.append(r)
-        return r
+        self.tensor = (base + beta * (a - base)).requires_grad_(True)
+        return self.tensor
 
     def __enter__(self):
         self.handle = self.module.register_forward_hook(self.hook)
@@ -325,22 +360,34 @@ class _ReplaceOutput:
         self.handle.remove()
 
 
+def _count_calls(ctx, name: str) -> int:
+    """How many times layer `name` runs in one forward (one probe row, counted as a forward)."""
+    with ctx.subject.capture([name]) as cap, torch.no_grad():
+        ctx.subject.forward(ctx.x[:1])
+    ctx.counter.add(forward=1)
+    n = len(cap.records[name].outputs)
+    if n == 0:
+        raise SaliencyError(f"layer {name!r} was not called during the forward pass")
+    return n
+
+
 def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torch.Tensor, betas: torch.Tensor,
                         weights: torch.Tensor, base: str, relu: bool, batch_size=None) -> torch.Tensor:
     """sum over rows of weight * [ReLU](dS/dr (.) r) summed over channels, at r = base + beta (a(input) - base),
-    a = output of layer `name`; accumulated per example -> [B,h,w]. Chunked F+B passes."""
+    a = output of layer `name` (its last call when the module runs several times per forward, as in
+    layer capture); accumulated per example -> [B,h,w]. Chunked F+B passes."""
     _, module = ctx.subject.find_layer(name)
+    n_calls = _count_calls(ctx, name)
     bs = batch_size or ctx.batch_size or 32
     out = None
     for start in range(0, inputs.shape[0], bs):
         sl = slice(start, start + bs)
-        rep = _ReplaceOutput(module, betas[sl], base)
+        rep = _ReplaceOutput(module, betas[sl], base, n_calls - 1)
         with torch.enable_grad(), rep:
             logits = ctx.subject.forward(inputs[sl].detach())
-            if len(rep.tensors) != 1:
-                raise SaliencyError(f"layer {name!r} runs {len(rep.tensors)} times in one forward pass; "
-                                    "choose a layer that runs once")
-            r = rep.tensors[0]
+            if rep.tensor is None:
+                raise SaliencyError(f"layer {name!r} was not called during the forward pass")
+            r = rep.tensor
             score = target.score(logits, rows=rows[sl])
             (g,) = torch.autograd.grad(score.sum(), r, allow_unused=True)
         ctx.counter.add(forward=inputs[sl].shape[0], backward=inputs[sl].shape[0])
