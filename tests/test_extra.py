@@ -239,13 +239,13 @@ def test_iia_dix_cat_box_on_chelsea(lite0, chelsea, method, params):
 def test_every_method_runs_on_torchvision_models(arch):
     torch.manual_seed(0)
     s = sk.load_model(f"torchvision:{arch}:random")
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     before = s.state_fingerprint()
     params = {"blur_ig": {"steps": 3, "max_sigma": 5.0}, "guided_ig": {"steps": 3}, "cf_cam": {},
               "iia": {"steps": 2}, "dix": {"steps": 2}}
     out = sk.explain(s, x, list(params), params=params)
     for name, e in out.items():
-        assert e.maps.shape == (2, 64, 64), name
+        assert e.maps.shape == (1, 64, 64), name
         assert torch.isfinite(e.maps).all(), name
         assert e.passes["forward"] > 0, name
     same_state(before, s.state_fingerprint())
