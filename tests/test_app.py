@@ -83,6 +83,8 @@ def test_explain_round_trip_matches_the_library(tiny_app, tiny):
     assert code == 200
     st = tiny_app.wait(r["job"])
     assert st["state"] == "done", st["message"]
+    # progress counts the steps: prediction, one per method, the words
+    assert st["progress"] == {"done": 4, "total": 4, "step": "done"}
     res = st["result"]
     # the page shows what the library computes on the same input
     x = tiny.preprocess(data.image("chelsea"))
@@ -207,3 +209,12 @@ def test_end_to_end_in_headless_chromium(lite0, tmp_path):
             driver.save_screenshot(str(ARTIFACTS / "app-bad-upload.png"))
     finally:
         driver.quit()
+
+
+def test_serve_command_rejects_bad_arguments(capsys):
+    from saliencykit.cli import main
+
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--model", "no_such_model"]) == 2
+    assert "unknown model" in capsys.readouterr().err

@@ -69,6 +69,12 @@ def test_every_number_in_the_text_is_the_cited_fact(lite0, chelsea):
             assert n["value"] == v.fact(n["key"])
             assert _shown_agrees(n["shown"], n["value"]), n
             seen_keys.add(n["key"])
+    # the rank correlation is Spearman's over 14x14 blocks of positive evidence (224 = 14 x 16)
+    from scipy.stats import spearmanr
+
+    blocks = [e.maps[0].clamp(min=0).numpy().reshape(14, 16, 14, 16).mean((1, 3)).ravel()
+              for e in (exps["gradcam"], exps["saliency"])]
+    assert v.facts["compare"][0]["rank_correlation"] == pytest.approx(spearmanr(*blocks).statistic, abs=1e-6)
     # the main region's size, share and both measured effects are all in the text
     assert {"prob", "regions.0.area", "regions.0.evidence", "regions.0.removed", "regions.0.kept",
             "compare.0.rank_correlation"} <= seen_keys
@@ -101,8 +107,16 @@ def test_hide_and_keep_numbers_are_the_model_outputs_on_those_masked_inputs(tiny
     # evidence shares: 100 px * 1.0 and 120 px * 0.8 of the 196 total
     assert v.facts["regions"][0]["evidence"] == pytest.approx(110 / 206)
     assert v.facts["regions"][1]["evidence"] == pytest.approx(96 / 206)
-    # passes: 1 clean forward + (hide, keep) x (2 regions + both together)
-    assert v.facts["passes"] == {"forward": 7, "backward": 0}
+    # the random comparison: the main rectangle rolled by the recorded shifts, hidden
+    main = np.zeros((32, 32), dtype=bool)
+    main[2:12, 3:14] = True
+    rnd = v.facts["random"]
+    for (dy, dx), got in zip(rnd["shifts"], rnd["removed"]):
+        moved = np.roll(main, (dy, dx), axis=(0, 1))
+        assert got == pytest.approx(_direct_probs(tiny, x, black, ~moved, cls), abs=1e-6)
+    assert rnd["removed_mean"] == pytest.approx(np.mean(rnd["removed"]))
+    # passes: 1 clean forward + (hide, keep) x (2 regions + both together) + 8 random placements
+    assert v.facts["passes"] == {"forward": 1 + 6 + 8, "backward": 0}
 
 
 def test_hide_keep_on_pretrained_model_with_blur_baseline(lite0, chelsea):
@@ -203,3 +217,32 @@ def test_bad_input_and_model_left_as_found(tiny, tiny_x):
     assert after["hooks"] == before["hooks"] and after["training"] == before["training"]
     assert all(torch.equal(a, b) for a, b in zip(after["params"], before["params"]))
     assert after["requires_grad"] == before["requires_grad"]
+
+
+class RegionModel(torch.nn.Module):
+    """Class 0's logit is 5 x the mean input over the square [8:16, 8:16]; class 1's is minus that."""
+
+    def forward(self, x):
+        s = 5 * x[:, :, 8:16, 8:16].mean((1, 2, 3))
+        return torch.stack([s, -s], 1)
+
+
+def test_oracle_map_beats_random_regions_on_a_region_model():
+    # METRICS.md §14: hiding the region an oracle map names must matter more than hiding the same
+    # shape at random places (comprehensiveness above chance)
+    from saliencykit import Subject
+
+    subject = Subject(RegionModel(), labels=["inside", "outside"], input_size=(32, 32), name="region")
+    x = subject.normalize_pixels(torch.full((1, 3, 32, 32), 0.9))
+    oracle = _box_map((32, 32), [(8, 8, 16, 16)])
+    v = verbalize(subject, x, _exp(oracle), target=0, baseline="black", smooth=0.0, random_regions=16, seed=1)
+    r = v.facts["regions"][0]
+    assert r["evidence"] == pytest.approx(1.0) and r["area"] == pytest.approx(64 / 1024)
+    drop = v.facts["prob"] - r["removed"]
+    random_drop = v.facts["prob"] - v.facts["random"]["removed_mean"]
+    assert drop > 0.9 and random_drop < 0.5 * drop
+    assert "For comparison" in v.text
+    # seeded: same seed, same placements; another seed, other placements
+    again = verbalize(subject, x, _exp(oracle), target=0, baseline="black", smooth=0.0, random_regions=16, seed=1)
+    other = verbalize(subject, x, _exp(oracle), target=0, baseline="black", smooth=0.0, random_regions=16, seed=2)
+    assert again.facts["random"] == v.facts["random"] and other.facts["random"]["shifts"] != v.facts["random"]["shifts"]

@@ -43,6 +43,10 @@ APP_METRICS = ("deletion", "insertion")
 METRIC_STEPS = 16                   # points per deletion/insertion curve in the app (fast)
 
 
+def _size(n: float) -> str:
+    return f"{n / 1024:.0f} kB" if n < 2 ** 20 else f"{n / 2 ** 20:.1f} MB".replace(".0 MB", " MB")
+
+
 def _jpeg_uri(pil_image) -> str:
     buf = io.BytesIO()
     pil_image.convert("RGB").save(buf, format="JPEG", quality=88)
@@ -59,8 +63,7 @@ def decode_upload(payload: str, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: i
     if payload.startswith("data:"):
         payload = payload.split(",", 1)[-1]
     if len(payload) * 3 // 4 > max_bytes:
-        raise SaliencyError(f"the file is about {len(payload) * 3 / 4 / 2 ** 20:.1f} MB; the limit is "
-                            f"{max_bytes / 2 ** 20:.0f} MB")
+        raise SaliencyError(f"the file is about {_size(len(payload) * 3 / 4)}; the limit is {_size(max_bytes)}")
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -394,8 +397,17 @@ def make_handler(app: App):
             # base64 inflates by 4/3; leave room for the JSON around it
             limit = app.max_upload_bytes * 4 // 3 + 64 * 1024
             if length > limit:
+                # read (and drop) what the client sends so it gets the message rather than a broken
+                # connection; a body far beyond any sane size just gets the connection closed
+                if length <= 16 * limit:
+                    left = length
+                    while left > 0:
+                        chunk = self.rfile.read(min(left, 1 << 20))
+                        if not chunk:
+                            break
+                        left -= len(chunk)
                 self.close_connection = True
-                return self._error(f"the file is larger than the {app.max_upload_bytes / 2 ** 20:.0f} MB limit", 413)
+                return self._error(f"the file is larger than the {_size(app.max_upload_bytes)} limit", 413)
             try:
                 request = json.loads(self.rfile.read(length) or b"{}")
             except (json.JSONDecodeError, UnicodeDecodeError):

@@ -278,7 +278,7 @@ def _group_phrase(side: Side) -> str:
 # ------------------------------------------------------------------------------------- main
 def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int | None = None, *,
               index: int = 0, threshold: float = 0.5, max_regions: int = 3, min_area: float = 0.005,
-              smooth: float = 0.02, grid: int = 14, regions: str = "components", parts: Mapping | None = None, compare=None,
+              smooth: float = 0.02, grid: int = 14, random_regions: int = 8, seed: int = 0, regions: str = "components", parts: Mapping | None = None, compare=None,
               baseline: str | torch.Tensor = "blur", batch_size: int | None = None) -> Verbalization:
     """Describe in plain words what a saliency map shows, with measured numbers only.
 
@@ -302,6 +302,9 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
             one part is named after it ("the head").
         compare: other Explanation(s) of the same input and target; each gets a sentence with its
             share of positive evidence inside the main region and its Spearman rank correlation.
+        random_regions: how many random placements of the main region's shape (same area) are
+            hidden for comparison (0 = none); their mean effect gets a sentence.
+        seed: seed of those random placements; same seed, same text.
         baseline: what hidden pixels are replaced with ("blur", "black", "mean", or a tensor).
         batch_size: chunk size for the perturbed forward passes.
 
@@ -318,6 +321,8 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
         raise SaliencyError(f"smooth must be in [0, 1), got {smooth}")
     if not isinstance(grid, int) or grid < 2:
         raise SaliencyError(f"grid must be an integer >= 2, got {grid!r}")
+    if not isinstance(random_regions, int) or random_regions < 0:
+        raise SaliencyError(f"random_regions must be a non-negative integer, got {random_regions!r}")
     if regions not in ("components", "parts"):
         raise SaliencyError(f"regions must be 'components' or 'parts', got {regions!r}")
     x = subject.check_input(x)
@@ -356,7 +361,7 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
         "prob": clean[0], **({"vs_prob": clean[1]} if neg_side is not None else {}),
         "baseline": baseline if isinstance(baseline, str) else "tensor", "threshold": threshold,
         "image_size": list(hw), "positive_evidence_total": total, "regions": [], "n_regions_found": 0,
-        "together": None, "negative": None, "compare": [],
+        "together": None, "random": None, "negative": None, "compare": [],
     }
 
     # ---- regions
@@ -388,6 +393,16 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
     if len(shown) > 1:
         union = torch.from_numpy(np.logical_or.reduce([m for _, m in shown]).astype(np.float32))
         masks_list += [1 - union, union]
+    shifts = []
+    if shown and random_regions:
+        # the main region's exact shape moved to random places (cyclic shift): same area, same
+        # shape, chance location -- the comparison that says whether hiding *that* region is special
+        g = np.random.default_rng(seed)
+        main_t = torch.from_numpy(shown[0][1].astype(np.float32))
+        for _ in range(random_regions):
+            dy, dx = int(g.integers(0, hw[0])), int(g.integers(0, hw[1]))
+            shifts.append([dy, dx])
+            masks_list.append(1 - torch.roll(main_t, (dy, dx), dims=(0, 1)))
     if masks_list:
         stack = torch.stack(masks_list)[:, None].to(x.device)
 
@@ -408,6 +423,13 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
             if neg_side is not None:
                 tog.update(vs_removed=runs[1][j], vs_kept=runs[1][j + 1])
             facts["together"] = tog
+        if shifts:
+            j = 2 * len(shown) + (2 if len(shown) > 1 else 0)
+            rnd = runs[0][j:j + len(shifts)]
+            facts["random"] = {"n": len(shifts), "seed": seed, "shifts": shifts, "removed": rnd,
+                               "removed_mean": float(np.mean(rnd))}
+            if neg_side is not None:
+                facts["random"]["vs_removed"] = runs[1][j:j + len(shifts)]
 
     # ---- negative evidence (signed maps)
     if signed:
@@ -496,6 +518,13 @@ def _write(facts: dict, kind: str, pos: Side, neg: Side | None) -> _Sentences:
         verb = _change(noun, fmt_pct(facts["prob"]), fmt_pct(main["removed"]), main["removed"], facts["prob"])
         s.add(f"Hiding that region ({hide}) {verb}; showing only that region gives {{}}.",
               "regions.0.removed", "regions.0.kept")
+    if facts["random"] is not None:
+        if kind == "contrast":
+            s.add(f"For comparison, hiding the same shape at random places gives *{pos.name}* {{}} on average.",
+                  "random.removed_mean")
+        else:
+            s.add("For comparison, hiding a patch of the same shape at random places gives {} on average.",
+                  "random.removed_mean")
     for r in regs[1:]:
         i = r["rank"]
         ordinal = _ORDINALS[i] if i < len(_ORDINALS) else f"{i + 1}th"
