@@ -526,20 +526,22 @@ def test_agreement_with_captum_noise_tunnel_same_noise(kind, resnet18):
     assert pearson(ours, ref) > 0.999
 
 
-@pytest.mark.parametrize("kind", ["smoothgrad", "smoothgrad_sq", "vargrad"])
-def test_agreement_with_captum_noise_tunnel_statistical(kind):
-    # Independent noise on both sides: with n = 400 samples the Monte-Carlo means converge to the same
-    # expectation; the stated tolerance is Pearson >= 0.95 (measured about 0.99 for all three on this net).
+@pytest.mark.parametrize("kind,min_r", [("smoothgrad", 0.99), ("smoothgrad_sq", 0.99), ("vargrad", 0.95)])
+def test_agreement_with_captum_noise_tunnel_statistical(kind, min_r):
+    # Independent noise on both sides (Captum's global RNG seeded differently from ours): with n = 1000
+    # the Monte-Carlo estimates converge to the same expectation. Stated tolerance: Pearson >= 0.99 for the
+    # means, >= 0.95 for the variance (a noisier estimator); measured 0.9994, 0.9985 and 0.984.
     captum = pytest.importorskip("captum.attr")
     subj = _tiny32()
     x = make(32, (1, 3, 32, 32), dtype=torch.float32)
-    n, sigma = 400, 0.5
-    ours = attributions(subj, x, kind, samples=n, noise_abs=sigma, seed=0, target=2, batch_size=400)
-    torch.manual_seed(0)
+    n, sigma = 1000, 0.5
+    ours = attributions(subj, x, kind, samples=n, noise_abs=sigma, seed=0, target=2, batch_size=500)
+    torch.manual_seed(1)
     nt = captum.NoiseTunnel(captum.Saliency(_captum_model(subj.model)))
-    theirs = nt.attribute(x, nt_type=kind, nt_samples=n, nt_samples_batch_size=400, stdevs=sigma, target=2,
-                          abs=False)
-    assert pearson(ours, theirs) >= 0.95
+    theirs = nt.attribute(x, nt_type=kind, nt_samples=n, nt_samples_batch_size=500, stdevs=sigma, target=2,
+                          abs=False).detach()
+    assert not torch.allclose(ours, theirs, rtol=1e-3, atol=0)  # really independent draws
+    assert pearson(ours, theirs) >= min_r
 
 
 # --------------------------------------------------------------------------- architectures
