@@ -96,6 +96,23 @@ def test_fullgrad_completeness_relu_bn_maxpool(x64):
     assert e.passes["backward"] == 1
 
 
+class InplaceAfterBN(BNNet):
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        y.mul_(2.0)  # an in-place op on the BatchNorm output, like ResNet's `out += identity`
+        x = self.pool(self.act1(y))
+        return self.fc(self.gap(self.act2(self.bn2(self.conv2(x)))).flatten(1))
+
+
+def test_fullgrad_completeness_survives_inplace_ops(x64):
+    # the bias-gradient must be taken at the BatchNorm output itself, not at the tensor an in-place
+    # op turned it into (that would halve bn1's and conv1's terms here): same 1e-8 bound as above
+    torch.manual_seed(0)
+    s = Subject(_randomise_bn(InplaceAfterBN()).double().eval(), input_size=(32, 32), name="inplace")
+    e = sk.explain(s, x64, "fullgrad")
+    assert max(e.extras["completeness_error"]) < 1e-8
+
+
 def test_fullgrad_warns_with_saturating_relu6(x64):
     # ReLU6 caps act as hidden biases: completeness must fail visibly (warning + error in extras)
     s = _subject(act=nn.ReLU6)
@@ -306,6 +323,16 @@ def test_lrp_agrees_with_zennit(arch, composites):
         assert torch.allclose(ours, ref, atol=1e-3 * ref.abs().max().item()), name
         assert _pearson(ours.numpy(), ref.numpy()) >= 0.9999, name
     assert zennit is not None
+
+
+def test_lrp_rules_override_first_layer(x64):
+    # EpsilonPlusFlat with conv1 set to z+ is EpsilonPlus (conv z+, linear epsilon): same relevance
+    s = _subject()
+    a = sk.explain(s, x64, "lrp", composite="epsilon_plus_flat", rules={"conv1": "zplus"})
+    b = sk.explain(s, x64, "lrp", composite="epsilon_plus")
+    c = sk.explain(s, x64, "lrp", composite="epsilon_plus_flat")
+    assert torch.allclose(a.attributions, b.attributions, rtol=1e-9, atol=1e-15)
+    assert not torch.allclose(a.attributions, c.attributions, atol=1e-6)
 
 
 def test_lrp_bad_parameters_and_state(tiny, tiny_x):

@@ -47,7 +47,9 @@ LRP (`lrp`)
     sigmoid gates, softmax/attention) raise `SaliencyError` unless `unsupported="gradient"`, which
     lets the plain gradient pass through them (no conservation; the error is in the extras).
     Start relevance: the target score itself (`R_out = one_hot(c) * s_c`), so
-    `sum(R_input) ~= s_c` when the rules conserve and there are no biases.
+    `sum(R_input) ~= s_c` when the rules conserve and there are no biases (for a Contrast,
+    `+s_a` and `-s_b`; in general logits times the score's derivative w.r.t. them). The rule
+    named for a layer in `rules` wins over the composite's first-layer rule.
 """
 from __future__ import annotations
 
@@ -112,6 +114,10 @@ def full_gradient(subject, x: torch.Tensor, target, counter=None) -> dict:
     def hook(module, _inp, out):
         if isinstance(out, torch.Tensor) and out.requires_grad:
             records.append((module, out))
+            # the model continues on a copy: an in-place op after the layer (ResNet's `out += identity`
+            # on the BatchNorm output) must not turn the recorded tensor into a later one
+            return out.clone()
+        return None
 
     handles = []
     for m in subject.model.modules():
@@ -425,8 +431,9 @@ def merged_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[list[tup
 class _RuleHooks:
     """Forward hooks that keep each Conv/Linear output but route its gradient through an LRP rule."""
 
-    def __init__(self, model, assign, first_rule, xin, eps, gamma, alpha, beta, low, high):
+    def __init__(self, model, assign, first_rule, xin, eps, gamma, alpha, beta, low, high, user_set=()):
         self.model, self.assign, self.first_rule, self.xin = model, assign, first_rule, xin
+        self.user_set = set(user_set)  # layers whose rule the caller chose (wins over the first-layer rule)
         self.eps, self.gamma, self.alpha, self.beta = eps, gamma, alpha, beta
         self.low, self.high = low, high
         self.leaves: list[torch.Tensor] = []  # extra relevance carriers of the first layer (flat, z-box)
@@ -458,7 +465,7 @@ class _RuleHooks:
         rule = self.assign[m]
         if not self.seen_first:
             self.seen_first = True
-            if self.first_rule is not None:
+            if self.first_rule is not None and m not in self.user_set:
                 rule = self.first_rule
         a = inputs[0]
         if rule in FIRST_ONLY and a is not self.xin:
@@ -552,12 +559,16 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
     by_name = dict(model.named_modules())
     assign = {m: (lin_rule if isinstance(m, nn.Linear) else conv_rule) for m in model.modules()
               if isinstance(m, RULE_LAYERS)}
+    user_set = []
+    if rules is not None and not isinstance(rules, dict):
+        raise SaliencyError(f"LRP rules must be a dict {{layer name: rule}}, got {type(rules).__name__}")
     for lname, rule in (rules or {}).items():
         if lname not in by_name or not isinstance(by_name[lname], RULE_LAYERS):
             raise SaliencyError(f"LRP rules: {lname!r} is not a Conv/Linear layer of {subject.name}")
         if rule not in RULES:
             raise SaliencyError(f"unknown LRP rule {rule!r} for {lname!r}; use one of {', '.join(RULES)}")
         assign[by_name[lname]] = rule
+        user_set.append(by_name[lname])
     if not assign:
         raise SaliencyError(f"{subject.name} has no Conv/Linear layer: LRP has nothing to apply its rules to")
     lo, hi = _bound(low, subject, x, 0.0), _bound(high, subject, x, 1.0)
@@ -568,7 +579,7 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
         with torch.enable_grad():
             xin = x.detach().clone().requires_grad_(True)
             with _RuleHooks(model, assign, first, xin, float(epsilon), float(gamma), float(alpha), float(beta),
-                            lo, hi) as hooks:
+                            lo, hi, user_set) as hooks:
                 logits = subject.forward(xin)
             scores = target.score(logits)
             leaves = hooks.leaves
