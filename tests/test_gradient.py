@@ -178,6 +178,25 @@ def test_ig_with_input_as_baseline_is_zero(relu_net):
     assert max(abs(e) for e in exp["extras"]["completeness_error"]) == 0
 
 
+def test_ig_baseline_forms(relu_net):
+    # a callable baseline is its value; a list of baselines is the mean of their IG maps, and the
+    # completeness reference becomes s(x) - mean s(baseline) (float64 rounding only)
+    x = make(34, (2, 3, 16, 16))
+    grey = torch.full_like(x, 0.3)
+    assert torch.equal(attributions(relu_net, x, "integrated_gradients", steps=5, baseline=lambda inp: inp * 0 + 0.3),
+                       attributions(relu_net, x, "integrated_gradients", steps=5, baseline=grey))
+    black = attributions(relu_net, x, "integrated_gradients", steps=5, baseline="black")
+    white = attributions(relu_net, x, "integrated_gradients", steps=5, baseline="white")
+    assert not torch.allclose(black, white)
+    both = run(relu_net, x, "integrated_gradients", steps=5, baseline=["black", "white"])
+    assert torch.allclose(both["attributions"], (black + white) / 2, rtol=1e-12, atol=1e-15)
+    with torch.no_grad():
+        c = relu_net.model(x).argmax(1)
+        s = lambda inp: relu_net.model(inp)[torch.arange(2), c]  # noqa: E731
+        ref = s(x) - (s(relu_net.black(x)) + s(relu_net.normalize_pixels(torch.ones_like(x)))) / 2
+    assert np.allclose(both["extras"]["score_difference"], ref.numpy(), atol=1e-12)
+
+
 def test_saliency_of_contrast_is_difference_of_saliencies(relu_net):
     # the gradient is linear in the score: d(s_a - s_b)/dx = ds_a/dx - ds_b/dx (float64 rounding)
     x = make(8, (2, 3, 16, 16))
@@ -405,7 +424,11 @@ def test_pass_counts(relu_net):
     ("integrated_gradients", {"baseline": "purple"}, "baseline"),
     ("integrated_gradients", {"baseline": torch.zeros(1, 3, 8, 8)}, "baseline"),
     ("integrated_gradients", {"baseline": torch.zeros(3, 3, 16, 16)}, "baseline"),
-    ("integrated_gradients", {"baseline": [0, 1]}, "baseline"),
+    ("integrated_gradients", {"baseline": []}, "baseline"),
+    ("integrated_gradients", {"baseline": {"pixel": 0}}, "baseline"),
+    ("integrated_gradients", {"baseline": ["black", "purple"]}, "baseline"),
+    ("integrated_gradients", {"baseline": lambda x: 0.5}, "baseline"),
+    ("integrated_gradients", {"baseline": float("inf")}, "baseline"),
     ("integrated_gradients", {"rule": "simpson"}, "rule"),
     ("integrated_gradients", {"reduce": "median"}, "reduction"),
     ("smoothgrad", {"samples": 0}, "samples"),

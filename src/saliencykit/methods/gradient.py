@@ -29,7 +29,12 @@ def _maps(attr: torch.Tensor, reduce: str) -> dict:
 def make_baseline(subject, x: torch.Tensor, baseline, seed=0) -> torch.Tensor:
     """A baseline in the model's input space: "black"/"zero" (pixel 0), "white", "mean"
     (zeros of the normalised space), "blur" (Gaussian blur of x), "noise" (uniform pixels),
-    a number (a pixel value), or a tensor broadcastable to x."""
+    a number (a pixel value), a tensor broadcastable to x, or a callable `f(x) -> tensor`."""
+    if callable(baseline) and not isinstance(baseline, (str, torch.Tensor, np.ndarray)):
+        made = baseline(x)
+        if not isinstance(made, (torch.Tensor, np.ndarray)):
+            raise SaliencyError(f"a baseline function must return a tensor, got {type(made).__name__}")
+        baseline = made
     if isinstance(baseline, np.ndarray):
         baseline = torch.from_numpy(baseline)
     if isinstance(baseline, torch.Tensor):
@@ -275,7 +280,8 @@ class IntegratedGradients(Method):
     cost = "50F+50B"
     signed = True
     description = ("Path integral of gradients from a baseline (Sundararajan et al. 2017); Gauss-Legendre "
-                   "quadrature; extras['completeness_error'] = sum(attr) - (s(x) - s(baseline)).")
+                   "quadrature; a list of baselines averages their maps; "
+                   "extras['completeness_error'] = sum(attr) - (s(x) - mean s(baseline)).")
     defaults = {"steps": 50, "baseline": "black", "rule": "gausslegendre", "reduce": "sum", "batch_size": None}
 
     def run(self, ctx, target, layer, steps=50, baseline="black", rule="gausslegendre", reduce="sum",
@@ -283,17 +289,23 @@ class IntegratedGradients(Method):
         _check_reduce(reduce)
         quadrature(steps, rule)  # checks steps and rule before any pass
         x = ctx.x.detach()
-        base = make_baseline(ctx.subject, x, baseline, ctx.seed)
-        attr = integrated_gradients(ctx, target, x, base, steps, rule, batch_size)
-        # completeness check: sum(attr) vs s(x) - s(baseline). The shared clean logits are float32;
-        # a float64 input is re-scored in its own precision so the check can reach 1e-12.
+        # several baselines (a list, e.g. ["black", "white"]) => the mean of their IG maps
+        specs = list(baseline) if isinstance(baseline, (list, tuple)) else [baseline]
+        if not specs:
+            raise SaliencyError("baseline list is empty")
+        bases = [make_baseline(ctx.subject, x, spec, ctx.seed) for spec in specs]
+        attr = sum(integrated_gradients(ctx, target, x, base, steps, rule, batch_size).double()
+                   for base in bases) / len(bases)
+        attr = attr.to(x.dtype)
+        # completeness check: sum(attr) vs s(x) - mean s(baseline). The shared clean logits are
+        # float32; a float64 input is re-scored in its own precision so the check can reach 1e-12.
         if x.dtype == torch.float32:
             s_x = target.score(ctx.logits()).double()
-            s_b = target.score(forward_logits(ctx.subject, base, batch_size, ctx.counter)).double()
+            s_b = [target.score(forward_logits(ctx.subject, base, batch_size, ctx.counter)).double() for base in bases]
         else:
             s_x = target.score(_native_logits(ctx, x, batch_size)).double()
-            s_b = target.score(_native_logits(ctx, base, batch_size)).double()
-        diff = s_x - s_b
+            s_b = [target.score(_native_logits(ctx, base, batch_size)).double() for base in bases]
+        diff = s_x - sum(s_b) / len(s_b)
         err = attr.double().reshape(x.shape[0], -1).sum(1) - diff
         rel = err.abs() / diff.abs().clamp_min(1e-12)
         return {**_maps(attr, reduce), "extras": {"completeness_error": err.tolist(),
