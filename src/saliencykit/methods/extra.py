@@ -52,10 +52,26 @@ def _gauss_kernels(sigma: float, radius: int, dtype, device):
     return k.to(dtype), dk.to(dtype)
 
 
+def _band(k: torch.Tensor, n: int) -> torch.Tensor:
+    """[n,n] matrix of the 1-D correlation with kernel k (length 2r+1) and zero padding."""
+    r = (k.numel() - 1) // 2
+    i = torch.arange(n, device=k.device)
+    d = i.view(1, -1) - i.view(-1, 1)  # j - i
+    return torch.where(d.abs() <= r, k[(d + r).clamp(0, 2 * r)], torch.zeros((), dtype=k.dtype, device=k.device))
+
+
 def _separable(x: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
-    c, r = x.shape[1], (kx.numel() - 1) // 2
-    h = F.conv2d(x, kx.view(1, 1, 1, -1).repeat(c, 1, 1, 1), padding=(0, r), groups=c)
-    return F.conv2d(h, ky.view(1, 1, -1, 1).repeat(c, 1, 1, 1), padding=(r, 0), groups=c)
+    """Separable correlation (zero padding) as two matrix products: faster than grouped
+    convolutions for the wide kernels of large sigma, and exact in float64."""
+    return _band(ky, x.shape[-2]) @ x @ _band(kx, x.shape[-1]).T
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Same blur as `gaussian_blur` (radius ceil(4 sigma), normalised kernel, zero padding)."""
+    if sigma <= 0:
+        return x.clone()
+    k, _ = _gauss_kernels(sigma, int(math.ceil(4 * sigma)), x.dtype, x.device)
+    return _separable(x, k, k)
 
 
 def blur_derivative(x: torch.Tensor, sigma: float, grad_step: float | None) -> torch.Tensor:
@@ -96,7 +112,7 @@ def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, st
     rows_one = torch.arange(b, device=x.device)
     for s0 in range(0, steps, per_chunk):
         idx = list(range(s0, min(steps, s0 + per_chunk)))
-        pts = torch.cat([gaussian_blur(x, sig[i]) for i in idx])
+        pts = torch.cat([_blur(x, sig[i]) for i in idx])
         deriv = torch.cat([blur_derivative(x, sig[i], grad_step) * (sig[i + 1] - sig[i]) for i in idx])
         g = gradient_pass(ctx.subject, pts, target, rows=rows_one.repeat(len(idx)), counter=ctx.counter).input_grad
         total -= (g.double() * deriv.double()).view(len(idx), b, *x.shape[1:]).sum(0)
