@@ -249,6 +249,13 @@ def test_lrp_zero_is_gradient_times_input_and_conserves(x64):
     score = torch.tensor(eps.extras["score"], dtype=torch.float64)
     total = eps.attributions.double().flatten(1).sum(1)
     assert torch.allclose(total, score, rtol=1e-6)
+    # a contrast starts from +s_a on class a and -s_b on class b: the input relevance sums to s_a - s_b
+    from saliencykit.targets import Contrast
+
+    con = sk.explain(s, x64, "lrp", composite="epsilon", epsilon=1e-9, target=Contrast(0, vs=1))
+    logits = s.forward(x64).detach()
+    assert torch.allclose(con.attributions.double().flatten(1).sum(1), logits[:, 0] - logits[:, 1], rtol=1e-6)
+    assert max(con.extras["conservation_error"]) < 1e-6
     # with biases (and merged BN) relevance leaks into them: conservation is not automatic
     s_b = _subject()
     eb = sk.explain(s_b, x64, "lrp", composite="epsilon", epsilon=1e-9)

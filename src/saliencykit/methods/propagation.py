@@ -198,7 +198,8 @@ class FullGrad(Method):
                 f"FullGrad completeness fails: |sum of terms - score| = {err.max().item():.3g} "
                 f"(relative {rel.max().item():.3g} > {tolerance}); the model has implicit biases that the "
                 "decomposition does not see (saturating ReLU6, SiLU/GELU, LayerNorm, BatchNorm without "
-                "running stats ...)", RuntimeWarning, stacklevel=2)
+                "running stats ...), or the target score is not linear in the logits (probabilities, groups)",
+                RuntimeWarning, stacklevel=2)
         extras = {"completeness_error": err.tolist(), "completeness_relative": rel.tolist(),
                   "score": fg["scores"].tolist(), "bias_layers": len(fg["bias_terms"]),
                   "spatial_bias_layers": len(spatial), "normalisation": normalisation}
@@ -586,11 +587,17 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
             grads = torch.autograd.grad(scores.sum(), [xin] + leaves, allow_unused=True)
     if counter is not None:
         counter.add(forward=x.shape[0], backward=x.shape[0])
+    # start relevance: logits times the score's derivative w.r.t. them (= the score for a class logit)
+    with torch.enable_grad():
+        lg = logits.detach().requires_grad_(True)
+        dlg, = torch.autograd.grad(target.score(lg).sum(), lg)
+    start = (lg.detach() * dlg).sum(1)
     rel = xin.detach() * (grads[0] if grads[0] is not None else torch.zeros_like(xin))
     for leaf, g in zip(leaves, grads[1:]):
         if g is not None:
             rel = rel + leaf.detach() * g
-    return {"relevance": rel.detach(), "scores": scores.detach(), "logits": logits.detach(), "merged": merged,
+    return {"relevance": rel.detach(), "scores": scores.detach(), "start": start.detach(), "logits": logits.detach(),
+            "merged": merged,
             "undefined": undefined}
 
 
@@ -617,7 +624,8 @@ class LRP(Method):
         rel = out["relevance"]
         total = rel.flatten(1).sum(1)
         extras = {"relevance_sum": total.tolist(), "score": out["scores"].tolist(),
-                  "conservation_error": (total - out["scores"]).abs().tolist(),
+                  "start_relevance": out["start"].tolist(),
+                  "conservation_error": (total - out["start"]).abs().tolist(),
                   "merged_batchnorm": [list(p) for p in out["merged"]], "composite": composite}
         if out["undefined"]:
             extras["gradient_through"] = out["undefined"]
