@@ -138,13 +138,16 @@ def _block_name(model: nn.Module, attn_name: str) -> str:
     return ".".join(parts[:-1])
 
 
-def _vision_only(name: str) -> bool:
-    return "text" in name.split(".")[0] or name.startswith("text")
+def _is_vision(name: str) -> bool:
+    return any(part.startswith(("visual", "vision")) for part in name.split("."))
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, str]]:
-    """`(block_name, attention_name)` pairs of the (vision) transformer, in order."""
-    return [(_block_name(model, n), n) for n, _, _ in attention_modules(model, exclude=_vision_only)]
+    """`(block_name, attention_name)` pairs of the (vision) transformer, in order. In a two-tower
+    model (CLIP) only the image tower's blocks (a `visual*` / `vision*` path) count."""
+    found = attention_modules(model, exclude=lambda n: any(p.startswith("text") for p in n.split(".")))
+    vision = [item for item in found if _is_vision(item[0])]
+    return [(_block_name(model, n), n) for n, _, _ in (vision or found)]
 
 
 def token_auto_layer(subject) -> str | None:

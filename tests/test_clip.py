@@ -1,0 +1,147 @@
+"""CLIP: Text targets, prompt batching, contrast, classification by description (small random
+CLIP; no CLIP weights exist offline)."""
+import importlib.util
+
+import pytest
+import torch
+
+import saliencykit as sk
+from saliencykit.errors import SaliencyError
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+
+EOS, VOCAB, LENGTH = 99, 100, 16
+
+
+def char_tokenizer(prompts):
+    """Deterministic toy tokenizer: characters -> ids 1..98, then EOS, padded with 0."""
+    ids = torch.zeros(len(prompts), LENGTH, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        toks = [1 + (ord(c) % 97) for c in p[:LENGTH - 1]] + [EOS]
+        ids[i, :len(toks)] = torch.tensor(toks)
+        mask[i, :len(toks)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    from saliencykit.clip import CLIPSubject
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=LENGTH, eos_token_id=EOS,
+                                      bos_token_id=98, pad_token_id=0),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    return CLIPSubject(CLIPModel(cfg).eval(), char_tokenizer, input_size=32, name="tiny-clip")
+
+
+@pytest.fixture
+def x():
+    return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car"]
+
+
+def test_text_score_is_the_cosine(clip, x):
+    # what: the Text target's score is cos(image embedding, text embedding) computed directly from
+    # the HF model (1e-6); why: the quantity every method explains must be the CLIP similarity
+    from saliencykit.clip import Text
+
+    m = clip.model.clip
+    with torch.no_grad():
+        v = m.get_image_features(pixel_values=x).pooler_output
+        t = m.get_text_features(**char_tokenizer(PROMPTS[:1])).pooler_output
+        logits = clip.forward(x)
+    expect = torch.cosine_similarity(v, t)
+    assert torch.allclose(Text(PROMPTS[0]).resolve(clip, logits).score(logits), expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradxinput", "relevancy"])
+def test_prompt_batch_equals_prompt_by_prompt(clip, x, method):
+    # what: explaining 3 prompts in one batched call gives the maps of 3 separate calls (1e-5:
+    # float32 batch reductions); why: prompt batching must not mix prompts
+    from saliencykit.clip import Text, explain_prompts
+
+    batched = explain_prompts(clip, x, PROMPTS, method)
+    assert batched.maps.shape == (3, 32, 32)
+    for i, p in enumerate(PROMPTS):
+        one = sk.explain(clip, x, method, target=Text(p))
+        assert torch.allclose(batched.maps[i], one.maps[0], atol=1e-5), (method, p)
+    assert float((batched.maps[0] - batched.maps[1]).abs().max()) > 0  # different prompts, different maps
+
+
+def test_contrast_is_the_difference_for_linear_methods(clip, x):
+    # what: for gradient x input (linear in the score) and RISE with shared masks (same seed), the
+    # map of Text(a, vs=b) equals map(a) - map(b) (1e-5 / 1e-6); why: METRICS.md 21 additivity
+    from saliencykit.clip import Text
+
+    a, b = PROMPTS[0], PROMPTS[1]
+    for method, kw, tol in (("gradxinput", {}, 1e-5), ("rise", {"n_masks": 64, "seed": 3}, 1e-6)):
+        c = sk.explain(clip, x, method, target=Text(a, vs=b), **kw).maps
+        ma = sk.explain(clip, x, method, target=Text(a), **kw).maps
+        mb = sk.explain(clip, x, method, target=Text(b), **kw).maps
+        assert torch.allclose(c, ma - mb, atol=tol), method
+
+
+def test_attention_methods_read_only_the_image_tower(clip, x):
+    # what: attention methods tap the 2 vision blocks, not the text blocks, and the auto CAM layer is
+    # in the vision tower; why: a two-tower model must not mix text attention into image maps
+    from saliencykit.clip import Text
+    from saliencykit.vit import transformer_blocks
+
+    blocks = transformer_blocks(clip.model)
+    assert len(blocks) == 2 and all("vision_model" in b for b, _ in blocks)
+    assert "vision_model" in clip.find_layer("auto", x)[0]
+    e = sk.explain(clip, x, "legrad", target=Text(PROMPTS[0]))
+    assert e.raw.shape == (1, 4, 4)
+
+
+def test_descriptor_prompts_follow_the_which_rules():
+    # what: the which-phrase rules of Menon & Vondrick on fixed strings; why: METRICS.md 21
+    from saliencykit.clip import descriptor_prompt
+
+    assert descriptor_prompt("cat", "pointy ears") == "cat, which has pointy ears"
+    assert descriptor_prompt("cat", "a small mammal") == "cat, which is a small mammal"
+    assert descriptor_prompt("cat", "an animal") == "cat, which is an animal"
+    assert descriptor_prompt("cat", "often sleeps") == "cat, which often sleeps"
+    assert descriptor_prompt("cat", "can climb") == "cat, which can climb"
+    assert descriptor_prompt("cat", "used as a pet") == "cat, which is used as a pet"
+
+
+def test_classification_by_description(clip, x):
+    # what: class score = mean of descriptor cosines; one descriptor per class reduces to prompt
+    # classification (1e-6); the class map equals the mean of the descriptor maps for RISE with
+    # shared masks (1e-6); why: METRICS.md 21 classifier and additivity
+    from saliencykit.clip import classify_by_description, descriptor_prompt, explain_by_description
+
+    desc = {"cat": ["pointy ears", "whiskers", "a small mammal"], "car": ["wheels", "used for driving"]}
+    res = classify_by_description(clip, x, desc)
+    with torch.no_grad():
+        v = clip.forward(x)
+    t = clip.encode_text([descriptor_prompt("cat", d) for d in desc["cat"]])
+    assert float(res["scores"][0, 0]) == pytest.approx(float((v @ t.t()).mean()), abs=1e-6)
+    single = classify_by_description(clip, x, {"cat": ["whiskers"], "car": ["wheels"]})
+    t2 = clip.encode_text(["cat, which has whiskers", "car, which has wheels"])
+    assert torch.allclose(single["scores"], v @ t2.t(), atol=1e-6)
+    out = explain_by_description(clip, x, desc, method="rise", cls="cat", n_masks=64, seed=1)
+    assert out["descriptor_maps"].maps.shape == (3, 32, 32)
+    assert torch.allclose(out["class_map"].maps[0], out["descriptor_maps"].maps.mean(0), atol=1e-6)
+    assert out["text"].startswith("predicted cat mainly because of:")
+
+
+def test_text_target_errors(clip, x, tiny, tiny_x):
+    # what: a Text target on a non-CLIP model, a prompt list not matching the batch, and an
+    # unknown class for the description explainer all raise clear errors
+    from saliencykit.clip import Text, explain_by_description
+
+    with pytest.raises(SaliencyError, match="CLIP subject"):
+        sk.explain(tiny, tiny_x, "saliency", target=Text("a cat"))
+    with pytest.raises(SaliencyError, match="explain_prompts"):
+        sk.explain(clip, x, "saliency", target=Text(PROMPTS))
+    with pytest.raises(SaliencyError, match="not in the descriptions"):
+        explain_by_description(clip, x, {"cat": ["whiskers"]}, cls="dog")
