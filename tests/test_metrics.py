@@ -406,3 +406,101 @@ def test_random_method_registered_and_seeded(tiny, tiny_x):
     assert torch.equal(a.maps, b.maps) and not torch.equal(a.maps, c.maps)
     assert a.maps.shape == (2, 32, 32) and 0 <= float(a.maps.min()) and float(a.maps.max()) < 1
     assert get("deletion").direction == "lower"
+
+
+# ------------------------------------------------------------------------------- contrastive / group
+class SharedRegionModel(nn.Module):
+    """Logits [a, b, c]: a = 4 m(R_s) + 4 m(R_a), b = 4 m(R_s), c = 0 (m = mean of channel 0 over a
+    region): classes a and b differ only in region R_a."""
+
+    def __init__(self, rs, ra):
+        super().__init__()
+        self.register_buffer("rs", rs / rs.sum())
+        self.register_buffer("ra", ra / ra.sum())
+
+    def forward(self, x):
+        ms = 4 * (x[:, 0] * self.rs).flatten(1).sum(1)
+        ma = 4 * (x[:, 0] * self.ra).flatten(1).sum(1)
+        return torch.stack([ms + ma, ms, torch.zeros_like(ms)], 1)
+
+
+def _shared_region_setup():
+    rs = torch.zeros(S, S)
+    rs[1:4, 1:4] = 1       # small shared region: the plain gradient of a ranks it first
+    ra = torch.zeros(S, S)
+    ra[5:11, 5:11] = 1     # the region only class a reads
+    subject = Subject(SharedRegionModel(rs, ra), labels=["a", "b", "c"], mean=(0, 0, 0), std=(1, 1, 1),
+                      input_size=(S, S), name="shared")
+    x = (rs + ra).expand(1, 3, S, S).clone()
+    return subject, x
+
+
+def test_rfxg_contrastive_map_beats_plain_map():
+    # the map of "a and not b" (gradient of logit_a - logit_b) lies on R_a only; the plain map of a
+    # ranks the small shared region first. Masking the contrastive map collapses p_a - p_b sooner
+    # (lower CCS) and lowers p_a against b more (lower contrastive CGS); random is in between or worse.
+    subject, x = _shared_region_setup()
+    contrast = sk.Contrast(0, vs=1)
+    exps = {"contrastive": sk.explain(subject, x, "saliency", target=contrast),
+            "plain": sk.explain(subject, x, "saliency", target=0)}
+    ev = evaluate(subject, x, exps, metrics=["rfxg_ccs", "rfxg_cgs"], target=contrast)
+    ccs, cgs = ev["rfxg_ccs"], ev["rfxg_cgs"]
+    assert float(ccs["contrastive"].scores) < float(ccs["plain"].scores)
+    assert float(ccs["contrastive"].scores) < float(ccs["random"].scores)
+    assert float(cgs["contrastive"].scores) < float(cgs["plain"].scores)
+    assert ccs["contrastive"].curves["y"].shape == (1, 9)
+    # the official (additive) CGS does not separate them the same way: both variants are reported
+    off = evaluate(subject, x, exps, metrics=["rfxg_cgs"], target=contrast, params={"rfxg_cgs": {"variant": "official"}})
+    assert off["rfxg_cgs"]["plain"].extras["variant"] == "official"
+
+
+def test_rfxg_group_and_class_vs_group():
+    # group {a, b}: both read R_s, so a map on R_s lowers the whole group (PGS higher than a map on
+    # the region nobody reads); the class-vs-group score of a map on R_a (only a reads it) is lower
+    # (better) than of a map on R_s (all of the group reads it) in the contrastive variant.
+    subject, x = _shared_region_setup()
+    rs, ra = subject.model.rs > 0, subject.model.ra > 0
+    none = torch.zeros(S, S, dtype=torch.bool)
+    none[0, 6:] = True
+    exps = {"on_rs": _exp(rs[None].float()), "on_ra": _exp(ra[None].float()), "on_nothing": _exp(none[None].float())}
+    ev = evaluate(subject, x, exps, metrics=["rfxg_pgs", "rfxg_cgc"], target=0, random_baseline=False,
+                  params={"rfxg_pgs": {"group": [0, 1]}, "rfxg_cgc": {"group": [0, 1]}})
+    assert float(ev["rfxg_pgs"]["on_rs"].scores) > float(ev["rfxg_pgs"]["on_nothing"].scores)
+    assert float(ev["rfxg_cgc"]["on_ra"].scores) < float(ev["rfxg_cgc"]["on_rs"].scores)
+
+
+def test_metric_needing_a_second_class_without_one_is_a_clear_error(linear):
+    subject, x, _ = linear
+    with pytest.raises(SaliencyError, match="rfxg_ccs .*needs a second class"):
+        evaluate(subject, x, _exp(torch.rand(2, S, S)), metrics=["rfxg_ccs"], target=0)
+    with pytest.raises(SaliencyError, match="rfxg_pgs .*needs a group"):
+        evaluate(subject, x, _exp(torch.rand(2, S, S)), metrics=["rfxg_pgs"], target=0)
+    with pytest.raises(SaliencyError, match="rfxg_cgs .*needs a second group"):
+        evaluate(subject, x, _exp(torch.rand(2, S, S)), metrics=["rfxg_cgs"], target=0)
+
+
+def test_class_sensitivity():
+    # a class-agnostic explainer gives correlation 1: |gradient| of a model with logits [l, -l]
+    # is |w| for both classes. On disjoint regions, gradient maps of the max and min class do not
+    # overlap: correlation <= 0.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, S, S, generator=g)
+
+    class PlusMinus(nn.Module):
+        def forward(self, x):
+            lin = (x * w).flatten(1).sum(1)
+            return torch.stack([lin, -lin], 1)
+
+    subject = _identity_subject(PlusMinus())
+    x = torch.randn(2, 3, S, S, generator=g)
+    exp = sk.explain(subject, x, "saliency")
+    ev = evaluate(subject, x, exp, metrics=["class_sensitivity"], random_baseline=False)
+    assert torch.allclose(ev["class_sensitivity"]["saliency"].scores, torch.ones(2, dtype=torch.float64))
+    a, b = _regions()
+    region = _identity_subject(RegionModel([a, b]))
+    xr = torch.zeros(1, 3, S, S)
+    xr[:, 0] = a
+    ev = evaluate(region, xr, sk.explain(region, xr, "saliency"), metrics=["class_sensitivity"],
+                  random_baseline=False)
+    assert float(ev["class_sensitivity"]["saliency"].scores) <= 0
+    assert ev["class_sensitivity"]["saliency"].passes["backward"] == 2
