@@ -284,6 +284,26 @@ def test_batchnorm_merge_round_trip():
     assert torch.equal(model(x), ref)
 
 
+class PreBNSkip(BNNet):
+    def forward(self, x):
+        z = self.conv1(x)
+        y = self.act1(self.bn1(z)) + z  # the conv output feeds its BatchNorm and a skip
+        x = self.pool(y)
+        return self.fc(self.gap(self.act2(self.bn2(self.conv2(x)))).flatten(1))
+
+
+def test_batchnorm_merge_refuses_shared_layer_output(x64):
+    # merging bn1 into conv1 would change the skip's input: a clear error, model left as found
+    torch.manual_seed(0)
+    s = Subject(_randomise_bn(PreBNSkip()).double().eval(), input_size=(32, 32), name="preskip")
+    before = s.state_fingerprint()
+    with pytest.raises(SaliencyError, match="canonize=False"):
+        sk.explain(s, x64, "lrp")
+    assert _same_state(before, s.state_fingerprint())
+    e = sk.explain(s, x64, "lrp", canonize=False)
+    assert torch.isfinite(e.maps).all()
+
+
 def test_lrp_zplus_non_negative(x64):
     # z+ with R_out >= 0 (a positive logit) gives non-negative relevance everywhere, for any input sign
     s = _subject()

@@ -345,12 +345,23 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if hasattr(out, "values"):
+        return next((v for v in out.values() if isinstance(v, torch.Tensor)), None)
+    return None
+
+
 @contextlib.contextmanager
 def merged_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[list[tuple[str, str]]]:
     """Merge every BatchNorm that directly consumes a Conv/Linear output into that layer.
 
     Pairs are found by running `probe` (one row is enough) and matching the BatchNorm's input
-    tensor with the layer's output tensor (each module called once). While active:
+    tensor with the layer's output tensor (each module called once); the merged model's output on
+    the probe is checked against the original (SaliencyError if it changed). While active:
     `W' = W * k` (output-channel axis), `b' = (b - mean) * k + beta` with `k = gamma/sqrt(var+eps)`
     (a zero bias is created if absent) and the BatchNorm is the identity (mean 0, var 1, gamma 1,
     beta 0, eps 0). Everything, including a missing bias, is restored bit-exactly on exit.
@@ -376,10 +387,11 @@ def merged_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[list[tup
                 if isinstance(m, BATCHNORMS) and m.running_var is not None]
     try:
         with torch.no_grad():
-            model(probe)
+            reference = _first_tensor(model(probe))
     finally:
         for h in handles:
             h.remove()
+
     def mergeable(lin, bn, out_dim):
         channels = lin.out_features if isinstance(lin, nn.Linear) else lin.out_channels
         # a Linear on [B, N, F] has its features last, where BatchNorm1d would normalise N
@@ -414,6 +426,15 @@ def merged_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[list[tup
                 if bn.bias is not None:
                     bn.bias.zero_()
                 bn.eps = 0.0
+        if pairs:
+            # a layer output also used elsewhere (not only by its BatchNorm) would change: check
+            with torch.no_grad():
+                merged_out = _first_tensor(model(probe))
+            tol = 1e-4 * max(1.0, reference.abs().max().item())
+            if merged_out is not None and reference is not None and \
+                    (merged_out.shape != reference.shape or (merged_out - reference).abs().max().item() > tol):
+                raise SaliencyError("merging BatchNorm into the preceding layers changed the model's output (a layer "
+                                    "output is used by more than its BatchNorm); use canonize=False")
         yield [(names.get(lin, "?"), names.get(bn, "?")) for lin, bn in pairs]
     finally:
         with torch.no_grad():
@@ -576,7 +597,7 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
     merge = merged_batchnorm(model, x[:1]) if canonize else contextlib.nullcontext([])
     with merge as merged:
         if canonize and counter is not None:
-            counter.add(forward=1)
+            counter.add(forward=2 if merged else 1)  # the one-row probe (and its check after merging)
         with torch.enable_grad():
             xin = x.detach().clone().requires_grad_(True)
             with _RuleHooks(model, assign, first, xin, float(epsilon), float(gamma), float(alpha), float(beta),
