@@ -186,6 +186,8 @@ def test_ig_baseline_forms(relu_net):
     assert torch.equal(attributions(relu_net, x, "integrated_gradients", steps=5, baseline=lambda inp: inp * 0 + 0.3),
                        attributions(relu_net, x, "integrated_gradients", steps=5, baseline=grey))
     black = attributions(relu_net, x, "integrated_gradients", steps=5, baseline="black")
+    # an integral float step count (e.g. from a JSON config) is the same count
+    assert torch.equal(attributions(relu_net, x, "integrated_gradients", steps=5.0, baseline="black"), black)
     white = attributions(relu_net, x, "integrated_gradients", steps=5, baseline="white")
     assert not torch.allclose(black, white)
     both = run(relu_net, x, "integrated_gradients", steps=5, baseline=["black", "white"])
@@ -337,6 +339,33 @@ def test_guided_backprop_and_deconvnet_known_answer_relu6():
     assert torch.allclose(attributions(s, x, "deconvnet", target=0).flatten(), deconv, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet"])
+def test_backward_signal_leaving_every_relu_is_nonnegative(method, resnet18):
+    # both rules pass ReLU(grad_out) back through every ReLU: the gradient reaching each ReLU's input is
+    # >= 0 (in resnet18 every ReLU input feeds only that ReLU). Checked with tensor hooks; the vanilla
+    # gradient, for contrast, has negative entries there.
+    seen = {"min": [], "calls": 0}
+
+    def attach(_m, inp, _out):
+        if inp[0].requires_grad:
+            seen["calls"] += 1
+            inp[0].register_hook(lambda g: seen["min"].append(float(g.min())))
+
+    relus = [m for m in resnet18.model.modules() if isinstance(m, nn.ReLU)]
+    handles = [m.register_forward_hook(attach) for m in relus]
+    try:
+        x = make(35, (2, 3, 64, 64), dtype=torch.float32)
+        explain(resnet18, x, method, target=[1, 3])
+        assert seen["calls"] == len(seen["min"]) > 0
+        assert min(seen["min"]) >= 0
+        seen["min"].clear()
+        explain(resnet18, x, "saliency", target=[1, 3])
+        assert min(seen["min"]) < 0
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_guided_backprop_handles_functional_relu():
     # F.relu calls are invisible to module hooks; the patched F.relu gives the same result as ReLU modules
     torch.manual_seed(21)
@@ -421,10 +450,12 @@ def test_pass_counts(relu_net):
 @pytest.mark.parametrize("method,params,match", [
     ("integrated_gradients", {"steps": 0}, "steps"),
     ("integrated_gradients", {"steps": 2.5}, "steps"),
+    ("integrated_gradients", {"steps": "8"}, "steps"),
     ("integrated_gradients", {"baseline": "purple"}, "baseline"),
     ("integrated_gradients", {"baseline": torch.zeros(1, 3, 8, 8)}, "baseline"),
     ("integrated_gradients", {"baseline": torch.zeros(3, 3, 16, 16)}, "baseline"),
     ("integrated_gradients", {"baseline": []}, "baseline"),
+    ("integrated_gradients", {"baseline": (0.5, 0.5, 0.5)}, "baseline"),
     ("integrated_gradients", {"baseline": {"pixel": 0}}, "baseline"),
     ("integrated_gradients", {"baseline": ["black", "purple"]}, "baseline"),
     ("integrated_gradients", {"baseline": lambda x: 0.5}, "baseline"),

@@ -107,7 +107,9 @@ def quadrature(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_count(value, what: str) -> int:
-    """A positive integer count (steps, samples)."""
+    """A positive integer count (steps, samples); an integral float such as 64.0 is accepted."""
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise SaliencyError(f"{what} must be a positive integer, got {value!r}")
     if value < 1:
@@ -290,7 +292,7 @@ class IntegratedGradients(Method):
         quadrature(steps, rule)  # checks steps and rule before any pass
         x = ctx.x.detach()
         # several baselines (a list, e.g. ["black", "white"]) => the mean of their IG maps
-        specs = list(baseline) if isinstance(baseline, (list, tuple)) else [baseline]
+        specs = list(baseline) if isinstance(baseline, list) else [baseline]
         if not specs:
             raise SaliencyError("baseline list is empty")
         bases = [make_baseline(ctx.subject, x, spec, ctx.seed) for spec in specs]
