@@ -254,6 +254,7 @@ class VarGrad(_SmoothGradFamily):
 def integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, steps: int, rule: str,
                          batch_size=None) -> torch.Tensor:
     """(x - x') * sum_k w_k grad s(x' + a_k (x - x')), all interpolants batched (step-major rows)."""
+    steps = _check_count(steps, "steps")
     alphas, weights = quadrature(steps, rule)
     alphas = alphas.to(x.device, x.dtype)
     weights = weights.to(x.device, torch.float64)
@@ -289,7 +290,8 @@ class IntegratedGradients(Method):
     def run(self, ctx, target, layer, steps=50, baseline="black", rule="gausslegendre", reduce="sum",
             batch_size=None):
         _check_reduce(reduce)
-        quadrature(steps, rule)  # checks steps and rule before any pass
+        steps = _check_count(steps, "steps")
+        quadrature(steps, rule)  # checks the rule before any pass
         x = ctx.x.detach()
         # several baselines (a list, e.g. ["black", "white"]) => the mean of their IG maps
         specs = list(baseline) if isinstance(baseline, list) else [baseline]
