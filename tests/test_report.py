@@ -119,6 +119,11 @@ def test_report_command_writes_one_file(tmp_path, lite0):
     _assert_self_contained(html)
     assert "Egyptian cat" in html and "Grad-CAM finds" in html and "efficientnet_lite0" in html
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temp file left behind
+    # a contrast from the command line reaches the words
+    out2 = tmp_path / "contrast.html"
+    assert main(["report", "chelsea", "--method", "gradcam", "--contrast", "tabby", "--vs", "Egyptian cat",
+                 "--out", str(out2), "--quiet"]) == 0
+    assert "rather than <em>Egyptian cat</em>" in out2.read_text()
     # bad input: a clear error, no file
     bad = tmp_path / "bad.html"
     assert main(["report", "no_such_photo", "--out", str(bad), "--quiet"]) == 2

@@ -536,7 +536,8 @@ def _write(facts: dict, kind: str, pos: Side, neg: Side | None) -> _Sentences:
             s.add(f"A {ordinal}, weaker region lies {r['phrase']}{rname} ({{}} of the evidence); "
                   "hiding it gives {}.", f"regions.{i}.evidence", f"regions.{i}.removed")
     if facts["together"] is not None:
-        s.add(f"Hiding all {_count_word(len(regs))} regions together gives {{}}; showing only them gives {{}}.",
+        which = "both regions" if len(regs) == 2 else f"all {_count_word(len(regs))} regions"
+        s.add(f"Hiding {which} together gives {{}}; showing only them gives {{}}.",
               "together.removed", "together.kept")
     negative = facts["negative"]
     if negative is not None:

@@ -187,7 +187,7 @@ def photo_section(subject, image, name: str, methods: Sequence[str] | None = Non
     if verbalize:
         names = list(exps)
         v = verbalize_fn(subject, x, exps[names[0]], compare=[exps[n] for n in names[1:2]], batch_size=batch_size)
-        section["verbalization"] = {"html": rich_text(v.text), "facts": v.facts, "method": names[0]}
+        section["verbalization"] = {"html": rich_text(v.text), "facts": v.facts, "method": method_title(names[0])}
     if metrics:
         if metrics_available():
             section["metrics"] = _metric_section(subject, x, exps, metrics, seed, batch_size, metric_params)
