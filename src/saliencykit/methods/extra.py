@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine import forward_logits, gradient_pass, reduce_channels, upsample
+from ..engine import forward_logits, gradient_pass, upsample
 from ..errors import SaliencyError
 from .base import Method, register
 from .cam import as_grid, resolve_layers
@@ -127,7 +127,8 @@ class BlurIG(Method):
     cost = "100F+100B"
     signed = True
     description = ("Integrated gradients along the Gaussian blur path from sigma=max_sigma to the image "
-                   "(Xu et al. 2020); grad_step=None uses the exact d(blur)/d(sigma); extras['completeness_error'] = sum(attr) - (s(x) - s(blurred x)).")
+                   "(Xu et al. 2020); grad_step=None uses the exact d(blur)/d(sigma); "
+                   "extras['completeness_error'] = sum(attr) - (s(x) - s(blurred x)).")
     defaults = {"max_sigma": 50.0, "steps": 100, "grad_step": 0.01, "sqrt": False, "reduce": "sum",
                 "batch_size": None}
 

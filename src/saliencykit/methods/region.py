@@ -241,6 +241,7 @@ class XRAI(Method):
         maps = torch.stack([r["map"] for r in results]).float()
         ranks = torch.stack([r["ranks"] for r in results])
         extras = {"regions": [r["regions"] for r in results], "region_values": [r["values"] for r in results],
-                  "added_order": [r["order"] for r in results], "n_regions": [int(r["regions"].shape[0]) for r in results],
+                  "added_order": [r["order"] for r in results],
+                  "n_regions": [int(r["regions"].shape[0]) for r in results],
                   "n_candidates": [int(s.shape[0]) for s in seg_masks], "ranks": ranks}
         return {"maps": maps, "raw": ranks.float(), "attributions": attributions, "signed": True, "extras": extras}
