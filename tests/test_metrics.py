@@ -504,3 +504,21 @@ def test_class_sensitivity():
                   random_baseline=False)
     assert float(ev["class_sensitivity"]["saliency"].scores) <= 0
     assert ev["class_sensitivity"]["saliency"].passes["backward"] == 2
+
+
+def test_mprt_similarity_of_identical_maps_is_one_and_input_only_explainer_fails(tiny, tiny_x):
+    # a map compared with itself scores 1 on all four measures; an explainer that ignores the model
+    # (the random method: same seed, same map) keeps similarity 1 at every stage and fails the check
+    from saliencykit.metrics.randomisation import similarities
+
+    m = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0))
+    for k, v in similarities(m, m).items():
+        assert torch.allclose(v, torch.ones(2, dtype=torch.float64)), k
+    before = tiny.state_fingerprint()
+    exps = {"random": sk.explain(tiny, tiny_x, "random"), "saliency": sk.explain(tiny, tiny_x, "saliency")}
+    ev = evaluate(tiny, tiny_x, exps, metrics=["mprt"], params={"mprt": {"stages": 3}})
+    r = ev["mprt"]["random"]
+    assert torch.allclose(r.scores, torch.ones(2, dtype=torch.float64)) and r.extras["passed"] == [False, False]
+    assert r.curves["y"].shape == (2, 3) and ev["mprt"]["saliency"].passes["backward"] == 3
+    after = tiny.state_fingerprint()
+    assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))

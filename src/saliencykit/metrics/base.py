@@ -106,7 +106,7 @@ def get(name: str) -> type[Metric]:
 
 
 def _load_all():
-    from . import complexity, contrastive, faithfulness, localisation, road, sensitivity  # noqa: F401
+    from . import complexity, contrastive, faithfulness, localisation, randomisation, road, sensitivity  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------ context
@@ -287,9 +287,10 @@ def target_for_rows(resolved: ResolvedTarget, rows) -> Any:
 
 
 def rerun_method(ctx: EvalContext, exp: Explanation, x: torch.Tensor, rows, counter: PassCounter,
-                 target=None) -> torch.Tensor:
+                 target=None, subject=None) -> torch.Tensor:
     """Re-run the explanation's method (same parameters, layer and seed) on inputs `x` whose row i
-    belongs to example `rows[i]`; returns maps [N,H,W]. Counts its passes into `counter`."""
+    belongs to example `rows[i]` (on `subject`, default the context's); returns maps [N,H,W].
+    Counts its passes into `counter`."""
     from ..methods import explain, get
 
     try:
@@ -301,7 +302,7 @@ def rerun_method(ctx: EvalContext, exp: Explanation, x: torch.Tensor, rows, coun
     seed = exp.seed if exp.seed is not None else ctx.seed
     layer = exp.layer or "auto"
     params = dict(exp.params)
-    new = explain(ctx.subject, x, method=exp.method, target=tgt, layer=layer, seed=seed,
+    new = explain(subject or ctx.subject, x, method=exp.method, target=tgt, layer=layer, seed=seed,
                   batch_size=ctx.batch_size, params={exp.method: params})
     counter.forward += int(round(new.passes.get("forward", 0) * x.shape[0]))
     counter.backward += int(round(new.passes.get("backward", 0) * x.shape[0]))
