@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from saliencykit import data, explain
@@ -103,6 +102,27 @@ def test_explain_round_trip_matches_the_library(tiny_app, tiny):
         assert {"gradcam/maps.npz", "gradcam/explanation.json", "gradcam/overlay.png", "saliency/maps.npz"} <= names
         with np.load(io.BytesIO(z.read("gradcam/maps.npz"))) as npz:
             assert np.array_equal(npz["maps"], exps["gradcam"].maps.numpy())
+
+
+def test_metrics_on_request_are_evaluate_numbers(tiny_app, tiny):
+    from saliencykit.metrics import evaluate
+
+    code, r = tiny_app.post({"photo": "chelsea", "model": "tiny", "methods": ["gradcam", "saliency"], "metrics": True})
+    st = tiny_app.wait(r["job"])
+    assert st["state"] == "done", st["message"]
+    m = st["result"]["metrics"]
+    assert [c["name"] for c in m["columns"]] == ["deletion", "insertion"]
+    assert [c["direction"] for c in m["columns"]] == ["lower", "higher"]
+    # same maps, same seed, same step (32*32/16 = 64 pixels per point): the same numbers as evaluate()
+    x = tiny.preprocess(data.image("chelsea"))
+    exps = explain(tiny, x, ["gradcam", "saliency"])
+    ev = evaluate(tiny, x, exps, metrics=["deletion", "insertion"], seed=0,
+                  params={"deletion": {"step": 64}, "insertion": {"step": 64}})
+    want = {row["method"]: [row["deletion"], row["insertion"]] for row in ev.summary()}
+    got = {row["method"]: row["values"] for row in m["rows"]}
+    assert set(got) == {"gradcam", "saliency", "random"}
+    for name, vals in want.items():
+        assert got[name] == pytest.approx(vals, abs=1e-9)
 
 
 def test_targets_through_the_app(tiny_app, tiny):

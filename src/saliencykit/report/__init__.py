@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 
 from ..errors import SaliencyError
 from ..explanation import Explanation, package_versions
