@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import SaliencyError
 
-DEMO_METHODS = ["gradcam", "gradcam_pp", "hirescam", "scorecam", "eigencam", "saliency", "integrated_gradients",
+DEMO_METHODS = ["gradcam", "gradcam_pp", "hirescam", "layercam", "eigencam", "saliency", "integrated_gradients",
                 "smoothgrad", "guided_backprop"]
 
 

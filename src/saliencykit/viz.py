@@ -31,12 +31,30 @@ def _to_numpy_map(m) -> np.ndarray:
     return m
 
 
-def colorize(m, signed: bool = False, cmap: str | None = None) -> np.ndarray:
-    """[H,W] map -> [H,W,3] uint8 RGB."""
+def display_scale(m, signed: bool = False, clip: float | None = None) -> np.ndarray:
+    """[H,W] map -> display units: [0,1] (unsigned, min..max) or [-1,1] (signed, 0 stays 0).
+
+    `clip` (a percentile, e.g. 99.5) saturates the few extreme values so that pixel-level maps
+    (gradients, IG), whose mass is spread thinly, stay visible; CAMs are barely affected.
+    """
+    m = _to_numpy_map(m)
+    if clip is not None and m.size:
+        if signed:
+            top = float(np.percentile(np.abs(m), clip))
+            if top > 0:
+                m = np.clip(m, -top, top)
+        else:
+            top = float(np.percentile(m, clip))
+            if top > float(m.min()):
+                m = np.minimum(m, top)
+    return normalize_maps(torch.from_numpy(np.ascontiguousarray(m))[None], signed)[0].numpy()
+
+
+def colorize(m, signed: bool = False, cmap: str | None = None, clip: float | None = None) -> np.ndarray:
+    """[H,W] map -> [H,W,3] uint8 RGB (see `display_scale` for `clip`)."""
     import matplotlib
 
-    m = torch.from_numpy(_to_numpy_map(m))[None]
-    unit = normalize_maps(m, signed)[0].numpy()
+    unit = display_scale(m, signed, clip)
     if signed:
         unit = (unit + 1) / 2
     cm = matplotlib.colormaps[cmap or (SIGNED_CMAP if signed else UNSIGNED_CMAP)]
@@ -50,8 +68,12 @@ def resize_map(m, size_wh) -> np.ndarray:
     return out[0, 0].numpy()
 
 
-def overlay(image, m, signed: bool = False, alpha: float = 0.5, cmap: str | None = None):
-    """Blend the colourised map over the photo (the map is resized to the photo)."""
+def overlay(image, m, signed: bool = False, alpha: float = 0.5, cmap: str | None = None, clip: float | None = 99.5):
+    """Blend the colourised map over the photo (the map is resized to the photo).
+
+    Unsigned maps cover the photo with uniform opacity `alpha`; signed maps are opaque in
+    proportion to |value| (zero evidence leaves the photo as it is: red for, blue against).
+    """
     from PIL import Image
 
     from .model import load_image
@@ -59,8 +81,14 @@ def overlay(image, m, signed: bool = False, alpha: float = 0.5, cmap: str | None
     if not 0 <= alpha <= 1:
         raise SaliencyError(f"alpha must be in [0,1], got {alpha}")
     img = load_image(image)
-    heat = colorize(resize_map(m, img.size), signed, cmap)
-    blended = (1 - alpha) * np.asarray(img, dtype=np.float32) + alpha * heat.astype(np.float32)
+    resized = resize_map(m, img.size)
+    heat = colorize(resized, signed, cmap, clip).astype(np.float32)
+    if signed:
+        a = alpha * np.abs(display_scale(resized, True, clip))[..., None] ** 0.5 * 1.6
+        a = np.clip(a, 0, 1)
+    else:
+        a = alpha
+    blended = (1 - a) * np.asarray(img, dtype=np.float32) + a * heat
     return Image.fromarray(blended.clip(0, 255).astype(np.uint8))
 
 
