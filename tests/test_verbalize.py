@@ -197,7 +197,7 @@ def test_signed_map_mentions_negative_evidence(tiny, tiny_x):
 
 def test_no_positive_evidence(tiny, tiny_x):
     v = verbalize(tiny, tiny_x[:1], _exp(torch.zeros(32, 32)))
-    assert "finds no region of positive evidence" in v.text and v.facts["regions"] == []
+    assert "finds no positive evidence" in v.text and v.facts["regions"] == []
 
 
 def test_bad_input_and_model_left_as_found(tiny, tiny_x):
@@ -246,3 +246,18 @@ def test_oracle_map_beats_random_regions_on_a_region_model():
     again = verbalize(subject, x, _exp(oracle), target=0, baseline="black", smooth=0.0, random_regions=16, seed=1)
     other = verbalize(subject, x, _exp(oracle), target=0, baseline="black", smooth=0.0, random_regions=16, seed=2)
     assert again.facts["random"] == v.facts["random"] and other.facts["random"]["shifts"] != v.facts["random"]["shifts"]
+
+
+def test_specks_do_not_hide_a_weaker_region(tiny, tiny_x):
+    # a 2-pixel spike at 10 and a 10x10 plateau at 2: at 0.5 and 0.25 of the maximum only the spike
+    # passes (too small to be a region); at 0.125 (1.25) the plateau is found
+    smap = _box_map((32, 32), [(20, 20, 30, 30)], values=[2.0])
+    smap[3, 3:5] = 10.0
+    v = verbalize(tiny, tiny_x[:1], _exp(smap), smooth=0.0)
+    assert v.facts["threshold_used"] == pytest.approx(0.125)
+    r = v.facts["regions"][0]
+    assert r["area"] == pytest.approx(100 / 1024) and r["evidence"] == pytest.approx(200 / 220)
+    specks = torch.zeros(32, 32)
+    specks[3, 3:5] = 1.0
+    w = verbalize(tiny, tiny_x[:1], _exp(specks), smooth=0.0)
+    assert w.facts["regions"] == [] and "scattered specks" in w.text

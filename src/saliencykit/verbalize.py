@@ -360,6 +360,7 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
         "top": {"index": top, "label": subject.label(top), "prob": float(probs[top])},
         "prob": clean[0], **({"vs_prob": clean[1]} if neg_side is not None else {}),
         "baseline": baseline if isinstance(baseline, str) else "tensor", "threshold": threshold,
+        "threshold_used": None,
         "image_size": list(hw), "positive_evidence_total": total, "regions": [], "n_regions_found": 0,
         "together": None, "random": None, "negative": None, "compare": [],
     }
@@ -369,7 +370,14 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
         found = [(name, m) for name, m in part_masks.items()]
         found.sort(key=lambda nm: -float(evidence[nm[1]].sum()))
     else:
-        found = [(None, m) for m in _components(evidence, threshold, min_area, smooth)]
+        # a map whose peak is a few specks yields no component of min_area at the first threshold:
+        # lower it (x1/2, x1/4) before concluding there is no region; the threshold used is a fact
+        found = []
+        for level in (threshold, threshold / 2, threshold / 4):
+            found = [(None, m) for m in _components(evidence, level, min_area, smooth)] if total > 0 else []
+            if found:
+                facts["threshold_used"] = level
+                break
     facts["n_regions_found"] = len(found)
     shown = found[:max_regions] if total > 0 else []
     reg_facts = []
@@ -496,13 +504,20 @@ def _write(facts: dict, kind: str, pos: Side, neg: Side | None) -> _Sentences:
 
     regs = facts["regions"]
     if not regs:
-        s.add_plain(f"{title} finds no region of positive evidence for this target in the image.")
+        if facts["positive_evidence_total"] > 0:
+            s.add_plain(f"{title} finds positive evidence for this target only in scattered specks, none of "
+                        "them forming a region.")
+        else:
+            s.add_plain(f"{title} finds no positive evidence for this target in the image.")
         return s
     main = regs[0]
     named = f" (the *{main['name']}*)" if main["name"] else ""
     n = facts["n_regions_found"]
-    if n == 1:
+    if n == 1 and main["evidence"] >= 0.5:
         lead = f"{title} finds the evidence concentrated in one region {main['phrase']}{named}"
+    elif n == 1:
+        lead = (f"{title} finds one region of stronger evidence {main['phrase']}{named} (the rest is spread "
+                "thinly over the image)")
     else:
         lead = (f"{title} finds {_count_word(n)} separate regions of evidence; the strongest lies "
                 f"{main['phrase']}{named}")
