@@ -347,6 +347,21 @@ def test_similarity_target_and_swapping_images(embed):
         sk.explain(embed, q, "saliency", target=Similarity(torch.zeros(7)))
 
 
+def test_decomposition_on_efficientnet_lite0_features(lite0, chelsea):
+    # what: on EfficientNet-Lite0's pooled last conv features the point-to-point map sums to the
+    # cosine of the embeddings (1e-5: float32 features), and chelsea is more similar to its mirror
+    # image than to coffee; why: the decomposition must be exact on a real network
+    from saliencykit.similarity import embedding_subject
+
+    emb = embedding_subject(lite0)
+    x = emb.preprocess([chelsea, chelsea.transpose(0), data.image("coffee")])
+    d_same = point_to_point(emb, x[:1], x[1:2])
+    d_other = point_to_point(emb, x[:1], x[2:3])
+    assert float(d_same["P"].double().sum()) == pytest.approx(d_same["model_similarity"], abs=1e-5)
+    assert d_same["similarity"] > d_other["similarity"]
+    assert d_same["map_q"].shape == (224, 224)
+
+
 # ------------------------------------------------------------------------------- real DINOv2
 @pytest.fixture(scope="module")
 def dino():

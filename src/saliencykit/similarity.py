@@ -120,6 +120,42 @@ class Similarity(Target):
         return ResolvedScore(fn, batch, "similarity", [self.name] * batch, key)
 
 
+class PooledFeatures(torch.nn.Module):
+    """A classifier cut at a conv layer: `x -> mean_hw(layer(x))` `[B, C]` (the rest of the forward
+    still runs, its output is discarded)."""
+
+    def __init__(self, model: torch.nn.Module, layer: str):
+        super().__init__()
+        self.model = model
+        self.layer = layer
+
+    def forward(self, x):
+        module = dict(self.model.named_modules())[self.layer]
+        store = []
+        handle = module.register_forward_hook(lambda _m, _i, out: store.append(out))
+        try:
+            self.model(x)
+        finally:
+            handle.remove()
+        feats = store[-1]
+        if not isinstance(feats, torch.Tensor) or feats.dim() != 4:
+            raise SaliencyError(f"layer {self.layer!r} does not output a conv feature map [B,C,h,w]")
+        return feats.mean((2, 3))
+
+
+def embedding_subject(subject, layer="auto"):
+    """A Subject whose output is the global-average-pooled features of `layer` of `subject`'s model
+    (e.g. EfficientNet-Lite0's penultimate features with `layer="auto"`); its layer for CAMs and
+    `point_to_point` is `model.<layer>`, so the decomposition is exact."""
+    from .model import Subject
+
+    name = subject.find_layer(layer)[0]
+    emb = Subject(PooledFeatures(subject.model, name), preprocess=subject._preprocess, mean=subject.mean,
+                  std=subject.std, input_size=subject.input_size, layer=f"model.{name}",
+                  name=f"{subject.name}:{name}:pooled", groups=None)
+    return emb
+
+
 def explain_pair(subject, q, r, method="gradcam", measure: str = "cosine", **kwargs):
     """Explain the similarity of images `q` and `r` (input tensors `[1,C,H,W]` or photos) for both:
     returns `(explanation_of_q, explanation_of_r)` from one batched call on `[q; r]`."""
@@ -200,4 +236,4 @@ def point_to_point(subject, q: torch.Tensor, r: torch.Tensor, layer="auto", head
             "map_q": upsample(map_q[None], xq.shape[-2:])[0], "map_r": upsample(map_r[None], xr.shape[-2:])[0]}
 
 
-__all__ = ["Similarity", "ResolvedScore", "explain_pair", "point_to_point"]
+__all__ = ["Similarity", "ResolvedScore", "explain_pair", "point_to_point", "embedding_subject", "PooledFeatures"]
