@@ -286,3 +286,54 @@ def test_shared_module_uses_last_call_and_unused_layer_errors(tiny_x):
     with pytest.raises(SaliencyError, match="not called"):
         sk.explain(s, tiny_x, "dix", layer="unused", steps=1)
     same_state(before, s.state_fingerprint())
+
+
+# --------------------------------------------------------------------------- IIA, ViT form
+def tiny_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2,
+                                                             num_heads=3, num_classes=5)
+    return sk.Subject(model, input_size=(32, 32), name="tiny-vit")
+
+
+def test_iia_attention_one_step_is_rollout_of_relu_grad_attention(tiny_x):
+    # T = 1 (right rule): one pass at x with beta = 1, so IIA is the rollout of ReLU(dS/dA * A):
+    # head mean, + I, row-normalised, product over blocks, CLS row on the 4x4 patch grid.
+    from saliencykit.vit import AttentionTap
+
+    s = tiny_vit()
+    e = sk.explain(s, tiny_x, "iia", target=[1, 3], steps=1)
+    assert e.extras["path"] == "attention" and e.raw.shape == (2, 4, 4) and e.maps.shape == (2, 32, 32)
+    with s.explaining(), AttentionTap(s.model) as tap, torch.enable_grad():
+        logits = s.model(tiny_x.clone().requires_grad_(True))
+        attn = list(tap.attn)
+        grads = torch.autograd.grad(logits[[0, 1], [1, 3]].sum(), attn)
+    R = torch.eye(17, dtype=torch.float64).expand(2, 17, 17)
+    for a, g in zip(attn, grads):
+        m = (g * a).clamp_min(0).double().mean(1) + torch.eye(17, dtype=torch.float64)
+        R = (m / m.sum(-1, keepdim=True)) @ R
+    torch.testing.assert_close(e.raw.double(), R[:, 0, 1:].reshape(2, 4, 4), rtol=1e-5, atol=1e-7)
+
+
+def test_iia_attention_scaling_takes_effect_and_is_deterministic(tiny_x):
+    # The last block's attention is scaled by beta in the pass: beta = 0.5 and beta = 1 give different
+    # gradients at the earlier block (an unscaled pass would give identical ones).
+    from saliencykit.methods.extra import iia_attention
+
+    s = tiny_vit()
+    with s.explaining():
+        ctx = Context(s, tiny_x[:1])
+        tgt = ctx.resolve(Class(2))
+        rows, w = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.float64)
+        e_half = iia_attention(ctx, tgt, tiny_x[:1], rows, torch.tensor([0.5]), w)
+        e_one = iia_attention(ctx, tgt, tiny_x[:1], rows, torch.tensor([1.0]), w)
+    assert not torch.allclose(e_half[0], e_one[0])
+    e1 = sk.explain(s, tiny_x, "iia", steps=2)
+    e2 = sk.explain(s, tiny_x, "iia", steps=2)
+    assert torch.equal(e1.maps, e2.maps) and e1.passes["backward"] == 4 and e1.maps.min() >= 0
+    # the representation form stays available on a ViT (token layer on the patch grid)
+    e3 = sk.explain(s, tiny_x, "iia", steps=1, path="representation")
+    assert e3.extras["path"] == "representation" and e3.raw.shape == (2, 4, 4)
+    with pytest.raises(SaliencyError):
+        sk.explain(sk.Subject(TinyCNN()), tiny_x, "iia", path="attention")

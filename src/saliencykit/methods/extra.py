@@ -434,6 +434,74 @@ def _upsample_map(raw: torch.Tensor, size, mode: str, nonneg: bool) -> torch.Ten
     return up.clamp_min(0) if nonneg else up
 
 
+def _timm_attention(model) -> list | None:
+    """The attention modules of a ViT whose blocks all use timm's Attention (softmax probabilities
+    pass through `attn_drop`), in order; None when the model is not such a ViT."""
+    from ..vit import transformer_blocks
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        return None
+    modules = dict(model.named_modules())
+    mods = [modules[a] for _, a in blocks]
+    if not all(hasattr(m, "attn_drop") and hasattr(m, "fused_attn") for m in mods):
+        return None
+    return mods
+
+
+def iia_attention(ctx, target, inputs: torch.Tensor, rows: torch.Tensor, betas: torch.Tensor,
+                  weights: torch.Tensor, batch_size=None) -> torch.Tensor:
+    """ViT form: for each row (input x_k, scale beta_j) run the model with the last block's attention
+    probabilities replaced by beta_j * A^L(x_k), take the gradients of every block's attention and
+    accumulate weight * ReLU(dS/dA^l * A^l) per example, block and head -> [L, B, heads, N, N].
+    (For the last block dS/d(beta A) * beta A = dS/dA * A: the recorded A^L is the tensor scaled.)"""
+    from ..vit import AttentionTap
+
+    last = _timm_attention(ctx.subject.model)[-1]
+    bs = batch_size or ctx.batch_size or 32
+    acc = None
+    for start in range(0, inputs.shape[0], bs):
+        sl = slice(start, start + bs)
+        beta = betas[sl]
+
+        def scale(_m, _i, out, beta=beta):
+            return out * beta.to(out.dtype).view(-1, 1, 1, 1)
+
+        with AttentionTap(ctx.subject.model) as tap, torch.enable_grad():
+            handle = last.attn_drop.register_forward_hook(scale)  # runs after the tap's recording hook
+            try:
+                logits = ctx.subject.forward(inputs[sl].detach().clone().requires_grad_(True))
+            finally:
+                handle.remove()
+            attn = list(tap.attn)
+            score = target.score(logits, rows=rows[sl])
+            grads = torch.autograd.grad(score.sum(), attn, allow_unused=True)
+        n = inputs[sl].shape[0]
+        ctx.counter.add(forward=n, backward=n)
+        w = weights[sl].double().view(-1, 1, 1, 1)
+        for i, (a, g) in enumerate(zip(attn, grads)):
+            if g is None:
+                continue
+            e = (g.detach().double() * a.detach().double()).clamp_min(0) * w
+            if acc is None:
+                acc = torch.zeros((len(attn), ctx.batch, *a.shape[1:]), dtype=torch.float64, device=a.device)
+            acc[i].index_add_(0, rows[sl], e)
+    if acc is None:
+        raise SaliencyError("the target score does not depend on any attention probabilities")
+    return acc
+
+
+def attention_rollout_of(E: torch.Tensor) -> torch.Tensor:
+    """[L,B,heads,N,N] -> R = prod_l rownorm(mean_heads(E^l) + I) (block 1 applied first) [B,N,N]."""
+    _, b, _, n, _ = E.shape
+    eye = torch.eye(n, dtype=torch.float64, device=E.device).expand(b, n, n)
+    R = eye.clone()
+    for El in E:
+        a = El.mean(1) + eye
+        R = (a / a.sum(-1, keepdim=True)) @ R
+    return R
+
+
 @register
 class IIA(Method):
     name = "iia"
@@ -441,16 +509,23 @@ class IIA(Method):
     family = "gradient"
     cost = "25F+25B"
     uses_layer = True
-    description = ("Iterated Integrated Attributions (Barkan et al. 2023): for inputs x_k on the path from the "
-                   "baseline to x and representations r = beta_j * a(x_k) of the layer, integrate "
-                   "ReLU(dS/dr * r) over (alpha_k, beta_j); channel sum; upsampled.")
+    description = ("Iterated Integrated Attributions (Barkan et al. 2023): integration over the input path "
+                   "x_k = x' + alpha_k (x - x') and, for each x_k, over beta_j times an internal representation. "
+                   "CNN form (path='representation'): ReLU(dS/dr * r) at r = beta_j a(x_k) of the layer, channel "
+                   "sum. ViT form (path='attention', timm attention): last block's attention scaled by beta_j, "
+                   "ReLU(dS/dA * A) of every block averaged, then rollout; CLS row on the patch grid.")
     defaults = {"steps": 5, "rule": "riemann_right", "baseline": "mean", "relu": True, "upsample": "bicubic",
-                "batch_size": None}
+                "path": "auto", "batch_size": None}
 
     def run(self, ctx, target, layer, steps=5, rule="riemann_right", baseline="mean", relu=True,
-            upsample="bicubic", batch_size=None):
+            upsample="bicubic", path="auto", batch_size=None):
         _check_positive_int("steps", steps)
-        name = _layer_name(ctx, layer)
+        if path not in ("auto", "attention", "representation"):
+            raise SaliencyError(f"iia path must be 'auto', 'attention' or 'representation', got {path!r}")
+        vit = _timm_attention(ctx.subject.model) is not None
+        if path == "attention" and not vit:
+            raise SaliencyError("iia path='attention' needs a Vision Transformer with timm attention blocks")
+        attention = path == "attention" or (path == "auto" and vit and layer in (None, "auto"))
         x = ctx.x.detach()
         b = x.shape[0]
         base = make_baseline(ctx.subject, x, baseline, ctx.seed)
@@ -462,10 +537,22 @@ class IIA(Method):
         ex = torch.arange(b).repeat(steps * steps)
         a = alphas.to(x.dtype)[k_idx].view(-1, 1, 1, 1)
         inputs = base[ex] + a * (x[ex] - base[ex])
-        raw = representation_path(ctx, target, name, inputs, ex.to(x.device), betas[j_idx], wa[k_idx] * wb[j_idx],
+        weights = wa[k_idx] * wb[j_idx]
+        if attention:
+            from ..vit import grid_of
+
+            E = iia_attention(ctx, target, inputs, ex.to(x.device), betas[j_idx], weights, batch_size)
+            R = attention_rollout_of(E)
+            prefix, h, w = grid_of(ctx.subject, R.shape[-1], tuple(x.shape[-2:]), layer="attention")
+            row = R[:, 0, prefix:] if prefix > 0 else R.mean(1)
+            raw = row.reshape(b, h, w)
+            return {"maps": _upsample_map(raw, x.shape[-2:], "bilinear", True), "raw": raw.float(), "layer": "attention",
+                    "signed": False, "extras": {"path": "attention", "blocks": int(E.shape[0])}}
+        name = _layer_name(ctx, layer)
+        raw = representation_path(ctx, target, name, inputs, ex.to(x.device), betas[j_idx], weights,
                                   "zero", relu, batch_size)
         return {"maps": _upsample_map(raw, x.shape[-2:], upsample, relu), "raw": raw.float(), "layer": name,
-                "signed": not relu}
+                "signed": not relu, "extras": {"path": "representation"}}
 
 
 @register
