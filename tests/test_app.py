@@ -238,3 +238,23 @@ def test_serve_command_rejects_bad_arguments(capsys):
     assert "--port" in capsys.readouterr().err
     assert main(["serve", "--model", "no_such_model"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_serve_command_serves_the_page():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "saliencykit", "serve", "--port", "0"], stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stderr.readline()  # "saliencykit app on http://127.0.0.1:PORT/ (Ctrl+C to stop)"
+        url = line.split(" on ", 1)[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url + "api/options", timeout=30) as r:
+            opts = json.loads(r.read())
+        assert opts["models"] == ["efficientnet_lite0", "mobilenet_v2"]
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert b"<title>saliencykit</title>" in r.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

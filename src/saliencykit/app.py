@@ -241,6 +241,7 @@ class App:
 
     def _run(self, job: Job, model, image, name, methods, target, metrics, notes):
         try:
+            job.update(step="waiting for the previous run to finish")
             with self._run_lock:
                 job.result = None
                 self._explain(job, model, image, name, methods, target, metrics, notes)
