@@ -217,6 +217,14 @@ def test_end_to_end_in_headless_chromium(lite0, tmp_path):
             assert "Grad-CAM finds" in driver.find_element(By.ID, "words").text
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             assert driver.save_screenshot(str(ARTIFACTS / "app.png"))
+            # a group target chosen in the page reaches the words
+            from selenium.webdriver.support.ui import Select
+
+            driver.find_element(By.CSS_SELECTOR, "input[name=target][value=group]").click()
+            Select(driver.find_element(By.ID, "target-group")).select_by_value("cat")
+            driver.find_element(By.ID, "run").click()
+            wait.until(lambda d: "any kind of cat" in d.find_element(By.ID, "words").text
+                       and d.find_element(By.ID, "results").is_displayed())
             # a bad upload: a message in the page, no stack trace
             bad = tmp_path / "notes.png"
             bad.write_text("not really a picture")
