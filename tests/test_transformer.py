@@ -392,3 +392,14 @@ def test_dinov2_maps_highlight_the_cat(dino, chelsea):
     for name, e in out.items():
         m = e.maps[0].clamp_min(0)
         assert float(m[face].mean()) > 3 * float(m[~cat].mean()), name
+
+
+def test_dinov2_non_square_gradcam(dino, chelsea):
+    # what: a 224x288 input gives a 16x20 patch grid (patch 14, floor) and a map at input size, with
+    # no user reshape; why: non-square inputs on a real ViT (position embeddings interpolated)
+    from saliencykit.model import ImagePreprocess
+
+    x = ImagePreprocess((224, 288))(chelsea)[None]
+    e = sk.explain(dino, x, "gradcam", target=Similarity(chelsea, measure="dot"))
+    assert e.raw.shape == (1, 16, 20) and e.maps.shape == (1, 224, 288)
+    assert float(e.raw.max()) > 0
