@@ -213,3 +213,27 @@ def test_bad_parameters(tiny, tiny_x):
     for params in bad:
         with pytest.raises(SaliencyError):
             sk.explain(tiny, tiny_x, "xrai", steps=1, **params)
+
+
+# --------------------------------------------------------------------------- agreement with PAIR saliency
+@pytest.mark.parametrize("algorithm", ["full", "fast"])
+def test_agrees_with_pair_xrai(chelsea, algorithm):
+    # PAIR's own XRAI on the same image and base attribution (its Felzenszwalb segments, dilation,
+    # and greedy loop): the segments are the same masks, and map and rank map are equal.
+    core = pytest.importorskip("saliency.core")
+    from saliency.core.xrai import _get_segments_felzenszwalb
+
+    img = np.asarray(chelsea.resize((48, 40)), dtype=np.float64) / 255
+    attr = np.random.default_rng(0).normal(size=img.shape)
+    ours_masks = xrai_segments(img)
+    pair_masks = _get_segments_felzenszwalb(img)
+    # PAIR also lists labels that vanish when the label map is resized back (empty masks, never
+    # selected); ours keeps only the labels present
+    nonempty = np.stack([m for m in pair_masks if m.any()])
+    assert torch.equal(ours_masks, torch.from_numpy(nonempty))
+    params = core.XRAIParameters(algorithm=algorithm, return_xrai_segments=True)
+    ref = core.XRAI().GetMaskWithDetails(img, None, base_attribution=attr, segments=pair_masks,
+                                         extra_parameters=params)
+    res = xrai_rank(torch.from_numpy(attr).amax(-1), ours_masks, algorithm)
+    torch.testing.assert_close(res["map"], torch.from_numpy(ref.attribution_mask).double(), rtol=0, atol=1e-12)
+    assert np.array_equal(res["ranks"].numpy(), ref.segments)
