@@ -87,6 +87,8 @@ def test_report_shows_what_was_computed(tiny):
     assert html.count("<polyline") == len(ev.methods) == 3
     # both colour bars (unsigned and signed maps present), and the footer
     assert "1 (map maximum)" in html and "+1 for" in html
+    clip = report._overlay_clip()  # the overlays' saturation percentile is stated, whatever it is
+    assert clip is None or f"the {clip}th percentile" in html
     assert "Reproducibility" in html and "torch " + torch.__version__ in html
     assert "<tr><th>seed</th><td>3</td></tr>" in html
 

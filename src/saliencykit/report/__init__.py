@@ -195,6 +195,16 @@ def photo_section(subject, image, name: str, methods: Sequence[str] | None = Non
     return section
 
 
+def _overlay_clip():
+    """The percentile at which `viz.overlay` saturates maps by default (None = no clipping)."""
+    import inspect
+
+    from .. import viz
+
+    p = inspect.signature(viz.overlay).parameters.get("clip")
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
 def render(sections: Sequence[dict], meta: dict) -> str:
     """The report HTML from photo sections and run metadata (model, seed, methods, ...)."""
     import jinja2
@@ -206,7 +216,7 @@ def render(sections: Sequence[dict], meta: dict) -> str:
     env.filters["num"] = lambda v: f"{float(v):.2f}"
     template = env.get_template("report.html.j2")
     sections = [dict(sec, index=i + 1) for i, sec in enumerate(sections)]
-    return template.render(sections=sections, meta=meta,
+    return template.render(sections=sections, meta=meta, display_clip=_overlay_clip(),
                            colour_bar_unsigned=colour_bar(False), colour_bar_signed=colour_bar(True))
 
 
