@@ -182,3 +182,25 @@ def test_drise_astronaut_face_with_opencv_cascade():
     hidden[top.numpy()] = 0
     assert len(det.detect([hidden])[0]) == 0
     assert len(det.detect([np.asarray(img)])[0]) == 1
+
+
+def test_gradcam_on_a_torchvision_detector():
+    # what: Grad-CAM of one detection of a torchvision Faster R-CNN (random weights) comes back at
+    # photo size, non-negative, with a non-zero gradient reaching the backbone, and the model is
+    # left as found; a box matching no output raises; why: gradient CAMs where gradients exist
+    from saliencykit.detection import detector_gradcam
+    from saliencykit.model import count_hooks
+
+    torch.manual_seed(0)
+    det = load_detector("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn:random")
+    photo = np.asarray(data.image("astronaut").resize((96, 80)))
+    flags = [m.training for m in det.model.modules()]
+    e = detector_gradcam(det, photo, Box(0))
+    assert e.maps.shape == (1, 80, 96) and (e.maps >= 0).all()
+    assert e.layer.startswith("backbone.body") and e.extras["gradient_norm"] > 0
+    assert flags == [m.training for m in det.model.modules()] and count_hooks(det.model) == 0
+    assert all(p.grad is None for p in det.model.parameters())
+    with pytest.raises(SaliencyError, match="matches the target|not among"):
+        detector_gradcam(det, photo, Box(box=(0, 0, 3, 3), label=1))
+    with pytest.raises(SaliencyError, match="torchvision detection model"):
+        detector_gradcam(Detector(square_detector, num_classes=2), square_photo())

@@ -278,7 +278,7 @@ def _torchvision_detector(spec: str, score_thresh: float = 0.01) -> Detector:
 
     @torch.inference_mode()
     def detect(images: list[np.ndarray]):
-        tensors = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255.0 for im in images]
+        tensors = [torch.from_numpy(np.array(im, copy=True)).permute(2, 0, 1).float() / 255.0 for im in images]
         return [{k: v for k, v in out.items()} for out in model(tensors)]
 
     det = Detector(detect, num_classes=num_classes, class_names=labels, batched=True, name=f"torchvision:{spec}")
@@ -460,5 +460,90 @@ def drise(detector: Detector, photo, targets=None, n_masks: int = 1000, cell: in
                                "weights": weights.float()})
 
 
+# ------------------------------------------------------------------ gradient CAMs (torchvision)
+def _auto_detector_layer(model, probe: torch.Tensor) -> str:
+    """The last module of the backbone body (execution order) whose output is a spatial map."""
+    root = "backbone.body" if hasattr(getattr(model, "backbone", None), "body") else "backbone"
+    finished, handles = [], []
+    for name, mod in model.named_modules():
+        if name.startswith(root + "."):
+            def hook(_m, _i, out, name=name):
+                if isinstance(out, torch.Tensor) and out.dim() == 4 and min(out.shape[-2:]) > 1:
+                    finished.append(name)
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model([probe])
+    finally:
+        for h in handles:
+            h.remove()
+    if not finished:
+        raise SaliencyError("no spatial layer found in the detector's backbone; pass layer=NAME")
+    return finished[-1]
+
+
+def detector_gradcam(detector: Detector, photo, target: Box | None = None, layer: str = "auto",
+                     min_iou: float = 0.5):
+    """Grad-CAM of one detection of a torchvision detector (`load_detector("torchvision:...")`).
+
+    The score is the detection's post-NMS class score, found again in a differentiable forward as
+    the output box of the same class with the highest IoU with the target (at least `min_iou`).
+    The layer's map (computed on the detector's resized, padded input) is cropped to the image part
+    and upsampled to photo size. Returns an `Explanation` with one map.
+    """
+    from .explanation import Explanation
+    from .model import LayerCapture
+
+    model = getattr(detector, "model", None)
+    if model is None or not hasattr(model, "transform"):
+        raise SaliencyError("detector_gradcam needs a torchvision detection model (load_detector('torchvision:...')); "
+                            "use drise for black-box detectors")
+    t0 = time.perf_counter()
+    img = _as_photo(photo)
+    H, W = img.shape[:2]
+    clean = detector.detect([img])[0]
+    tgt = (target or Box(0)).select(detector, clean)
+    x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 255.0
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        name = _auto_detector_layer(model, x) if layer == "auto" else layer
+        modules = dict(model.named_modules())
+        if name not in modules:
+            raise SaliencyError(f"layer {name!r} not found in the detector")
+        with torch.no_grad():
+            batch, _ = model.transform([x])
+        (rh, rw), (ph, pw) = batch.image_sizes[0], tuple(batch.tensors.shape[-2:])
+        with torch.enable_grad(), LayerCapture({name: modules[name]}) as cap:
+            out = model([x.clone().requires_grad_(True)])[0]
+            A = cap.get(name)
+            same = out["labels"] == tgt.classes[0]
+            if not bool(same.any()):
+                raise SaliencyError("the target detection is not among the detector's outputs")
+            iou = box_iou(tgt.boxes, out["boxes"].detach())[0].masked_fill(~same, -1.0)
+            j = int(iou.argmax())
+            if float(iou[j]) < min_iou:
+                raise SaliencyError(f"no output box matches the target (best IoU {float(iou[j]):.2f} < {min_iou})")
+            score = out["scores"][j]
+            score_value = float(score.detach())
+            (G,) = torch.autograd.grad(score, A, allow_unused=True)
+    finally:
+        for m, was in training.items():
+            m.training = was
+    if G is None:
+        raise SaliencyError(f"the detection score does not depend on layer {name!r}")
+    A, G = A.detach().float(), G.float()
+    cam = (G.mean((2, 3), keepdim=True) * A).sum(1).clamp_min(0)[0]  # [h, w] on the padded input
+    h, w = cam.shape
+    cam = cam[:max(1, round(h * rh / ph)), :max(1, round(w * rw / pw))]
+    maps = F.interpolate(cam[None, None], size=(H, W), mode="bilinear", align_corners=False)[0]
+    return Explanation(maps=maps, method="gradcam", signed=False,
+                       target=[{"kind": "box", "box": tgt.boxes[0].tolist(), "indices": [int(tgt.classes[0])],
+                                "name": f"class {int(tgt.classes[0])}", "score": score_value}],
+                       layer=name, params={"min_iou": min_iou}, passes={"forward": 2.0, "backward": 1.0},
+                       seconds=time.perf_counter() - t0, model=detector.name, raw=cam[None].clone(),
+                       extras={"gradient_norm": float(G.norm())})
+
+
 __all__ = ["Box", "Detector", "Detections", "load_detector", "drise", "drise_masks", "box_iou",
-           "detection_similarity"]
+           "detection_similarity", "detector_gradcam"]
