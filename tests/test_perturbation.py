@@ -176,6 +176,19 @@ def test_rise_constant_model_gives_flat_map():
     assert rel < 4 / math.sqrt(n)
 
 
+def test_rise_masks_range_and_mean():
+    # Masks are bilinear blends of Bernoulli(p) cells: values in [0,1], mean ~ p (200 masks of 49
+    # cells: std of the mean ~ sqrt(p(1-p)/9800) = 0.005 per pixel cell, tolerance 0.03).
+    from saliencykit.methods.perturbation import RiseMasks
+
+    for p in (0.3, 0.5):
+        gen = RiseMasks(200, 7, p, (40, 36), seed=0)
+        m = gen(torch.arange(200))
+        assert m.shape == (200, 1, 40, 36)
+        assert m.min() >= 0 and m.max() <= 1
+        assert abs(float(m.mean()) - p) < 0.03
+
+
 def test_rise_bad_params(tiny, tiny_x):
     for kw, msg in [({"n_masks": -5}, "n_masks"), ({"p": 0.0}, r"\(0, 1\]"), ({"p": 1.5}, r"\(0, 1\]"),
                     ({"cell": 0}, "cell"), ({"cell": 64}, "finer")]:
@@ -221,6 +234,8 @@ def test_kernelshap_recovers_linear_coefficients_exact_and_sampled():
         e = sk.explain(subj, x, "kernelshap", target=0, segments=seg, n_samples=n, baseline=torch.zeros(1))
         assert e.extras["exact"] == [cells == 3]
         assert torch.allclose(e.extras["coefficients"][0], truth, atol=1e-4)
+        # passes: clean + baseline (all off) + the coalitions (2^9 - 2 = 510 in exact mode)
+        assert e.passes["forward"] == 2 + (510 if cells == 3 else n)
 
 
 def test_kernelshap_efficiency_and_symmetry(tiny, tiny_x):

@@ -189,7 +189,7 @@ class RiseMasks:
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
         """Masks for the given mask indices: [k,1,H,W] in [0,1]."""
         up = ((self.cell + 1) * self.step[0], (self.cell + 1) * self.step[1])
-        big = F.interpolate(self.grids[index], size=up, mode="bilinear", align_corners=False)
+        big = F.interpolate(self.grids[index], size=up, mode="bilinear", align_corners=False).clamp_(0, 1)
         h, w = self.size
         out = torch.empty(len(index), 1, h, w, device=big.device)
         for r, i in enumerate(index.tolist()):
