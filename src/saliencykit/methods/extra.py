@@ -275,8 +275,8 @@ def cf_cam_map(A: torch.Tensor, G: torch.Tensor, spatial_sigma: float = 5.0, ran
     """
     from sklearn.cluster import DBSCAN
 
-    A = A.double()
-    G = G.double()
+    A = A.detach().double().cpu()
+    G = G.detach().double().cpu()
     c = A.shape[0]
     vec = A.reshape(c, -1)
     norms = vec.norm(dim=1)
@@ -333,7 +333,7 @@ class CFCAM(Method):
         for i in range(A.shape[0]):
             m, info = cf_cam_map(A[i], G[i], spatial_sigma, range_sigma, importance_percentile, eps_percentile,
                                  min_samples_fraction)
-            raws.append(m.float())
+            raws.append(m.float().to(A.device))
             infos.append(info)
         raw = torch.stack(raws)
         maps = upsample(raw, ctx.x.shape[-2:])
@@ -365,7 +365,7 @@ class _ReplaceOutput:
         else:
             dims = tuple(range(2, a.dim())) if a.dim() == 4 else (1,)
             base = a.amin(dim=dims, keepdim=True)
-        beta = self.beta.to(a.dtype).view(-1, *([1] * (a.dim() - 1)))
+        beta = self.beta.to(a.device, a.dtype).view(-1, *([1] * (a.dim() - 1)))
         self.tensor = (base + beta * (a - base)).requires_grad_(True)
         return self.tensor
 
@@ -412,7 +412,7 @@ def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torc
         e = as_grid(ctx, name, g.detach() * r.detach()).double()
         if relu:
             e = e.clamp_min(0)
-        e = e.sum(1) * weights[sl].view(-1, 1, 1).double()
+        e = e.sum(1) * weights[sl].to(e.device, torch.float64).view(-1, 1, 1)
         if out is None:
             out = torch.zeros((ctx.batch, *e.shape[1:]), dtype=torch.float64, device=e.device)
         out.index_add_(0, rows[sl], e)
@@ -465,7 +465,7 @@ def iia_attention(ctx, target, inputs: torch.Tensor, rows: torch.Tensor, betas: 
         beta = betas[sl]
 
         def scale(_m, _i, out, beta=beta):
-            return out * beta.to(out.dtype).view(-1, 1, 1, 1)
+            return out * beta.to(out.device, out.dtype).view(-1, 1, 1, 1)
 
         with AttentionTap(ctx.subject.model) as tap, torch.enable_grad():
             handle = last.attn_drop.register_forward_hook(scale)  # runs after the tap's recording hook
@@ -478,7 +478,7 @@ def iia_attention(ctx, target, inputs: torch.Tensor, rows: torch.Tensor, betas: 
             grads = torch.autograd.grad(score.sum(), attn, allow_unused=True)
         n = inputs[sl].shape[0]
         ctx.counter.add(forward=n, backward=n)
-        w = weights[sl].double().view(-1, 1, 1, 1)
+        w = weights[sl].to(inputs.device, torch.float64).view(-1, 1, 1, 1)
         for i, (a, g) in enumerate(zip(attn, grads)):
             if g is None:
                 continue
@@ -535,7 +535,7 @@ class IIA(Method):
         k_idx = torch.arange(steps).repeat_interleave(steps * b)
         j_idx = torch.arange(steps).repeat_interleave(b).repeat(steps)
         ex = torch.arange(b).repeat(steps * steps)
-        a = alphas.to(x.dtype)[k_idx].view(-1, 1, 1, 1)
+        a = alphas.to(x.device, x.dtype)[k_idx.to(x.device)].view(-1, 1, 1, 1)
         inputs = base[ex] + a * (x[ex] - base[ex])
         weights = wa[k_idx] * wb[j_idx]
         if attention:
