@@ -449,6 +449,9 @@ def test_rfxg_contrastive_map_beats_plain_map():
     assert float(ccs["contrastive"].scores) < float(ccs["random"].scores)
     assert float(cgs["contrastive"].scores) < float(cgs["plain"].scores)
     assert ccs["contrastive"].curves["y"].shape == (1, 9)
+    # without target=, evaluate scores the contrast the explanations were made for
+    again = evaluate(subject, x, {"contrastive": exps["contrastive"]}, metrics=["rfxg_ccs"], random_baseline=False)
+    assert torch.equal(again["rfxg_ccs"]["contrastive"].scores, ccs["contrastive"].scores)
     # the official (additive) CGS does not separate them the same way: both variants are reported
     off = evaluate(subject, x, exps, metrics=["rfxg_cgs"], target=contrast, params={"rfxg_cgs": {"variant": "official"}})
     assert off["rfxg_cgs"]["plain"].extras["variant"] == "official"

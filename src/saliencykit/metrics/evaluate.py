@@ -209,18 +209,31 @@ def _plain(v):
 
 
 def _target_from_explanations(exps: dict[str, Explanation], batch: int):
-    """The class the explanations were made for, when they all agree on a per-image class."""
-    picked = None
+    """The target the explanations were made for, when they all agree on it: one class per image,
+    or one `Contrast(a, vs=b)` of single classes per image. Else the top-1 class."""
+    from ..targets import Contrast
+
+    picked, kind = None, None
     for exp in exps.values():
         t = exp.target
-        if not t or len(t) != batch or any(d.get("kind") != "class" or len(d.get("indices", [])) != 1 for d in t):
+        if not t or len(t) != batch:
             continue
-        cls = [int(d["indices"][0]) for d in t]
+        if all(d.get("kind") == "class" and len(d.get("indices", [])) == 1 for d in t):
+            key = ("class", tuple(int(d["indices"][0]) for d in t))
+        elif all(d.get("kind") == "contrast" and len(d.get("indices", [])) == 1
+                 and len(d.get("vs_indices", [])) == 1 for d in t):
+            key = ("contrast", tuple((int(d["indices"][0]), int(d["vs_indices"][0])) for d in t))
+        else:
+            continue
         if picked is None:
-            picked = cls
-        elif picked != cls:
-            raise SaliencyError("the explanations were made for different classes; pass target=... to evaluate")
-    return Class(picked) if picked is not None else Class(None)
+            picked = key
+        elif picked != key:
+            raise SaliencyError("the explanations were made for different targets; pass target=... to evaluate")
+    if picked is None:
+        return Class(None)
+    if picked[0] == "class":
+        return Class(list(picked[1]))
+    return Contrast([a for a, _ in picked[1]], vs=[b for _, b in picked[1]])
 
 
 def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, target=None, seed: int | None = 0,
