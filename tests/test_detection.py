@@ -204,3 +204,13 @@ def test_gradcam_on_a_torchvision_detector():
         detector_gradcam(det, photo, Box(box=(0, 0, 3, 3), label=1))
     with pytest.raises(SaliencyError, match="torchvision detection model"):
         detector_gradcam(Detector(square_detector, num_classes=2), square_photo())
+
+
+def test_skimage_lbp_face_detector_finds_the_astronaut():
+    # what: the scikit-image LBP cascade adapter finds the astronaut's face with IoU > 0.6 against the
+    # hand-drawn face box (photo at 256 px); why: a second real detector behind the same protocol
+    det = load_detector("skimage:lbp_frontal_face")
+    found = det.detect([data.image("astronaut").resize((256, 256))])[0]
+    face = torch.tensor(data.boxes("astronaut")[1]["box"], dtype=torch.float64) / 2
+    assert len(found) >= 1
+    assert float(box_iou(face[None], found.boxes).max()) > 0.6

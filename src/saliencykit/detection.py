@@ -229,7 +229,10 @@ def _skimage_lbp() -> Detector:
 def _mtcnn() -> Detector:
     if importlib.util.find_spec("facenet_pytorch") is None:
         raise SaliencyError("mtcnn needs facenet-pytorch: pip install --no-deps facenet-pytorch==2.6.0")
-    from facenet_pytorch import MTCNN
+    try:
+        from facenet_pytorch import MTCNN
+    except ImportError as err:  # facenet-pytorch installed --no-deps can miss e.g. requests
+        raise SaliencyError(f"facenet-pytorch could not be imported ({err}); install the missing package") from None
     from PIL import Image
 
     net = MTCNN(keep_all=True, device="cpu")
