@@ -145,3 +145,47 @@ def test_text_target_errors(clip, x, tiny, tiny_x):
         sk.explain(clip, x, "saliency", target=Text(PROMPTS))
     with pytest.raises(SaliencyError, match="not in the descriptions"):
         explain_by_description(clip, x, {"cat": ["whiskers"]}, cls="dog")
+
+
+class FakeOpenCLIP(torch.nn.Module):
+    """open_clip layout: `visual` (a ViT) and a text `transformer` with its own attention modules."""
+
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        self.visual = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                           hidden_dim=32, mlp_dim=64, num_classes=16)
+        torch.nn.init.normal_(self.visual.heads.head.weight, std=0.3)
+        self.token_embedding = torch.nn.Embedding(VOCAB, 16)
+        layer = torch.nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+        self.transformer = torch.nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+
+    def encode_image(self, x):
+        return self.visual(x)
+
+    def encode_text(self, ids):
+        return self.transformer(self.token_embedding(ids)).mean(1)
+
+
+def test_open_clip_layout(x):
+    # what: an open_clip-style model (text transformer named `transformer`, image tower `visual`) is
+    # explained through its image tower only: the tapped blocks are the visual ones, the Text score
+    # is the cosine of encode_image and encode_text (1e-6); why: the open_clip loader's code path
+    # without downloadable weights
+    from saliencykit.clip import CLIPSubject, Text
+    from saliencykit.vit import transformer_blocks
+
+    torch.manual_seed(0)
+    model = FakeOpenCLIP().eval()
+    subject = CLIPSubject(model, lambda prompts: char_tokenizer(prompts)["input_ids"], input_size=32)
+    assert subject.kind == "open_clip"
+    blocks = transformer_blocks(subject.model)
+    assert len(blocks) == 2 and all(b.startswith("clip.visual.") for b, _ in blocks)
+    with torch.no_grad():
+        expect = torch.cosine_similarity(model.encode_image(x),
+                                         model.encode_text(char_tokenizer(["a cat"])["input_ids"]))
+        logits = subject.forward(x)
+    assert torch.allclose(Text("a cat").resolve(subject, logits).score(logits), expect, atol=1e-6)
+    e = sk.explain(subject, x, ["relevancy", "gradcam"], target=Text("a cat"))
+    assert e["relevancy"].raw.shape == (1, 4, 4) and e["gradcam"].layer.startswith("clip.visual.")
