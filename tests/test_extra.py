@@ -221,6 +221,9 @@ def test_iia_dix_shapes_determinism(tiny, tiny_x, method):
     e2 = sk.explain(tiny, tiny_x, method, layer="act2", steps=2)
     assert e1.maps.shape == (2, 32, 32) and e1.raw.shape == (2, 16, 16) and e1.layer == "act2"
     assert torch.equal(e1.maps, e2.maps) and e1.maps.min() >= 0
+    # chunking the path rows (3 per pass) accumulates the same sums per example
+    e3 = sk.explain(tiny, tiny_x, method, layer="act2", steps=2, batch_size=3)
+    torch.testing.assert_close(e3.raw, e1.raw, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("method,params", [("iia", {"steps": 3}), ("dix", {"steps": 4})])
@@ -373,7 +376,7 @@ def test_guided_ig_agrees_with_pair(monkeypatch):
 
 def test_blur_ig_agrees_with_pair():
     # PAIR blurs with SciPy (truncation radius int(4 sigma + 0.5), ours ceil(4 sigma)): the dropped
-    # kernel tails are < e^-8 of the centre, so the maps agree to ~1e-3 of their scale.
+    # kernel tails are < e^-8 of the centre: measured max difference 1.2e-4 of the map's scale.
     core = pytest.importorskip("saliency.core")
     s, x = smooth_subject(), x64(1, seed=5)
     e = sk.explain(s, x, "blur_ig", target=0, max_sigma=4.0, steps=20, grad_step=0.01)
@@ -381,5 +384,5 @@ def test_blur_ig_agrees_with_pair():
                                 grad_step=0.01, batch_size=20)
     ref = torch.from_numpy(ref).permute(2, 0, 1)
     ours = e.attributions[0].double()
-    assert (ours - ref).abs().max() < 1e-2 * ref.abs().max()
+    assert (ours - ref).abs().max() < 2e-3 * ref.abs().max()
     assert np.corrcoef(ours.flatten().numpy(), ref.flatten().numpy())[0, 1] > 0.999
