@@ -141,6 +141,24 @@ def test_timm_deit_distilled_has_two_prefix_tokens():
     assert all(b.attn.fused_attn == model.blocks[0].attn.fused_attn for b in model.blocks)
 
 
+@pytest.mark.skipif(not HAS_TIMM, reason="timm not installed")
+def test_channels_last_swin_is_refused_not_misread():
+    # what: timm Swin keeps channels-last maps [B, h, w, C] and windowed attention: the default CAM
+    # layer and the attention methods raise a SaliencyError instead of reading [B, h, w, C] as
+    # [B, C, h, w] or rolling out per-window attention; why: never a silent wrong map
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, depths=(1, 1, 1, 1),
+                              embed_dim=24, num_heads=(1, 1, 1, 1)).eval()
+    subject = Subject(model, input_size=224)
+    x = torch.randn(1, 3, 224, 224)
+    with pytest.raises(SaliencyError, match="channels-last"):
+        sk.explain(subject, x, "gradcam")
+    with pytest.raises(SaliencyError, match="windowed"):
+        sk.explain(subject, x, "relevancy")
+
+
 def test_misspecified_grid_errors_clearly(vit, x32):
     # what: a wrong prefix count, a wrong grid_fn and tokens that fit no grid each raise a
     # SaliencyError naming the problem; why: never a silent wrong reshape

@@ -159,12 +159,34 @@ def token_auto_layer(subject) -> str | None:
         return None
     block_name = blocks[-1][0]
     block = dict(subject.model.named_modules())[block_name]
+    chosen = None
     for name, mod in block.named_modules():
         if isinstance(mod, nn.LayerNorm):
-            return f"{block_name}.{name}"
-    if len(blocks) > 1:
-        return blocks[-2][0]
-    return block_name
+            chosen = f"{block_name}.{name}"
+            break
+    if chosen is None:
+        chosen = blocks[-2][0] if len(blocks) > 1 else block_name
+    _check_token_layer(subject, chosen)
+    return chosen
+
+
+def _check_token_layer(subject, name: str):
+    """One dry forward: the default ViT layer must output tokens [B, N, D]; channels-last maps
+    [B, h, w, C] (Swin-style models) would be misread as [B, C, h, w], so they are refused."""
+    module = dict(subject.model.named_modules())[name]
+    shapes = []
+    handle = module.register_forward_hook(
+        lambda _m, _i, out: shapes.append(tuple((out[0] if isinstance(out, (tuple, list)) else out).shape)))
+    probe = torch.zeros(1, subject.in_channels, *subject.input_size, device=subject.device)
+    try:
+        with subject.explaining(), torch.no_grad():
+            subject.forward(probe)
+    finally:
+        handle.remove()
+    if shapes and len(shapes[-1]) == 4:
+        raise SaliencyError(
+            f"layer {name!r} outputs channels-last maps {shapes[-1]} (a Swin-style model); CAM methods read "
+            "[B, C, h, w] or tokens [B, N, D]: pass layer=NAME of a channels-first layer, or wrap the model")
 
 
 # ----------------------------------------------------------------------------------- the tap

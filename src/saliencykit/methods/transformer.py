@@ -32,6 +32,11 @@ def _tap_forward(ctx, tap: AttentionTap, grad: bool):
     if not tap.attn:
         raise SaliencyError("no attention probabilities were recorded during the forward pass; "
                             "the model's attention modules were not called")
+    if any(a.dim() != 4 or a.shape[0] != ctx.batch or a.shape[-1] != a.shape[-2] for a in tap.attn) or \
+            len({a.shape[-1] for a in tap.attn}) != 1:
+        raise SaliencyError("attention methods need global self-attention over one token sequence per image "
+                            f"(got attention shapes {sorted({tuple(a.shape) for a in tap.attn})}); windowed or "
+                            "hierarchical attention (Swin) is not supported")
     return logits
 
 
