@@ -249,6 +249,38 @@ def test_scorecam_softmax_weights_sum_to_one_and_constant_channels_are_skipped(t
         explain(tiny, tiny_x, "scorecam", layer="act2", weighting="softmax")
 
 
+class QuadrantModel(nn.Module):
+    """Layer `feat` has 4 channels, each a fixed 4x4 pattern lighting one quadrant; class 0 scores the mean
+    of the top-left quadrant of the input, class 1 its negative."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Identity()
+        patterns = torch.zeros(4, 4, 4)
+        for k, (i, j) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+            patterns[k, i:i + 2, j:j + 2] = 1
+        self.register_buffer("patterns", patterns)
+
+    def forward(self, x):
+        f = self.feat(self.patterns.expand(x.shape[0], -1, -1, -1) + 0 * x.mean((1, 2, 3)).view(-1, 1, 1, 1))
+        s = x[:, :, :16, :16].mean((1, 2, 3)) + 0 * f.sum((1, 2, 3))
+        return torch.stack([s, -s], 1)
+
+
+def test_scorecam_channel_covering_the_scored_region_weighs_most():
+    # Known answer (METHODS.md 18): the score is the mean of the top-left quadrant, so masking the input by
+    # the channel that lights that quadrant keeps the most score and gets the largest weight, whatever the
+    # weighting; the map peaks in that quadrant.
+    subject = Subject(QuadrantModel(), input_size=(32, 32))
+    x = 1 + 0.1 * torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for weighting in ("paper", "official", "channel_softmax"):
+        e = explain(subject, x, "scorecam", target=0, layer="feat", weighting=weighting)
+        w = e.extras["channel_weights"]
+        assert (w.argmax(1) == 0).all(), weighting
+        m = e.maps
+        assert (m[:, :16, :16].mean((1, 2)) > m[:, 16:, 16:].mean((1, 2))).all(), weighting
+
+
 # ------------------------------------------------------------------------------- sharing
 def test_gradient_cams_of_one_layer_share_one_forward_backward(tiny, tiny_x):
     # Five gradient CAMs + Eigen-CAM + CAM of one layer: one forward to fix the target, one shared
