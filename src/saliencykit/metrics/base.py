@@ -106,7 +106,7 @@ def get(name: str) -> type[Metric]:
 
 
 def _load_all():
-    from . import complexity, contrastive, faithfulness, localisation, randomisation, road, sensitivity  # noqa: F401
+    from . import complexity, contrastive, faithfulness, localisation, pic, randomisation, road, sensitivity  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------ context
