@@ -204,13 +204,16 @@ class ResolvedTarget:
     def _masks(self, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (k, str(device))
         if key not in self._cache:
-            pos = torch.zeros(len(self.pos), k, dtype=torch.bool, device=device)
-            neg = torch.zeros_like(pos)
-            for b, side in enumerate(self.pos):
-                pos[b, side.indices] = True
-            for b, side in enumerate(self.neg):
-                if side is not None:
-                    neg[b, side.indices] = True
+            # built outside inference mode: the cached masks are reused by gradient passes, and
+            # inference tensors cannot be saved for backward
+            with torch.inference_mode(False):
+                pos = torch.zeros(len(self.pos), k, dtype=torch.bool, device=device)
+                neg = torch.zeros_like(pos)
+                for b, side in enumerate(self.pos):
+                    pos[b, side.indices] = True
+                for b, side in enumerate(self.neg):
+                    if side is not None:
+                        neg[b, side.indices] = True
             self._cache[key] = (pos, neg)
         return self._cache[key]
 
