@@ -229,6 +229,9 @@ class Rise(Method):
             if isinstance(classes, (int, str)):
                 classes = [classes]
             cls_idx = torch.tensor([ctx.subject.class_index(c, k_classes) for c in classes], dtype=torch.long)
+        if cls_idx is not None and b * len(cls_idx) * h * w * 4 > 4 * 2 ** 30:
+            raise SaliencyError(f"rise classes: {len(cls_idx)} per-class maps of {b} x {h} x {w} need more than "
+                                "4 GiB; ask for the classes you need (classes=[...])")
         gen = RiseMasks(n, cell, float(p), (h, w), ctx.seed, device=x.device)
         acc = torch.zeros(b, h * w, device=x.device, dtype=torch.float64)
         # float32 per-class maps: B x classes x H x W (classes="all" on 1000 classes at 224 px is 200 MB
