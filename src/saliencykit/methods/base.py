@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..engine import GradResult, PassCounter, forward_logits, gradient_pass
+from ..engine import DEFAULT_BATCH, GradResult, PassCounter, forward_logits, gradient_pass
 from ..errors import SaliencyError
 from ..explanation import Explanation
 from ..targets import ResolvedTarget, Target, as_target
@@ -35,6 +35,7 @@ class Method:
     randomized: bool = False
     experimental: bool = False
     uses_layer: bool = False
+    clean_pass: bool = False  # uses gradients/activations of the clean input (shares `Context.prime`)
     defaults: dict = {}
     description: str = ""
 
@@ -100,6 +101,61 @@ class Context:
         self.counter = PassCounter()
         self._logits: torch.Tensor | None = None
         self._captures: dict = {}
+        self._primed = None  # (input, logits, activations) of one clean forward that kept its graph
+
+    def prime(self, layers: Sequence[str] = ()) -> None:
+        """One forward of the clean input that keeps its autograd graph and captures `layers`.
+
+        Its logits fix the target, and every later backward on the clean input (gradient CAMs,
+        saliency, gradient x input) reuses it: a call asking for the target and several such
+        methods costs one forward in total instead of one per method plus one for the target.
+        """
+        with torch.enable_grad():
+            xin = self.x.detach().clone().requires_grad_(True)
+            capture = self.subject.capture(layers) if layers else None
+            if capture is not None:
+                with capture:
+                    logits = self.subject.forward(xin)
+                acts = {name: capture.get(name) for name in capture.modules}
+            else:
+                logits = self.subject.forward(xin)
+                acts = {}
+        self.counter.add(forward=self.batch)
+        self._primed = (xin, logits, acts)
+        self._logits = logits.detach().float()
+
+    def _primed_grads(self, target: ResolvedTarget, layers: Sequence[str], input_grad: bool):
+        """Backward through the primed graph, or None when it cannot serve the request."""
+        if self._primed is None:
+            return None
+        xin, logits, acts = self._primed
+        if not set(layers) <= set(acts):
+            return None
+        for name in layers:
+            if not acts[name].requires_grad:
+                raise SaliencyError(f"layer {name!r} output does not depend on the input differentiably")
+        with torch.enable_grad():
+            scores = target.score(logits)
+            wrt = ([xin] if input_grad else []) + [acts[n] for n in layers]
+            grads = torch.autograd.grad(scores.sum(), wrt, retain_graph=True, allow_unused=True)
+        self.counter.add(backward=self.batch)
+        gi = None
+        if input_grad:
+            gi = torch.zeros_like(xin) if grads[0] is None else grads[0].detach()
+        layer_grads = {n: torch.zeros_like(acts[n]) if g is None else g.detach()
+                       for n, g in zip(layers, grads[1 if input_grad else 0:])}
+        return GradResult(logits=logits.detach(), scores=scores.detach(), input_grad=gi,
+                          activations={n: acts[n].detach() for n in layers}, gradients=layer_grads)
+
+    def input_gradient(self, target: ResolvedTarget) -> torch.Tensor | None:
+        """Gradient of the target w.r.t. the clean input from the primed pass (None if not primed)."""
+        key = ("input", target.key())
+        if key not in self._captures:
+            res = self._primed_grads(target, (), True)
+            if res is None:
+                return None
+            self._captures[key] = res
+        return self._captures[key].input_grad
 
     @property
     def batch(self) -> int:
@@ -120,8 +176,10 @@ class Context:
         """Activations of `layers` on the clean input (and the logits): reuses any capture of
         these layers made in this call, else one forward pass without gradients."""
         layers = tuple(layers)
+        if self._primed is not None and set(layers) <= set(self._primed[2]):
+            return {n: self._primed[2][n].detach() for n in layers}, self._primed[1].detach()
         for k, res in self._captures.items():
-            if k[0] != "forward-only" and set(layers) <= set(k[0]):
+            if k[0] not in ("forward-only", "input") and set(layers) <= set(k[0]):
                 return res.activations, res.logits
         key = ("forward-only", layers)
         if key not in self._captures:
@@ -143,10 +201,26 @@ class Context:
             for k, res in self._captures.items():
                 if len(k) == 3 and k[0] == tuple(layers) and k[1] == target.key() and k[2]:
                     return res
+            primed = self._primed_grads(target, layers, input_grad)
+            if primed is not None:
+                self._captures[key] = primed
+                return primed
             self._captures[key] = gradient_pass(self.subject, self.x, target, layers=layers,
                                                 input_grad=input_grad, counter=self.counter)
             self._logits = self._captures[key].logits if self._logits is None else self._logits
         return self._captures[key]
+
+
+def _prime_layers(ctx, layer) -> list[str]:
+    items = layer if isinstance(layer, (list, tuple)) else [layer]
+    if not items:
+        return []  # the methods themselves report the empty list
+    names = []
+    for item in items:
+        name = ctx.subject.find_layer(item, ctx.x)[0]
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def _split_params(methods: list[type[Method]], params: dict, per_method: dict | None):
@@ -205,6 +279,10 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
     results: dict[str, Explanation] = {}
     with subject.explaining():
         ctx = Context(subject, x, seed=seed, batch_size=batch_size, progress=progress)
+        if any(cls.clean_pass for cls in classes) and x.shape[0] <= (batch_size or DEFAULT_BATCH):
+            layered = [cls for cls in classes if cls.clean_pass and cls.uses_layer]
+            layers = _prime_layers(ctx, layer) if layered else []
+            ctx.prime(layers)
         resolved = ctx.resolve(tgt)
         first = True
         for cls in classes:

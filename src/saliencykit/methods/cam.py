@@ -86,6 +86,7 @@ class _GradCamBase(Method):
     family = "cam"
     cost = "1F+1B"
     uses_layer = True
+    clean_pass = True
     defaults = {"relu": True}
     fuse = "mean"
 
@@ -197,6 +198,7 @@ class CAM(Method):
     family = "cam"
     cost = "1F"
     uses_layer = True
+    clean_pass = True
     defaults = {"relu": True}
     description = ("Class activation map (Zhou et al. 2016): classifier weights x last feature map; "
                    "needs a GAP + linear head (checked). Contrast/Group targets use the target's derivative "
@@ -226,6 +228,7 @@ class SmoothGradCAMPlusPlus(Method):
     family = "cam"
     cost = "11F+10B"
     uses_layer = True
+    clean_pass = True
     randomized = True
     defaults = {"samples": 10, "noise": 0.15, "noise_abs": None, "relu": True, "batch_size": None}
     description = ("Grad-CAM++ with gradient moments D1, D2, D3 averaged over all noisy copies (Omeiza et al. "
@@ -264,6 +267,7 @@ class ScoreCAM(Method):
     family = "cam"
     cost = "(C+2)F"
     uses_layer = True
+    clean_pass = True
     defaults = {"weighting": "paper", "batch_size": None, "relu": True}
     description = ("Channel weights from the score of the input masked by each upsampled, min-max normalised "
                    "channel, blended towards a zero baseline (Wang et al. 2020). weighting='paper': increase of "
@@ -324,6 +328,7 @@ class EigenCAM(Method):
     family = "cam"
     cost = "1F"
     uses_layer = True
+    clean_pass = True
     defaults = {"relu": True, "sign_correction": True}
     description = ("First principal component of the centred activations (Muhammad & Yeasin 2020); "
                    "class-agnostic. The component's sign is chosen to correlate positively with the "

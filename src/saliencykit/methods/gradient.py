@@ -128,6 +128,9 @@ def _check_scale(value, what: str) -> float:
 
 def _input_gradient(ctx, target) -> torch.Tensor:
     """Gradient of the target score w.r.t. the clean input, chunked to `ctx.batch_size` rows."""
+    primed = ctx.input_gradient(target)
+    if primed is not None:
+        return primed
     x = ctx.x
     rows = torch.arange(x.shape[0], device=x.device)
     return chunked_gradient(ctx.subject, x, target, rows, ctx.batch_size, ctx.counter)
@@ -143,6 +146,7 @@ class Saliency(Method):
     name = "saliency"
     aliases = ("vanilla_gradient", "gradient")
     family = "gradient"
+    clean_pass = True
     cost = "1F+1B"
     description = "Gradient of the target score w.r.t. the input (Simonyan et al. 2014)."
     defaults = {"abs": False, "reduce": "max_abs"}
@@ -158,6 +162,7 @@ class GradientXInput(Method):
     name = "gradxinput"
     aliases = ("gradient_x_input", "input_x_gradient")
     family = "gradient"
+    clean_pass = True
     cost = "1F+1B"
     signed = True
     description = "Input times gradient (Shrikumar et al. 2016); sums to the score on bias-free ReLU nets."
