@@ -10,8 +10,12 @@ from .metrics import evaluate  # noqa: E402
 from .model import Subject, load_image  # noqa: E402
 from .targets import Class, Contrast, Group, Target, TopK  # noqa: E402
 from .verbalize import Verbalization, verbalize  # noqa: E402
+from .similarity import Similarity  # noqa: E402
+from .clip import CLIPSubject, Text, load_clip  # noqa: E402
+from .detection import Box, Detector, drise, load_detector  # noqa: E402
 from .zoo import available_models, load_model  # noqa: E402
 
 __all__ = ["load_model", "explain", "evaluate", "verbalize", "Verbalization", "Subject", "Explanation", "Target",
            "Class", "Contrast", "Group", "TopK", "SaliencyError", "methods", "metrics", "data", "viz",
-           "available_models", "load_image", "__version__"]
+           "available_models", "load_image", "Similarity", "Text", "CLIPSubject", "load_clip", "Box", "Detector",
+           "drise", "load_detector", "__version__"]

