@@ -22,11 +22,17 @@ import torch
 warnings.filterwarnings("ignore")
 
 
+CPU_TIMES: list = []
+
+
 def _timed(fn):
-    t0 = time.perf_counter()
+    """Wall seconds (returned) and process CPU seconds (kept in CPU_TIMES: less sensitive to other
+    load on a shared machine)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    CPU_TIMES.append(time.process_time() - c0)
     return time.perf_counter() - t0, out
 
 
@@ -50,7 +56,19 @@ def main(argv=None):
     exps = sk.explain(subject, x, ["gradcam", "saliency"])
     y = subject.forward(x).argmax(1)
     maps = exps["gradcam"].maps
-    rows = []
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"model {args.model}, {B} images 224x224, {dev}\n")
+    print("| metric | library | wall s / image | CPU s / image | note |")
+    print("|---|---|---|---|---|", flush=True)
+
+    class Rows(list):
+        def append(self, row):
+            super().append(row)
+            metric, lib, sec, note, cpu = row
+            fmt = (lambda v: f"{v:.2f}x") if lib.startswith("ratio") else (lambda v: f"{v:.2f}")
+            print(f"| {metric} | {lib} | {fmt(sec)} | {fmt(cpu)} | {note} |", flush=True)
+
+    rows = Rows()
 
     def ours(metrics, params, e="gradcam"):
         return evaluate(subject, x, {e: exps[e]}, metrics=metrics, params=params, random_baseline=False,
@@ -66,22 +84,23 @@ def main(argv=None):
     if "deletion" not in args.skip:
         t_sk, _ = _timed(lambda: ours(["deletion", "insertion"], {"deletion": {"step": 224}, "insertion": {"step": 224}}))
         t_del, _ = _timed(lambda: ours(["deletion"], {"deletion": {"step": 224}}))
-        rows.append(("deletion + insertion, 224 steps", "saliencykit", t_sk / B, "2 x 223 + 3 shared passes"))
-        rows.append(("deletion, 224 steps", "saliencykit", t_del / B, "223 + 2 shared passes"))
+        rows.append(("deletion + insertion, 224 steps", "saliencykit", t_sk / B, "2 x 223 + 3 shared passes",
+                     CPU_TIMES[-2] / B))
+        rows.append(("deletion, 224 steps", "saliencykit", t_del / B, "223 + 2 shared passes", CPU_TIMES[-1] / B))
         if quantus is not None:
             a = maps[:, None].numpy()
             metric = quantus.PixelFlipping(features_in_step=224, perturb_baseline=0.0, normalise=False,
                                            disable_warnings=True)
             t_q, _ = _timed(lambda: metric(a_batch=a, softmax=True, batch_size=B, **qkw))
             rows.append(("deletion, 224 steps", "quantus", t_q / B,
-                         "PixelFlipping, 672 steps (224 channel elements each)"))
+                         "PixelFlipping, 672 steps (224 channel elements each)", CPU_TIMES[-1] / B))
             rows.append(("deletion, 224 steps", "ratio quantus/ours (per evaluated input)",
-                         (t_q / 672) / (t_del / 224), ""))
+                         (t_q / 672) / (t_del / 224), "", (CPU_TIMES[-1] / 672) / (CPU_TIMES[-2] / 224)))
 
     if "sensitivity" not in args.skip:
         t_sk, _ = _timed(lambda: ours(["max_sensitivity"], {"max_sensitivity": {"n_samples": 10, "radius": 0.02}},
                                       e="saliency"))
-        rows.append(("max-sensitivity, 10 samples", "saliencykit", t_sk / B, "saliency explainer"))
+        rows.append(("max-sensitivity, 10 samples", "saliencykit", t_sk / B, "saliency explainer", CPU_TIMES[-1] / B))
         if quantus is not None:
             def explain_func(model, inputs, targets, **kw):
                 xi = torch.as_tensor(inputs, device=args.device)
@@ -90,16 +109,18 @@ def main(argv=None):
             metric = quantus.MaxSensitivity(nr_samples=10, lower_bound=0.02, disable_warnings=True)
             t_q, _ = _timed(lambda: metric(a_batch=exps["saliency"].maps[:, None].numpy(), explain_func=explain_func,
                                            batch_size=B, **qkw))
-            rows.append(("max-sensitivity, 10 samples", "quantus", t_q / B, "same explainer"))
+            rows.append(("max-sensitivity, 10 samples", "quantus", t_q / B, "same explainer", CPU_TIMES[-1] / B))
 
     if "road" not in args.skip:
         levels = [0.1 * i for i in range(1, 10)]
         t_sk, _ = _timed(lambda: ours(["road_morf"], {"road_morf": {"levels": levels}}))
-        rows.append(("ROAD MoRF, 9 levels", "saliencykit", t_sk / B, "9 solves + 9 passes per image"))
+        rows.append(("ROAD MoRF, 9 levels", "saliencykit", t_sk / B, "9 solves + 9 passes per image",
+                     CPU_TIMES[-1] / B))
         if quantus is not None:
             metric = quantus.ROAD(percentages=list(range(10, 100, 10)), disable_warnings=True)
             t_q, _ = _timed(lambda: metric(a_batch=maps[:, None].numpy(), batch_size=B, **qkw))
-            rows.append(("ROAD MoRF, 9 levels", "quantus", t_q / B, "removes p/3 of the pixels (see docs)"))
+            rows.append(("ROAD MoRF, 9 levels", "quantus", t_q / B, "removes p/3 of the pixels (see docs)",
+                         CPU_TIMES[-1] / B))
         try:
             from pytorch_grad_cam.metrics.road import ROADMostRelevantFirstAverage
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
@@ -107,17 +128,12 @@ def main(argv=None):
             road = ROADMostRelevantFirstAverage(percentiles=list(range(10, 100, 10)))
             targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in y]
             t_g, _ = _timed(lambda: road(x, maps.numpy(), targets, subject.model))
-            rows.append(("ROAD MoRF, 9 levels", "pytorch-grad-cam", t_g / B, "ROADMostRelevantFirstAverage"))
+            rows.append(("ROAD MoRF, 9 levels", "pytorch-grad-cam", t_g / B, "ROADMostRelevantFirstAverage",
+                         CPU_TIMES[-1] / B))
         except ImportError:
             pass
 
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
-    print(f"model {args.model}, {B} images 224x224, {dev}\n")
-    print("| metric | library | seconds / image | note |")
-    print("|---|---|---|---|")
-    for metric, lib, sec, note in rows:
-        val = f"{sec:.2f}x" if lib.startswith("ratio") else f"{sec:.2f}"
-        print(f"| {metric} | {lib} | {val} | {note} |")
+    return rows
 
 
 if __name__ == "__main__":
