@@ -118,9 +118,14 @@ def main(argv=None):
                      CPU_TIMES[-1] / B))
         if quantus is not None:
             metric = quantus.ROAD(percentages=list(range(10, 100, 10)), disable_warnings=True)
-            t_q, _ = _timed(lambda: metric(a_batch=maps[:, None].numpy(), batch_size=B, **qkw))
-            rows.append(("ROAD MoRF, 9 levels", "quantus", t_q / B, "removes p/3 of the pixels (see docs)",
-                         CPU_TIMES[-1] / B))
+            try:
+                t_q, _ = _timed(lambda: metric(a_batch=maps[:, None].numpy(), batch_size=B, **qkw))
+                rows.append(("ROAD MoRF, 9 levels", "quantus", t_q / B, "removes p/3 of the pixels (see docs)",
+                             CPU_TIMES[-1] / B))
+            except IndexError as err:
+                # Quantus ranks the channel-broadcast map's C*H*W elements but imputes by H*W pixel index
+                rows.append(("ROAD MoRF, 9 levels", "quantus", float("nan"), f"fails on RGB inputs: {err}",
+                             float("nan")))
         try:
             from pytorch_grad_cam.metrics.road import ROADMostRelevantFirstAverage
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget

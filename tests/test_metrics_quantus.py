@@ -132,8 +132,8 @@ def test_sparseness_and_complexity_agree_with_quantus(tiny_batch):
 
 def test_road_imputation_equals_quantus_noisy_linear_imputation():
     # Quantus's ROAD builds the same 8-neighbour system; with noise 0 the solutions agree to solver
-    # precision, border pixels included. (Quantus's ROAD *metric* removes p*H*W of the C*H*W
-    # channel-elements of a channel-broadcast map, i.e. a fraction p/C of the pixels, and reports
+    # precision, border pixels included. (Quantus's ROAD *metric* ranks the C*H*W elements of a
+    # channel-broadcast map but imputes by H*W pixel index, which fails on RGB inputs, and reports
     # accuracy; we remove a fraction p of the pixels and report probability with accuracy in
     # extras, so only the imputation is compared.)
     from quantus.functions.perturb_func import noisy_linear_imputation
