@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..engine import PassCounter, generator
+from ..engine import PassCounter
 from ..errors import SaliencyError
 from .base import (EvalContext, Metric, normalized_auc, per_example_passes, rank_maps, register, stack_maps)
 
