@@ -20,7 +20,59 @@ import torch.nn.functional as F
 from .errors import SaliencyError
 from .targets import ResolvedTarget
 
-DEFAULT_BATCH = 32
+DEFAULT_BATCH = 32      # the most rows per chunk: more does not pay on a CPU and rarely on a GPU
+MEMORY_FRACTION = 0.25  # share of the available memory one chunk may use
+_ROW_COST: dict = {}
+
+
+def memory_budget_bytes(device=None) -> int:
+    """Bytes one chunk may use: SALIENCYKIT_MEMORY_MB if set, else a quarter of what is free."""
+    import os
+
+    env = os.environ.get("SALIENCYKIT_MEMORY_MB")
+    if env:
+        return int(float(env) * 2**20)
+    if device is not None and torch.device(device).type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * MEMORY_FRACTION)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * MEMORY_FRACTION)
+    except OSError:
+        pass
+    return 2 * 2**30
+
+
+def row_cost_bytes(subject, shape) -> tuple[int, int]:
+    """(bytes of all layer outputs, bytes of the largest one) for one input row, measured once
+    per model and input shape by a probe forward with hooks on the leaf modules."""
+    key = (id(subject.model), tuple(shape[1:]))
+    if key not in _ROW_COST:
+        sizes = []
+
+        def hook(_m, _i, out):
+            if isinstance(out, torch.Tensor):
+                sizes.append(out.numel() * out.element_size())
+
+        handles = [m.register_forward_hook(hook) for m in subject.model.modules() if not list(m.children())]
+        try:
+            with torch.inference_mode():
+                subject.forward(torch.zeros((1, *shape[1:]), device=subject.device))
+        finally:
+            for h in handles:
+                h.remove()
+        _ROW_COST[key] = (max(sum(sizes), 1), max(sizes, default=1))
+    return _ROW_COST[key]
+
+
+def auto_batch(subject, shape, grad: bool) -> int:
+    """Rows per chunk that fit the memory budget: a backward keeps every layer output of the
+    chunk alive (~ the sum), a forward only a few at a time (~ 3 x the largest)."""
+    total, largest = row_cost_bytes(subject, shape)
+    per_row = 2 * total if grad else 3 * largest
+    return int(max(1, min(DEFAULT_BATCH, memory_budget_bytes(subject.device) // per_row)))
 
 
 @dataclass
@@ -89,7 +141,7 @@ def chunked_gradient(subject, inputs: torch.Tensor, target: ResolvedTarget, rows
                      input_grad: bool = True, reduce: Callable | None = None):
     """`gradient_pass` over a large row set in chunks; returns concatenated input gradients
     (or, with `reduce`, feeds each chunk's GradResult to `reduce(start, result)`)."""
-    bs = batch_size or DEFAULT_BATCH
+    bs = batch_size or auto_batch(subject, inputs.shape, grad=True)
     out = []
     for start in range(0, inputs.shape[0], bs):
         res = gradient_pass(subject, inputs[start:start + bs], target, rows=rows[start:start + bs],
@@ -104,7 +156,7 @@ def chunked_gradient(subject, inputs: torch.Tensor, target: ResolvedTarget, rows
 @torch.inference_mode()
 def forward_logits(subject, x: torch.Tensor, batch_size: int | None = None,
                    counter: PassCounter | None = None) -> torch.Tensor:
-    bs = batch_size or DEFAULT_BATCH
+    bs = batch_size or auto_batch(subject, x.shape, grad=False)
     outs = []
     for start in range(0, x.shape[0], bs):
         chunk = x[start:start + bs]
@@ -186,6 +238,7 @@ def perturbed_scores(subject, x: torch.Tensor, baseline: torch.Tensor, target: R
     KernelSHAP, Score-CAM-like methods and the deletion/insertion-type metrics.
     `on_chunk(start, stop, logits)` receives every chunk's full logits (see `forward_scores`).
     """
+    batch_size = batch_size or auto_batch(subject, x.shape, grad=False)
     cache: dict = {}
 
     def make_inputs(start, stop):

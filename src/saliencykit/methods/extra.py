@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine import forward_logits, gradient_pass, upsample
+from ..engine import auto_batch, forward_logits, gradient_pass, upsample
 from ..errors import SaliencyError
 from .base import Method, register
 from .cam import as_grid, resolve_layers
@@ -106,7 +106,7 @@ def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, st
     """
     sig = blur_sigmas(max_sigma, steps, sqrt)
     b = x.shape[0]
-    bs = batch_size or ctx.batch_size or 32
+    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
     per_chunk = max(1, bs // b)
     total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     rows_one = torch.arange(b, device=x.device)
@@ -395,7 +395,7 @@ def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torc
     layer capture); accumulated per example -> [B,h,w]. Chunked F+B passes."""
     _, module = ctx.subject.find_layer(name)
     n_calls = _count_calls(ctx, name)
-    bs = batch_size or ctx.batch_size or 32
+    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
     out = None
     for start in range(0, inputs.shape[0], bs):
         sl = slice(start, start + bs)
@@ -458,7 +458,7 @@ def iia_attention(ctx, target, inputs: torch.Tensor, rows: torch.Tensor, betas: 
     from ..vit import AttentionTap
 
     last = _timm_attention(ctx.subject.model)[-1]
-    bs = batch_size or ctx.batch_size or 32
+    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
     acc = None
     for start in range(0, inputs.shape[0], bs):
         sl = slice(start, start + bs)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import chunked_gradient, forward_logits, generator, gradient_pass, reduce_channels
+from ..engine import auto_batch, chunked_gradient, forward_logits, generator, gradient_pass, reduce_channels
 from ..errors import SaliencyError
 from .base import Method, register
 
@@ -267,7 +267,7 @@ def integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, s
     diff = x - baseline
     rows = torch.arange(b, device=x.device).repeat(steps)
     total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-    bs = batch_size or ctx.batch_size or 32
+    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
     # interpolants are made chunk by chunk: [steps*B] images never all in memory at once
     n = steps * b
     for start in range(0, n, bs):
@@ -324,7 +324,7 @@ class IntegratedGradients(Method):
 
 def _native_logits(ctx, x: torch.Tensor, batch_size=None) -> torch.Tensor:
     """Logits in the input's own floating-point precision (forward only, counted)."""
-    bs = batch_size or ctx.batch_size or 32
+    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
     outs = []
     with torch.inference_mode():
         for start in range(0, x.shape[0], bs):
