@@ -49,17 +49,22 @@ class PartsCNN(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention laid out like timm's `Attention` (`qkv`, `attn_drop` applied to the
+    attention probabilities, `proj`, `fused_attn`), so the attention-reading methods find it."""
+
+    fused_attn = False
+
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads = heads
+        self.num_heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Identity()        # a module on the probabilities: hooks read them here
         self.proj = nn.Linear(dim, dim)
-        self.softmax = nn.Softmax(dim=-1)     # a module, so hooks can read the attention weights
 
     def forward(self, x):
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = self.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = self.attn_drop((q @ k.transpose(-2, -1) * (d // self.num_heads) ** -0.5).softmax(-1))
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
 
 
@@ -78,7 +83,9 @@ class Block(nn.Module):
 
 class PartsViT(nn.Module):
     """A small ViT: 16×16 patches on 64×64 inputs (a 4×4 token grid), a class token, 4 pre-norm
-    blocks of width 64 with 4 heads."""
+    blocks of width 64 with 4 heads. With `stem=True` (the shipped model) each patch is embedded by
+    a small convolutional stem instead of one linear projection; the plain linear patchify reached
+    only 67 % held-out accuracy in the CPU training budget, the stem 95 %+."""
 
     def __init__(self, n_classes: int = parts.DEFAULT_CLASSES, size: int = IMAGE_SIZE, patch: int = 16,
                  dim: int = 64, depth: int = 4, heads: int = 4, mlp: int = 128, stem: bool = False):
@@ -116,9 +123,9 @@ def build(arch: str, n_classes: int = parts.DEFAULT_CLASSES, **config) -> nn.Mod
 
 
 #: architecture options of the shipped models
-CONFIGS = {"cnn": {"norm": True}, "vit": {}}
+CONFIGS = {"cnn": {"norm": True}, "vit": {"stem": True}}
 #: training recipe per architecture: (n_train, epochs, lr, batch)
-RECIPES = {"cnn": (5000, 12, 4e-3, 64), "vit": (6000, 16, 2e-3, 128)}
+RECIPES = {"cnn": (5000, 12, 4e-3, 64), "vit": (8000, 40, 2e-3, 128)}
 
 
 def train(arch: str, seed: int = 0, threads: int | None = 1, n_train: int | None = None,

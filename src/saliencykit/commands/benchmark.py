@@ -67,7 +67,9 @@ def run_benchmark(arch: str, methods, out: Path, n: int = 100, seed: int = 0, pa
     if not quiet:
         print(f"accuracy {bench.accuracy:.3f}, background independence {bench.background_independence():.3f} "
               f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-    makers = [("random", "baseline", B.random_maps(bench, seed)), ("edge", "baseline", B.edge_maps(bench)),
+    # the registered `random` method when there is one, else the same uniform noise built here
+    rnd = (B.method_maps(bench, "random", seed) if "random" in registry.available() else B.random_maps(bench, seed))
+    makers = [("random", "baseline", rnd), ("edge", "baseline", B.edge_maps(bench)),
               ("oracle", "reference", bench.oracle_maps)]
     for name in names:
         makers.append((name, registry.get(name).family, B.method_maps(bench, name, seed, params.get(name), batch_size)))
