@@ -328,7 +328,17 @@ def levers(subject, x, repeats, lines):
             finally:
                 model.to(memory_format=torch.contiguous_format)
 
-    calls = {"forward, grad enabled": fwd(torch.enable_grad, xb), "forward, no_grad": fwd(torch.no_grad, xb),
+    def fwd_1thread():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with subject.explaining(), torch.inference_mode():
+                model(xb)
+        finally:
+            torch.set_num_threads(n)
+
+    calls = {"forward, grad enabled": fwd(torch.enable_grad, xb),
+             "forward, inference_mode, 1 thread": fwd_1thread, "forward, no_grad": fwd(torch.no_grad, xb),
              "forward, inference_mode": fwd(torch.inference_mode, xb),
              "forward, inference_mode + channels_last": fwd_cl,
              "forward+backward": fb(xb), "forward+backward, channels_last": fb_cl}
