@@ -337,11 +337,18 @@ def levers(subject, x, repeats, lines):
         finally:
             torch.set_num_threads(n)
 
+    def fb_cl_input():
+        with subject.explaining():
+            xi = xcl.clone(memory_format=torch.preserve_format).requires_grad_(True)
+            torch.autograd.grad(model(xi)[:, 0].sum(), xi)
+
     calls = {"forward, grad enabled": fwd(torch.enable_grad, xb),
+             "forward, inference_mode, channels_last input only": fwd(torch.inference_mode, xcl),
+             "forward+backward, channels_last input only": fb_cl_input,
              "forward, inference_mode, 1 thread": fwd_1thread, "forward, no_grad": fwd(torch.no_grad, xb),
              "forward, inference_mode": fwd(torch.inference_mode, xb),
-             "forward, inference_mode + channels_last": fwd_cl,
-             "forward+backward": fb(xb), "forward+backward, channels_last": fb_cl}
+             "forward, inference_mode, channels_last model and input": fwd_cl,
+             "forward+backward": fb(xb), "forward+backward, channels_last model and input": fb_cl}
     res = measure(calls, repeats, 8)
     for k, v in res.items():
         lines.append(f"| {subject.name} | {k} | {v['ms']:.1f} | {v['cpu_ms']:.1f} | {v['peak']:.0f} |")
