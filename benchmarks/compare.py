@@ -407,7 +407,8 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--methods", default="saliency,gradxinput,guided_backprop,integrated_gradients,"
                     "smoothgrad,gradcam,gradcam_pp,xgradcam,layercam,hirescam,eigencam,occlusion,scorecam")
-    ap.add_argument("--resnet50-methods", default="saliency,guided_backprop,gradcam,gradcam_pp,layercam,eigencam",
+    ap.add_argument("--resnet50-methods", default="saliency,guided_backprop,gradcam,gradcam_pp,layercam,eigencam,"
+                    "scorecam",
                     help="resnet50 runs only these (cost)")
     ap.add_argument("--batch8-repeats", type=int, default=3)
     ap.add_argument("--batch8-methods", default="saliency,gradcam,eigencam",
@@ -415,7 +416,7 @@ def main(argv=None):
     ap.add_argument("--heavy-repeats", type=int, default=1,
                     help="repeats for thousand-pass rows (Score-CAM, occlusion)")
     ap.add_argument("--heavy-anchors", default="captum,pytorch-grad-cam")
-    ap.add_argument("--heavy-models", default="efficientnet_lite0",
+    ap.add_argument("--heavy-models", default="efficientnet_lite0,resnet50",
                     help="models on which the thousand-pass rows run")
     ap.add_argument("--metric-images", type=int, default=1)
     ap.add_argument("--explain-calls", type=int, default=1000)
