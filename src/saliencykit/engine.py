@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -22,7 +23,8 @@ from .targets import ResolvedTarget
 
 DEFAULT_BATCH = 32      # the most rows per chunk: more does not pay on a CPU and rarely on a GPU
 MEMORY_FRACTION = 0.25  # share of the available memory one chunk may use
-_ROW_COST: dict = {}
+# model -> {(input shape, dtype): costs}; weak, so a freed model's entry cannot answer for a new one
+_ROW_COST: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def memory_budget_bytes(device=None) -> int:
@@ -48,8 +50,12 @@ def memory_budget_bytes(device=None) -> int:
 def row_cost_bytes(subject, shape) -> tuple[int, int]:
     """(bytes of all layer outputs, bytes of the largest one) for one input row, measured once
     per model and input shape by a probe forward with hooks on the leaf modules."""
-    key = (id(subject.model), tuple(shape[1:]))
-    if key not in _ROW_COST:
+    # the probe runs in the model's own floating dtype (a float64 model rejects float32 zeros)
+    dtype = next((p.dtype for p in subject.model.parameters() if p.is_floating_point()),
+                 torch.get_default_dtype())
+    key = (tuple(shape[1:]), dtype)
+    costs = _ROW_COST.setdefault(subject.model, {})
+    if key not in costs:
         sizes = []
 
         def hook(_m, _i, out):
@@ -59,17 +65,21 @@ def row_cost_bytes(subject, shape) -> tuple[int, int]:
         handles = [m.register_forward_hook(hook) for m in subject.model.modules() if not list(m.children())]
         try:
             with torch.inference_mode():
-                subject.forward(torch.zeros((1, *shape[1:]), device=subject.device))
+                subject.forward(torch.zeros((1, *shape[1:]), device=subject.device, dtype=dtype))
         finally:
             for h in handles:
                 h.remove()
-        _ROW_COST[key] = (max(sum(sizes), 1), max(sizes, default=1))
-    return _ROW_COST[key]
+        costs[key] = (max(sum(sizes), 1), max(sizes, default=1))
+    return costs[key]
 
 
-def auto_batch(subject, shape, grad: bool) -> int:
+def auto_batch(subject, shape, grad: bool, rows: int | None = None) -> int:
     """Rows per chunk that fit the memory budget: a backward keeps every layer output of the
-    chunk alive (~ the sum), a forward only a few at a time (~ 3 x the largest)."""
+    chunk alive (~ the sum), a forward only a few at a time (~ 3 x the largest).
+    `shape[1:]` is one row's shape; `rows`, when given, the number of rows to run (one row
+    needs no probe forward)."""
+    if rows is not None and rows <= 1:
+        return 1
     total, largest = row_cost_bytes(subject, shape)
     per_row = 2 * total if grad else 3 * largest
     return int(max(1, min(DEFAULT_BATCH, memory_budget_bytes(subject.device) // per_row)))
@@ -141,7 +151,7 @@ def chunked_gradient(subject, inputs: torch.Tensor, target: ResolvedTarget, rows
                      input_grad: bool = True, reduce: Callable | None = None):
     """`gradient_pass` over a large row set in chunks; returns concatenated input gradients
     (or, with `reduce`, feeds each chunk's GradResult to `reduce(start, result)`)."""
-    bs = batch_size or auto_batch(subject, inputs.shape, grad=True)
+    bs = batch_size or auto_batch(subject, inputs.shape, grad=True, rows=inputs.shape[0])
     out = []
     for start in range(0, inputs.shape[0], bs):
         res = gradient_pass(subject, inputs[start:start + bs], target, rows=rows[start:start + bs],
@@ -156,7 +166,7 @@ def chunked_gradient(subject, inputs: torch.Tensor, target: ResolvedTarget, rows
 @torch.inference_mode()
 def forward_logits(subject, x: torch.Tensor, batch_size: int | None = None,
                    counter: PassCounter | None = None) -> torch.Tensor:
-    bs = batch_size or auto_batch(subject, x.shape, grad=False)
+    bs = batch_size or auto_batch(subject, x.shape, grad=False, rows=x.shape[0])
     outs = []
     for start in range(0, x.shape[0], bs):
         chunk = x[start:start + bs]
@@ -238,7 +248,7 @@ def perturbed_scores(subject, x: torch.Tensor, baseline: torch.Tensor, target: R
     KernelSHAP, Score-CAM-like methods and the deletion/insertion-type metrics.
     `on_chunk(start, stop, logits)` receives every chunk's full logits (see `forward_scores`).
     """
-    batch_size = batch_size or auto_batch(subject, x.shape, grad=False)
+    batch_size = batch_size or auto_batch(subject, x.shape, grad=False, rows=n)
     cache: dict = {}
 
     def make_inputs(start, stop):
