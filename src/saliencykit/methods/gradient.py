@@ -126,9 +126,13 @@ def _check_scale(value, what: str) -> float:
     return float(value)
 
 
-def _input_gradient(ctx, target) -> torch.Tensor:
-    """Gradient of the target score w.r.t. the clean input, chunked to `ctx.batch_size` rows."""
-    primed = ctx.input_gradient(target)
+def _input_gradient(ctx, target, reuse_primed: bool = True) -> torch.Tensor:
+    """Gradient of the target score w.r.t. the clean input, chunked to `ctx.batch_size` rows.
+
+    `reuse_primed=False` forces a fresh forward: the primed graph was recorded with the plain
+    ReLU backward, so a modified backward (guided backprop, DeconvNet) must not reuse it.
+    """
+    primed = ctx.input_gradient(target) if reuse_primed else None
     if primed is not None:
         return primed
     x = ctx.x
@@ -422,7 +426,7 @@ class _ModifiedBackprop(Method):
     def run(self, ctx, target, layer, reduce="max_abs"):
         _check_reduce(reduce)
         with modified_relu_backward(ctx.subject.model, self.guided):
-            g = _input_gradient(ctx, target)
+            g = _input_gradient(ctx, target, reuse_primed=False)
         return _maps(g, reduce)
 
 
