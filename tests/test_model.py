@@ -86,6 +86,13 @@ def test_auto_layer_is_the_last_spatial_map(lite0, mobilenet):
     assert mobilenet.auto_layer() == "features"  # torchvision MobileNetV2 feature stack -> [1280, 7, 7]
 
 
+def test_auto_layer_skips_adaptive_pooling():
+    # VGG's `avgpool` is AdaptiveAvgPool2d((7, 7)): at 64 px it copies the 2x2 feature map onto a
+    # 7x7 grid, spatial but without new location evidence; the auto layer is the feature stack
+    vgg = sk.load_model("torchvision:vgg11:random")
+    assert vgg.auto_layer(torch.zeros(1, 3, 64, 64)) == "features"
+
+
 def test_unknown_layer_lists_close_names(tiny):
     with pytest.raises(SaliencyError, match="closest: conv2"):
         tiny.find_layer("conv_2")

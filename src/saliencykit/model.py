@@ -340,7 +340,8 @@ class Subject:
         raise SaliencyError(f"layer {layer!r} not found in {self.name}{hint}")
 
     def auto_layer(self, x: torch.Tensor | None = None) -> str:
-        """The last module, in execution order, whose output is a spatial map (4-D, h,w > 1).
+        """The last module, in execution order, whose output is a spatial map (4-D, h,w > 1),
+        adaptive pooling layers excepted.
 
         That is the last convolutional feature map before global pooling: the standard
         Grad-CAM layer. Found with one dry forward pass on a probe input.
@@ -354,7 +355,9 @@ class Subject:
         if token_layer is not None:
             self._auto_layer_cache[size] = token_layer
             return token_layer
-        probe = torch.zeros(1, self.in_channels, *size, device=self.device)
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
+                     torch.get_default_dtype())
+        probe = torch.zeros(1, self.in_channels, *size, device=self.device, dtype=dtype)
         finished: list[str] = []
         handles = []
 
@@ -365,7 +368,9 @@ class Subject:
             return hook
 
         for name, mod in self.model.named_modules():
-            if name:
+            # adaptive pooling resamples to a fixed grid (VGG's 7x7 `avgpool` copies a 2x2 map at
+            # 64 px): its output is spatial but adds no location evidence, so it is never the layer
+            if name and not isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
                 handles.append(mod.register_forward_hook(make_hook(name)))
         try:
             with self.explaining(), torch.no_grad():
