@@ -18,6 +18,12 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the variable is read when huggingface_hub is imported (earlier tests import it): set the flag
+    # too, else the hub client retries the refused connection with back-off for minutes
+    if importlib.util.find_spec("huggingface_hub") is not None:
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("TORCH_HOME", "/nonexistent-torch-home")
 
 
