@@ -103,6 +103,25 @@ def test_shared_passes_equal_one_box_runs(squares):
     assert torch.equal(drise_masks(5, (20, 30), 4, seed=2, start=3), drise_masks(8, (20, 30), 4, seed=2)[3:])
 
 
+def test_explain_routes_a_detector_to_drise(squares, tiny, tiny_x):
+    # what: sk.explain(detector, photo, "drise", ...) is the function drise with the same seed and
+    # budget (identical maps); drise is listed in the registry; a classifier asked for drise and a
+    # detector asked for a classifier-only method get clear errors; why: one API for every subject
+    photo = square_photo()
+    via_explain = sk.explain(squares, photo, "drise", target=[Box(0), Box(1)], seed=3, n_masks=64, cell=8)
+    direct = drise(squares, photo, [Box(0), Box(1)], n_masks=64, cell=8, seed=3)
+    assert torch.equal(via_explain.maps, direct.maps) and via_explain.method == "drise"
+    both = sk.explain(squares, photo, ["drise"], params={"drise": {"n_masks": 32, "cell": 8}})
+    assert set(both) == {"drise"} and both["drise"].maps.shape == (2, 64, 64)
+    assert sk.methods.available()["drise"]["family"] == "detection"
+    with pytest.raises(SaliencyError, match="drise explains object detectors"):
+        sk.explain(tiny, tiny_x, "drise")
+    with pytest.raises(SaliencyError, match="cannot explain a detector"):
+        sk.explain(squares, photo, "integrated_gradients")
+    with pytest.raises(SaliencyError, match="unknown parameter"):
+        sk.explain(squares, photo, "drise", steps=3)
+
+
 def test_explicit_box_and_label_targets(squares):
     # what: Box(label=...) picks that class's detection; an explicit box with a one-hot class gives
     # the same map as the detection it coincides with (the detector's P is (0.9, 0.1) vs one-hot,

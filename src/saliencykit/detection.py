@@ -325,7 +325,7 @@ class Box(Target):
         return f"Box({self.index})" if self.label is None else f"Box(label={self.label!r})"
 
     def resolve(self, subject, logits):
-        raise SaliencyError("a Box target explains a detector: use saliencykit.detection.drise(detector, photo, Box(...)) "
+        raise SaliencyError("a Box target explains a detector: sk.explain(detector, photo, 'drise', target=Box(...)) "
                             "with a detector from sk.load_detector / sk.Detector")
 
     def select(self, detector: Detector, clean: Detections) -> Detections:

@@ -262,8 +262,11 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
         params: per-method parameters, `{"integrated_gradients": {"steps": 128}}`.
         **kwargs: parameters passed to every method that accepts them.
     """
+    from ..detection import Detector
     from ..model import Subject
 
+    if isinstance(subject, Detector):
+        return _explain_detector(subject, x, method, target, layer, seed, batch_size, progress, params, kwargs)
     if not isinstance(subject, Subject):
         if isinstance(subject, torch.nn.Module):
             subject = Subject(subject)
@@ -276,6 +279,8 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
     all_params = _split_params(classes, kwargs, params)
     x = subject.check_input(x)
     tgt = as_target(target)
+    if hasattr(tgt, "expand_batch"):  # e.g. Text: several prompts explained for one image
+        x, tgt = tgt.expand_batch(x)
     results: dict[str, Explanation] = {}
     with subject.explaining():
         ctx = Context(subject, x, seed=seed, batch_size=batch_size, progress=progress)
@@ -310,3 +315,63 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
     if isinstance(method, str):
         return results[names[0]]
     return results
+
+
+DETECTOR_METHODS = ("drise", "gradcam")
+
+
+@register
+class DRISE(Method):
+    """Listed in the registry so that `saliencykit methods` shows it; it runs on a `Detector`
+    (see `_explain_detector`), never on a classifier's Context."""
+
+    name = "drise"
+    family = "detection"
+    cost = "n_masks F (1000)"
+    randomized = True
+    defaults = {"n_masks": 1000, "cell": 16, "p": 0.5, "upsample": "bilinear", "center": False}
+    description = "D-RISE: random masks weighted by detection similarity (Petsiuk et al. 2021); detectors only."
+
+    def run(self, ctx, target, layer, **params):
+        raise SaliencyError("drise explains object detectors: sk.explain(sk.load_detector(NAME) or sk.Detector(fn), "
+                            "photo, 'drise', target=sk.Box(i))")
+
+
+def _explain_detector(detector, photo, method, target, layer, seed, batch_size, progress, params, kwargs):
+    """`explain` on a `Detector`: D-RISE (any detector) and Grad-CAM (torchvision detectors).
+
+    The photo itself is the input (PIL image or HxWx3 uint8 array); the target is a `Box` or a list
+    of them (None: every detection of the clean photo for D-RISE, the first one for Grad-CAM).
+    """
+    from ..detection import Box, detector_gradcam, drise
+
+    names = [method] if isinstance(method, str) else list(method)
+    if not names:
+        raise SaliencyError("no method given")
+    keys = [n.lower().replace("-", "_") if isinstance(n, str) else n for n in names]
+    bad = [n for n in keys if n not in DETECTOR_METHODS]
+    if bad:
+        raise SaliencyError(f"method(s) {bad} cannot explain a detector; detectors support {', '.join(DETECTOR_METHODS)}")
+    if target is not None and not isinstance(target, Box) and not (
+            isinstance(target, (list, tuple)) and target and all(isinstance(t, Box) for t in target)):
+        raise SaliencyError(f"a detector is explained for sk.Box targets (a detection), got {target!r}")
+    params = params or {}
+    results = {}
+    for name, key in zip(names, keys):
+        p = {**kwargs, **params.get(key, {})}
+        if key == "drise":
+            unknown = set(p) - {"n_masks", "cell", "p", "upsample", "center"}
+            if unknown:
+                raise SaliencyError(f"unknown parameter(s) {sorted(unknown)} for drise")
+            results[key] = drise(detector, photo, target, seed=seed, batch_size=batch_size or 16,
+                                 progress=progress, **p)
+        else:
+            unknown = set(p) - {"min_iou"}
+            if unknown:
+                raise SaliencyError(f"unknown parameter(s) {sorted(unknown)} for gradcam on a detector")
+            if isinstance(target, (list, tuple)):
+                if len(target) != 1:
+                    raise SaliencyError("Grad-CAM on a detector explains one Box at a time")
+                target = target[0]
+            results[key] = detector_gradcam(detector, photo, target, layer=layer, **p)
+    return results[keys[0]] if isinstance(method, str) else results
