@@ -58,3 +58,11 @@ def chelsea():
     from saliencykit import data
 
     return data.image("chelsea")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """A small random Hugging Face CLIP subject (tests/tiny_clip.py); needs transformers."""
+    from tiny_clip import make_tiny_clip
+
+    return make_tiny_clip()

@@ -10,41 +10,13 @@ from saliencykit.errors import SaliencyError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
 
-EOS, VOCAB, LENGTH = 99, 100, 16
-
-
-def char_tokenizer(prompts):
-    """Deterministic toy tokenizer: characters -> ids 1..98, then EOS, padded with 0."""
-    ids = torch.zeros(len(prompts), LENGTH, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        toks = [1 + (ord(c) % 97) for c in p[:LENGTH - 1]] + [EOS]
-        ids[i, :len(toks)] = torch.tensor(toks)
-        mask[i, :len(toks)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-@pytest.fixture(scope="module")
-def clip():
-    from transformers import CLIPConfig, CLIPModel
-
-    from saliencykit.clip import CLIPSubject
-
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=LENGTH, eos_token_id=EOS,
-                                      bos_token_id=98, pad_token_id=0),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        image_size=32, patch_size=8), projection_dim=16)
-    return CLIPSubject(CLIPModel(cfg).eval(), char_tokenizer, input_size=32, name="tiny-clip")
+from tiny_clip import PROMPTS, VOCAB, char_tokenizer  # noqa: E402  (tests/ is on sys.path)
 
 
 @pytest.fixture
 def x():
     return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
-
-PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car"]
 
 
 def test_text_score_is_the_cosine(clip, x):
@@ -73,6 +45,22 @@ def test_prompt_batch_equals_prompt_by_prompt(clip, x, method):
         one = sk.explain(clip, x, method, target=Text(p))
         assert torch.allclose(batched.maps[i], one.maps[0], atol=1e-5), (method, p)
     assert float((batched.maps[0] - batched.maps[1]).abs().max()) > 0  # different prompts, different maps
+    # the same through sk.explain: a prompt list for one image explains each prompt
+    via_explain = sk.explain(clip, x, method, target=Text(PROMPTS))
+    assert torch.equal(via_explain.maps, batched.maps)
+
+
+def test_every_prompt_for_every_image(clip, x):
+    # what: Text([...], each=True) on a batch of 2 gives rows image-major (b*T + t), each equal to
+    # the one-image call (1e-5, float32 batch reductions); why: the documented row layout
+    from saliencykit.clip import Text
+
+    x2 = torch.cat([x, x.flip(-1)])
+    both = sk.explain(clip, x2, "gradxinput", target=Text(PROMPTS[:2], each=True))
+    assert both.maps.shape == (4, 32, 32)
+    for b in range(2):
+        one = sk.explain(clip, x2[b:b + 1], "gradxinput", target=Text(PROMPTS[:2]))
+        assert torch.allclose(both.maps[2 * b:2 * b + 2], one.maps, atol=1e-5)
 
 
 def test_contrast_is_the_difference_for_linear_methods(clip, x):
@@ -141,8 +129,8 @@ def test_text_target_errors(clip, x, tiny, tiny_x):
 
     with pytest.raises(SaliencyError, match="CLIP subject"):
         sk.explain(tiny, tiny_x, "saliency", target=Text("a cat"))
-    with pytest.raises(SaliencyError, match="explain_prompts"):
-        sk.explain(clip, x, "saliency", target=Text(PROMPTS))
+    with pytest.raises(SaliencyError, match="each=True"):
+        sk.explain(clip, torch.cat([x, x]), "saliency", target=Text(PROMPTS))
     with pytest.raises(SaliencyError, match="not in the descriptions"):
         explain_by_description(clip, x, {"cat": ["whiskers"]}, cls="dog")
 

@@ -127,9 +127,27 @@ class Text(Target):
     list) to contrast with: score = `cos(v, e(prompt)) - cos(v, e(vs))`.
     """
 
-    def __init__(self, prompts, vs=None):
+    def __init__(self, prompts, vs=None, each: bool | None = None):
         self.prompts = prompts
         self.vs = vs
+        self.each = each
+
+    def expand_batch(self, x: torch.Tensor):
+        """Every prompt for every image: `x` repeated once per prompt (row `b*T + t` = image b,
+        prompt t) and a per-row Text. Applies when `each=True`, or by default when one image gets
+        several prompts; a list as long as the batch otherwise means one prompt per example."""
+        if isinstance(self.prompts, str):
+            return x, self
+        prompts = list(self.prompts)
+        each = self.each if self.each is not None else (x.shape[0] == 1 and len(prompts) > 1)
+        if not each:
+            return x, self
+        if not prompts:
+            raise SaliencyError("no prompts given")
+        if self.vs is not None and not isinstance(self.vs, str):
+            raise SaliencyError("a Text contrast over several prompts per image takes one `vs` prompt")
+        B = x.shape[0]
+        return x.repeat_interleave(len(prompts), dim=0), Text(prompts * B, vs=self.vs, each=False)
 
     def __repr__(self):
         return f"Text({self.prompts!r}" + (f", vs={self.vs!r})" if self.vs is not None else ")")
@@ -140,8 +158,8 @@ class Text(Target):
             return [value] * batch
         value = list(value)
         if len(value) != batch:
-            hint = (" (to explain several prompts for one image use saliencykit.clip.explain_prompts)"
-                    if batch == 1 else "")
+            hint = (" (to explain every prompt for every image pass Text([...], each=True))"
+                    if batch > 1 else "")
             raise SaliencyError(f"Text: {len(value)} prompts given for a batch of {batch} examples{hint}")
         return value
 
@@ -186,7 +204,7 @@ def explain_prompts(subject, x: torch.Tensor, prompts: Sequence[str], method="gr
         raise SaliencyError("no prompts given")
     x = clip.check_input(x)
     xs = x.repeat_interleave(len(prompts), dim=0)
-    return explain(clip, xs, method=method, target=Text(prompts * x.shape[0]), **kwargs)
+    return explain(clip, xs, method=method, target=Text(prompts * x.shape[0], each=False), **kwargs)
 
 
 # ------------------------------------------------------------------------ classification by description
