@@ -13,6 +13,7 @@ from saliencykit.errors import SaliencyError
 from saliencykit.methods.transformer import relevancy_matrix, rollout
 from saliencykit.similarity import Similarity, explain_pair, point_to_point
 from saliencykit.vit import AttentionTap
+from state import assert_same_state  # noqa: E402  (tests/ is on sys.path)
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 HAS_HF = importlib.util.find_spec("transformers") is not None
@@ -36,17 +37,6 @@ def x32():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
-def _same_state(a, b):
-    for key in a:
-        va, vb = a[key], b[key]
-        if isinstance(va, list):
-            assert len(va) == len(vb), key
-            for u, v in zip(va, vb):
-                assert (torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v), key
-        else:
-            assert va == vb, key
-
-
 # ------------------------------------------------------------------------------ token reshape
 CAM_AND_GRADIENT = ["gradcam", "gradcam_pp", "hirescam", "xgradcam", "layercam", "scorecam", "eigencam",
                     "smooth_gradcam_pp", "saliency", "gradxinput", "smoothgrad", "integrated_gradients"]
@@ -64,7 +54,7 @@ def test_every_cam_and_gradient_method_runs_on_a_vit_without_reshape(vit, x32):
         assert float(e.maps.std()) > 0, name
         if e.raw is not None and name not in ("saliency", "gradxinput", "smoothgrad", "integrated_gradients"):
             assert e.raw.shape == (2, 4, 4), name  # 32 px / patch 8 = 4x4 grid, CLS dropped
-    _same_state(before, vit.state_fingerprint())
+    assert_same_state(before, vit.state_fingerprint())
 
 
 def test_gradcam_on_vit_b_16_at_224():
@@ -203,7 +193,7 @@ def test_tap_restores_after_an_error(vit, x32):
     before = vit.state_fingerprint()
     with pytest.raises(SaliencyError, match="layers=9"):
         sk.explain(vit, x32, "legrad", layers=9)
-    _same_state(before, vit.state_fingerprint())
+    assert_same_state(before, vit.state_fingerprint())
     assert all("forward" not in m.__dict__ for m in vit.model.modules())
 
 

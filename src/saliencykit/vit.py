@@ -319,6 +319,19 @@ class AttentionTap:
         self._undo.append(undo)
 
 
+
+def mha_projections(mod: nn.MultiheadAttention):
+    """(W_q, W_k, W_v, b_q, b_k, b_v) of an `nn.MultiheadAttention` (fused or separate weights;
+    biases None when it has none)."""
+    if mod._qkv_same_embed_dim:
+        wq, wk, wv = mod.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight
+    bq = bk = bv = None
+    if mod.in_proj_bias is not None:
+        bq, bk, bv = mod.in_proj_bias.chunk(3)
+    return wq, wk, wv, bq, bk, bv
+
 def _explicit_mha(mod: nn.MultiheadAttention, tap: AttentionTap, query, key, value, key_padding_mask,
                   need_weights, attn_mask, average_attn_weights, is_causal):
     """Multi-head attention written out: softmax(Q K^T / sqrt(d) + mask) V, then the output projection."""
@@ -332,13 +345,7 @@ def _explicit_mha(mod: nn.MultiheadAttention, tap: AttentionTap, query, key, val
     S = k_in.shape[1]
     h = mod.num_heads
     d = E // h
-    if mod._qkv_same_embed_dim:
-        wq, wk, wv = mod.in_proj_weight.chunk(3)
-    else:
-        wq, wk, wv = mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight
-    bq = bk = bv = None
-    if mod.in_proj_bias is not None:
-        bq, bk, bv = mod.in_proj_bias.chunk(3)
+    wq, wk, wv, bq, bk, bv = mha_projections(mod)
     Q = F.linear(q_in, wq, bq).view(B, L, h, d).transpose(1, 2)
     K = F.linear(k_in, wk, bk).view(B, S, h, d).transpose(1, 2)
     V = F.linear(v_in, wv, bv).view(B, S, h, d).transpose(1, 2)
