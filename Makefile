@@ -31,8 +31,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -ra
 
+# the side-by-side comparison with Captum, pytorch-grad-cam, torchcam and Quantus (about 20 min on 2 cores)
 bench: $(VENV)/.installed-test
-	$(PY) benchmarks/methods.py
+	$(PY) benchmarks/compare.py --out benchmarks/results.md
 
 clean:
 	rm -rf $(VENV) demo-output
