@@ -442,15 +442,19 @@ def test_model_left_as_found(method):
 
 def test_pass_counts(relu_net):
     # passes per image: saliency 1F+1B (the clean forward that fixes the target keeps its graph and
-    # serves the backward: Context.prime); guided backprop 2F+1B (its backward needs a forward
-    # recorded under the modified ReLU rule); IG steps backward + 2 forward
+    # serves the backward: Context.prime); guided backprop alone also 1F+1B (its clean forward is
+    # recorded under the modified ReLU rule and fixes the target: Context.prime_under), but 2F+1B
+    # after saliency (the shared plain graph cannot serve it); IG steps backward + 2 forward
     # (clean + baseline); SmoothGrad samples backward
     # (float64 inputs re-score x in float64 for the completeness check: one more forward)
     x = make(27, (2, 3, 16, 16))
     sal = explain(relu_net, x, "saliency").passes
     assert sal["backward"] == 1 and sal["forward"] == 1
     gbp = explain(relu_net, x, "guided_backprop").passes
-    assert gbp["backward"] == 1 and gbp["forward"] == 2
+    assert gbp["backward"] == 1 and gbp["forward"] == 1
+    both = explain(relu_net, x, ["saliency", "guided_backprop"])
+    assert both["guided_backprop"].passes["forward"] == 1 and both["guided_backprop"].passes["backward"] == 1
+    assert both["saliency"].passes["forward"] == 1
     ig = explain(relu_net, x, "integrated_gradients", steps=9)
     assert ig.passes["backward"] == 9 and ig.passes["forward"] == 9 + 3
     ig32 = explain(subject_of(copy.deepcopy(relu_net.model), dtype=torch.float32), x.float(), "integrated_gradients",
