@@ -105,6 +105,13 @@ def reduce(attr: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- anchors
+def grid_segments(h: int, w: int, n: int = 7) -> torch.Tensor:
+    """[h,w] long labels of an n x n grid: the superpixels both libraries get for LIME/KernelSHAP."""
+    rows = torch.arange(h) * n // h
+    cols = torch.arange(w) * n // w
+    return (rows[:, None] * n + cols[None, :]).long()
+
+
 def anchors_for(subject, x, y, layer_name, layer_module, method: str) -> dict:
     """label -> fn() returning the anchor's [B,H,W] map for `method`, or {} when none implements it."""
     model = subject.model
@@ -156,6 +163,22 @@ def anchors_for(subject, x, y, layer_name, layer_module, method: str) -> dict:
                 with explaining():
                     a = ca.LayerGradCam(model, layer_module).attribute(x, target=targets, relu_attributions=True)
                 return a[:, 0].detach()
+            A["captum"] = run
+        elif method in ("kernelshap", "lime"):
+            seg = grid_segments(x.shape[-2], x.shape[-1])
+            fm = seg.view(1, 1, *seg.shape).expand(x.shape[0], 1, *seg.shape)
+
+            def run():
+                with explaining():
+                    if method == "kernelshap":
+                        explainer = ca.KernelShap(model)
+                    else:  # the same surrogate family as ours (ridge, alpha 1) so the maps are comparable
+                        from captum._utils.models.linear_model import SkLearnRidge
+
+                        explainer = ca.Lime(model, interpretable_model=SkLearnRidge(alpha=1.0))
+                    a = explainer.attribute(x, baselines=0.0, target=targets, feature_mask=fm, n_samples=1000,
+                                            perturbations_per_eval=32)
+                return reduce(a, "mean")
             A["captum"] = run
         elif method == "occlusion":
             def run():
@@ -231,7 +254,11 @@ def method_rows(subject, x, methods, repeats, fcost, fbcost, lines, warmup=True,
         anchors = anchors_for(subject, x, y, layer_name, layer_module, m)
         if not anchors:
             continue
-        params = {"occlusion": {"output": "logit"}}.get(m, {})
+        seg = grid_segments(x.shape[-2], x.shape[-1])
+        params = {"occlusion": {"output": "logit"},
+                  "kernelshap": {"segments": seg, "baseline": torch.zeros(1), "n_samples": 1000, "output": "logit"},
+                  "lime": {"segments": seg, "baseline": torch.zeros(1), "n_samples": 1000, "output": "logit"},
+                  }.get(m, {})
         exp_box = {}
 
         def ours(m=m, params=params):
@@ -406,7 +433,7 @@ def main(argv=None):
     ap.add_argument("--models", default="efficientnet_lite0,resnet50")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--methods", default="saliency,gradxinput,guided_backprop,integrated_gradients,"
-                    "smoothgrad,gradcam,gradcam_pp,xgradcam,layercam,hirescam,eigencam,occlusion,scorecam")
+                    "smoothgrad,gradcam,gradcam_pp,xgradcam,layercam,hirescam,eigencam,occlusion,kernelshap,lime,scorecam")
     ap.add_argument("--resnet50-methods", default="saliency,guided_backprop,gradcam,gradcam_pp,layercam,eigencam,"
                     "scorecam",
                     help="resnet50 runs only these (cost)")
@@ -414,7 +441,7 @@ def main(argv=None):
     ap.add_argument("--batch8-methods", default="saliency,gradcam,eigencam",
                     help="batch 8 runs only these (cost); '' for the same as batch 1")
     ap.add_argument("--heavy-repeats", type=int, default=1,
-                    help="repeats for thousand-pass rows (Score-CAM, occlusion)")
+                    help="repeats for thousand-pass rows (Score-CAM, occlusion, KernelSHAP, LIME)")
     ap.add_argument("--heavy-anchors", default="captum,pytorch-grad-cam")
     ap.add_argument("--heavy-models", default="efficientnet_lite0,resnet50",
                     help="models on which the thousand-pass rows run")
@@ -433,7 +460,7 @@ def main(argv=None):
              "", f"Load average (1/5/15 min) at start: {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}. "
              "Timings are medians; within a row all libraries run interleaved in rotating order after one "
              "warm-up call each, so machine drift hits them alike.", ""]
-    heavy = {"scorecam", "occlusion"}
+    heavy = {"scorecam", "occlusion", "kernelshap", "lime"}
 
     def dump():  # after every section, so an interrupted run still leaves what it measured
         if args.out:
