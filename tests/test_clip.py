@@ -177,3 +177,59 @@ def test_open_clip_layout(x):
     assert torch.allclose(Text("a cat").resolve(subject, logits).score(logits), expect, atol=1e-6)
     e = sk.explain(subject, x, ["relevancy", "gradcam"], target=Text("a cat"))
     assert e["relevancy"].raw.shape == (1, 4, 4) and e["gradcam"].layer.startswith("clip.visual.")
+
+
+def test_hf_clip_loader_reads_a_saved_model_offline(tmp_path, monkeypatch):
+    # what: load_clip("hf:DIR") - the real Hugging Face loading code - on a tiny random CLIPModel
+    # and CLIPProcessor saved to disk (a local directory is what from_pretrained reads offline, as
+    # from a hub cache): input size from the config, normalisation from the processor, and a Text
+    # score equal to the model's own cosine with the processor's tokenizer (1e-6, float32);
+    # a missing repo, a missing open_clip and an unknown prefix give clear errors
+    import json
+
+    import huggingface_hub.constants
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from saliencykit.clip import Text, load_clip
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32},
+                                                            image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]),
+                         tokenizer=tok)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=16, eos_token_id=1,
+                                      bos_token_id=0, pad_token_id=1),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    model.save_pretrained(tmp_path / "clip")
+    proc.save_pretrained(tmp_path / "clip")
+
+    subject = load_clip(f"hf:{tmp_path / 'clip'}")
+    assert subject.kind == "hf" and tuple(subject.input_size) == (32, 32)
+    assert torch.allclose(torch.as_tensor(subject.mean).flatten(), torch.tensor([0.4, 0.5, 0.6]))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        v = model.get_image_features(pixel_values=x).pooler_output
+        t = model.get_text_features(**proc.tokenizer(["a cat"], padding=True, return_tensors="pt")).pooler_output
+        logits = subject.forward(x)
+    assert torch.allclose(Text("a cat").resolve(subject, logits).score(logits), torch.cosine_similarity(v, t),
+                          atol=1e-6)
+    assert sk.explain(subject, x, "gradcam", target=Text(["a cat", "a dog"])).maps.shape == (2, 32, 32)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SaliencyError, match="could not load CLIP"):
+        load_clip("hf:no-such-org/no-such-clip")
+    if importlib.util.find_spec("open_clip") is None:
+        with pytest.raises(SaliencyError, match="pip install open_clip_torch"):
+            load_clip("open_clip:ViT-B-32:openai")
+    with pytest.raises(SaliencyError, match="unknown CLIP model"):
+        load_clip("clip-vit")
