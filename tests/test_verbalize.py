@@ -261,3 +261,53 @@ def test_specks_do_not_hide_a_weaker_region(tiny, tiny_x):
     specks[3, 3:5] = 1.0
     w = verbalize(tiny, tiny_x[:1], _exp(specks), smooth=0.0)
     assert w.facts["regions"] == [] and "scattered specks" in w.text
+
+
+# ------------------------------------------------------------------- search over region candidates
+def test_search_finds_the_known_cells_and_respects_its_rules():
+    # a 7x7 cell grid on 28x28 (4x4-pixel cells): evidence only in cells (1,1) and (1,3) (a
+    # non-contiguous pair) plus a weaker cell (5,5). By the definition: the best candidate is the
+    # pattern {(1,1),(1,3)} (value 2; the 3x3 window over both has value 2 too but more cells, and
+    # ties go to the smaller set); next, windows holding (1,3) add nothing new (their value counts
+    # only cells not yet described), so the weak cell comes second; nothing else carries evidence
+    from saliencykit.verbalize import searched_regions
+
+    ev = np.zeros((28, 28))
+    ev[4:8, 4:8] = 1.0
+    ev[4:8, 12:16] = 1.0
+    ev[20:24, 20:24] = 0.5
+    found = searched_regions(ev, cells=7, k=3)
+    assert sorted(map(tuple, found[0]["cells"])) == [(1, 1), (1, 3)] and found[0]["kind"] == "pattern"
+    assert found[0]["value"] == pytest.approx(2.0) and found[0]["coverage"] == pytest.approx(16 / 20)
+    assert found[0]["mask"].sum() == 32 and found[0]["mask"][4:8, 4:8].all()
+    assert [tuple(c) for c in found[1]["cells"]] == [(5, 5)] and found[1]["coverage"] == pytest.approx(4 / 20)
+    assert len(found) == 2
+    for i, a in enumerate(found):  # the overlap rule: cell-set IoU <= 0.3 between any two taken
+        for b in found[i + 1:]:
+            sa, sb = set(map(tuple, a["cells"])), set(map(tuple, b["cells"]))
+            assert len(sa & sb) / len(sa | sb) <= 0.3
+    # the salience threshold: value >= tau * mean(cell score) * size for every region returned
+    cell = ev.reshape(7, 4, 7, 4).sum((1, 3))
+    a = cell / cell.max()
+    for r in found:
+        assert r["value"] >= 0.4 * a.mean() * len(r["cells"]) - 1e-12
+    assert searched_regions(np.zeros((28, 28))) == []
+
+
+def test_verbalize_with_searched_regions(tiny, tiny_x):
+    # the "search" mode feeds the same measured sentences: a blob in the upper left is found there,
+    # its cells are facts, and the hide/keep numbers are the model's outputs (checked elsewhere for
+    # the components mode; here that the region's mask is what was hidden: its area matches)
+    smap = _box_map((32, 32), [(4, 4, 12, 12)])
+    v = verbalize(tiny, tiny_x[:1], _exp(smap), regions="search", search_cells=8)
+    r = v.facts["regions"][0]
+    assert r["words"] == "upper left" and "upper left of the image" in v.text
+    # the 8x8 blob covers exactly cells (1,1),(1,2),(2,1),(2,2) of the 8x8-cell grid (4 px cells):
+    # the smallest candidate with all the evidence is that 2x2 window
+    assert v.facts["search"][0]["cells"] == [[1, 1], [1, 2], [2, 1], [2, 2]]
+    assert v.facts["search"][0]["coverage"] == pytest.approx(1.0)
+    assert r["evidence"] == pytest.approx(1.0)
+    same = verbalize(tiny, tiny_x[:1], _exp(smap), regions="search", search_cells=8)
+    assert same.text == v.text
+    with pytest.raises(SaliencyError, match="search_cells"):
+        verbalize(tiny, tiny_x[:1], _exp(smap), regions="search", search_cells=2)

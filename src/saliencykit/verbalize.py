@@ -178,6 +178,86 @@ def _components(evidence: np.ndarray, threshold: float, min_area: float, smooth:
     return comps
 
 
+def _cell_edges(n: int, cells: int) -> np.ndarray:
+    return np.round(np.linspace(0, n, cells + 1)).astype(int)
+
+
+def searched_regions(evidence: np.ndarray, cells: int = 7, tau: float = 0.4, k: int = 3,
+                     max_overlap: float = 0.3) -> list[dict]:
+    """Regions found by search over candidate sets of grid cells (the saliency-map verbalization
+    search adapted to images).
+
+    The image is cut into `cells` x `cells` cells; a cell's score is its summed positive evidence,
+    normalised by the largest cell score. Candidates: *span* search, every k x k window of cells
+    (k = 1, 2, 3); *convolution* search, every non-contiguous pattern of 2-4 cells inside a 3x3
+    window of cells (every binary pattern, the windows themselves excepted). A candidate's value
+    is the sum of its cells' scores; it is salient when value >= tau * mean(cell scores) * size.
+    Salient candidates are taken greedily by value (ties: fewer cells), skipping any whose cell-set
+    IoU with an already taken one exceeds `max_overlap`, until `k` are taken. After the first, a
+    candidate's value counts only cells not yet described (and must still pass the salience rule):
+    with the IoU rule alone a large window sharing one strong cell with the first region would be
+    reported again as a "second region" holding the same evidence. Returns, best first, dicts with
+    the pixel `mask`, the `cells` ((row, col) pairs), `value` (what it added), `kind` ("span" or
+    "pattern") and `coverage` (share of all positive evidence in its cells).
+    """
+    from itertools import combinations
+
+    h, w = evidence.shape
+    cells = max(1, min(cells, h, w))
+    ey, ex = _cell_edges(h, cells), _cell_edges(w, cells)
+    score = np.array([[evidence[ey[i]:ey[i + 1], ex[j]:ex[j + 1]].sum() for j in range(cells)]
+                      for i in range(cells)], dtype=np.float64)
+    top = score.max()
+    if top <= 0:
+        return []
+    a = score / top
+    mean = float(a.mean())
+    cands: dict[frozenset, str] = {}
+    for size in (1, 2, 3):
+        for i in range(cells - size + 1):
+            for j in range(cells - size + 1):
+                cands.setdefault(frozenset((i + di, j + dj) for di in range(size) for dj in range(size)), "span")
+    offsets = [(di, dj) for di in range(3) for dj in range(3)]
+    for i in range(max(cells - 2, 0)):
+        for j in range(max(cells - 2, 0)):
+            for n in (2, 3, 4):
+                for pattern in combinations(offsets, n):
+                    cands.setdefault(frozenset((i + di, j + dj) for di, dj in pattern), "pattern")
+    def salient(value, size):
+        return value > 0 and value >= tau * mean * size
+
+    pool = [(members, kind) for members, kind in cands.items()
+            if salient(float(sum(a[c] for c in members)), len(members))]
+    taken: list[tuple] = []
+    covered: set = set()
+    while len(taken) < k:
+        best = None
+        for members, kind in pool:
+            if any(len(members & t[2]) / len(members | t[2]) > max_overlap for t in taken):
+                continue
+            # value of what the candidate adds: cells already described are not counted again
+            value = float(sum(a[c] for c in members - covered))
+            if not salient(value, len(members)):
+                continue
+            key = (-value, len(members), sorted(members))
+            if best is None or key < best[0]:
+                best = (key, value, members, kind)
+        if best is None:
+            break
+        taken.append((best[1], None, best[2], best[3]))
+        covered |= best[2]
+    total = float(score.sum())
+    out = []
+    for value, _, members, kind in taken:
+        mask = np.zeros((h, w), dtype=bool)
+        members = sorted(members)
+        for i, j in members:
+            mask[ey[i]:ey[i + 1], ex[j]:ex[j + 1]] = True
+        out.append({"mask": mask, "cells": [list(c) for c in members], "value": value, "kind": kind,
+                    "coverage": float(sum(score[c] for c in members)) / total})
+    return out
+
+
 def _part_masks(parts, hw) -> dict[str, np.ndarray]:
     if parts is None:
         return {}
@@ -278,7 +358,8 @@ def _group_phrase(side: Side) -> str:
 # ------------------------------------------------------------------------------------- main
 def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int | None = None, *,
               index: int = 0, threshold: float = 0.5, max_regions: int = 3, min_area: float = 0.005,
-              smooth: float = 0.02, grid: int = 14, random_regions: int = 8, seed: int = 0, regions: str = "components", parts: Mapping | None = None, compare=None,
+              smooth: float = 0.02, grid: int = 14, random_regions: int = 8, seed: int = 0, regions: str = "components",
+              search_cells: int = 7, parts: Mapping | None = None, compare=None,
               baseline: str | torch.Tensor = "blur", batch_size: int | None = None) -> Verbalization:
     """Describe in plain words what a saliency map shows, with measured numbers only.
 
@@ -297,7 +378,11 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
         grid: the rank correlation with `compare` maps is taken over the positive evidence summed
             on a `grid` x `grid` layout (pixel-level ranks of a speckled map against a smooth one
             say little).
-        regions: "components" (from the map) or "parts" (the given `parts` masks are the regions).
+        regions: "components" (connected components of the thresholded map), "search" (sets of
+            grid cells found by the span / pattern search of `searched_regions`, up to
+            `max_regions` with at most 30 % overlap; `facts["search"]` keeps each one's cells,
+            value and kind) or "parts" (the given `parts` masks are the regions).
+        search_cells: the grid of the "search" mode (`search_cells` x `search_cells` cells).
         parts: optional `{name: mask [H,W]}`; a region whose evidence lies mostly (>= 50 %) inside
             one part is named after it ("the head").
         compare: other Explanation(s) of the same input and target; each gets a sentence with its
@@ -319,12 +404,14 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
         raise SaliencyError(f"max_regions must be a positive integer, got {max_regions!r}")
     if not 0 <= smooth < 1:
         raise SaliencyError(f"smooth must be in [0, 1), got {smooth}")
+    if not isinstance(search_cells, int) or search_cells < 3:
+        raise SaliencyError(f"search_cells must be an integer >= 3, got {search_cells!r}")
     if not isinstance(grid, int) or grid < 2:
         raise SaliencyError(f"grid must be an integer >= 2, got {grid!r}")
     if not isinstance(random_regions, int) or random_regions < 0:
         raise SaliencyError(f"random_regions must be a non-negative integer, got {random_regions!r}")
-    if regions not in ("components", "parts"):
-        raise SaliencyError(f"regions must be 'components' or 'parts', got {regions!r}")
+    if regions not in ("components", "search", "parts"):
+        raise SaliencyError(f"regions must be 'components', 'search' or 'parts', got {regions!r}")
     x = subject.check_input(x)
     if not 0 <= index < x.shape[0]:
         raise SaliencyError(f"index {index} is out of range for a batch of {x.shape[0]}")
@@ -369,6 +456,10 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
     if regions == "parts":
         found = [(name, m) for name, m in part_masks.items()]
         found.sort(key=lambda nm: -float(evidence[nm[1]].sum()))
+    elif regions == "search":
+        searched = searched_regions(evidence, cells=search_cells, k=max_regions) if total > 0 else []
+        found = [(None, r["mask"]) for r in searched]
+        facts["search"] = [{k: v for k, v in r.items() if k != "mask"} for r in searched]
     else:
         # a map whose peak is a few specks yields no component of min_area at the first threshold:
         # lower it (x1/2, x1/4) before concluding there is no region; the threshold used is a fact
@@ -567,4 +658,4 @@ def _write(facts: dict, kind: str, pos: Side, neg: Side | None) -> _Sentences:
     return s
 
 
-__all__ = ["verbalize", "Verbalization", "method_title", "fmt_pct"]
+__all__ = ["verbalize", "Verbalization", "method_title", "fmt_pct", "searched_regions"]
