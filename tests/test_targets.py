@@ -55,6 +55,10 @@ def test_target_errors(tiny, lite0):
         Class(7).resolve(tiny, _logits())
     with pytest.raises(SaliencyError, match="unknown class label"):
         Class("c9").resolve(tiny, _logits())
+    with pytest.raises(SaliencyError, match="did you mean") as err:  # labels and synonyms overlap: no repeats
+        Class("egyptain cat").resolve(lite0, torch.randn(1, 1000))
+    hints = str(err.value).split("did you mean ")[1].rstrip("?").split(", ")
+    assert hints[0] == "'egyptian cat'" and len(hints) == len(set(hints))
     with pytest.raises(SaliencyError, match="two different classes"):
         Contrast(1, vs="c1").resolve(tiny, _logits())
     with pytest.raises(SaliencyError, match="unknown group"):

@@ -306,7 +306,9 @@ class Subject:
             candidates = ([*self.labels] if self.labels else []) + list(self.label_aliases)
             if not candidates:
                 raise SaliencyError(f"class {label!r} given by name but the model has no class names; use an index")
-            close = difflib.get_close_matches(key, [_norm_label(c) for c in candidates], n=5, cutoff=0.5)
+            # labels and their synonyms overlap: each candidate once, in first-seen order
+            close = difflib.get_close_matches(key, list(dict.fromkeys(_norm_label(c) for c in candidates)),
+                                              n=5, cutoff=0.5)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise SaliencyError(f"unknown class label {label!r}{hint}")
         raise SaliencyError(f"a class must be an index or a label, got {type(label).__name__}")
