@@ -1,12 +1,18 @@
-"""Regenerate the pictures of the user guide: one grid per method family on bundled photos.
+"""Regenerate the pictures of the user guide: one grid per method family on bundled photos, and
+one grid of targets (one photo, one row per target).
 
-    python docs/make_figures.py            # writes docs/images/<family>.jpg
-    python docs/make_figures.py cam        # only the named families
+    make docs-images                       # builds .venv with the test extras, then runs the line below
+    python docs/make_figures.py            # writes docs/images/<family>.jpg and targets.jpg
+    python docs/make_figures.py cam        # only the named figures (gradient, cam, perturbation,
+                                           # propagation, targets)
 
     python docs/make_figures.py --demo demo-output/grid.png   # the README's picture, demo-grid.jpg
+                                                              # (after `make demo`)
 
-Budgets are modest so that this runs in a few minutes on a laptop CPU; the settings used are
-printed into docs/images/figures.json.
+Budgets are modest (see PARAMS), but the forward-only methods still need thousands of passes: on
+2 CPU cores shared with other work, `perturbation` took about 35 minutes, `targets` about 7 and
+`propagation` about 3. The methods and settings used are merged into docs/images/figures.json
+(figures not regenerated keep their entry).
 """
 from __future__ import annotations
 
@@ -69,6 +75,38 @@ def family_grid(subject, family: str, methods: list[str], path: Path) -> dict:
     return {"methods": methods, "params": params}
 
 
+TARGETS_PHOTO = "chelsea"
+TARGETS_METHODS = ["gradcam", "integrated_gradients", "rise"]
+TARGETS = [  # (title, target)
+    ('Class("Egyptian cat")', sk.Class("Egyptian cat")),
+    ('Class("tabby cat")', sk.Class("tabby cat")),
+    ('Contrast("Egyptian cat",\nvs="tabby cat")', sk.Contrast("Egyptian cat", vs="tabby cat")),
+    ('Group("cat")', sk.Group("cat")),
+]
+
+
+def targets_grid(subject, path: Path) -> dict:
+    """One photo, one row per target, one column per method."""
+    available = sk.methods.available()
+    methods = [m for m in TARGETS_METHODS if m in available]
+    params = {m: {k: v for k, v in PARAMS.get(m, {}).items() if k in available[m]["defaults"]} for m in methods}
+    image = sk.data.image(TARGETS_PHOTO)
+    x = subject.preprocess(image)
+    images, rows, titles = [], [], []
+    for title, target in TARGETS:
+        exps = sk.explain(subject, x, method=methods, target=target, params=params)
+        images.append(image)
+        rows.append({m: (e.maps[0], e.signed) for m, e in exps.items()})
+        titles.append(title)
+        print("targets", title.replace("\n", " "), {m: round(e.seconds, 2) for m, e in exps.items()},
+              file=sys.stderr)
+    png = path.with_suffix(".png")
+    sk.viz.grid(images, rows, titles, path=png)
+    save_small(png, path)
+    return {"photo": TARGETS_PHOTO, "methods": methods, "params": params,
+            "targets": [repr(t) for _, t in TARGETS]}
+
+
 def main():
     OUT.mkdir(exist_ok=True)
     if sys.argv[1:2] == ["--demo"]:  # keep the PNG that `make demo` wrote
@@ -79,12 +117,20 @@ def main():
         return
     torch.manual_seed(0)
     subject = sk.load_model("efficientnet_lite0")
-    settings = {}
+    wanted = sys.argv[1:] or [*FAMILIES, "targets"]
+    unknown = [w for w in wanted if w not in FAMILIES and w != "targets"]
+    if unknown:
+        sys.exit(f"unknown figure(s) {unknown}; known: {[*FAMILIES, 'targets']}")
+    settings_path = OUT / "figures.json"
+    settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
     for family, methods in FAMILIES.items():
-        if len(sys.argv) > 1 and family not in sys.argv[1:]:
+        if family not in wanted:
             continue
         settings[family] = family_grid(subject, family, methods, OUT / f"{family}.jpg")
-    (OUT / "figures.json").write_text(json.dumps(settings, indent=2))
+        settings_path.write_text(json.dumps(settings, indent=2))  # merged: other figures keep their entry
+    if "targets" in wanted:
+        settings["targets"] = targets_grid(subject, OUT / "targets.jpg")
+        settings_path.write_text(json.dumps(settings, indent=2))
 
 
 if __name__ == "__main__":
