@@ -497,7 +497,7 @@ def main(argv=None):
             reps = args.heavy_repeats if heavy_rows else (args.repeats if B == 1 else args.batch8_repeats)
             lines.extend([f"## {model_name}, batch {B}" + (", thousand-pass methods" if heavy_rows else ""), "",
                           f"One forward {1000 * fcost:.1f} ms, one forward+backward {1000 * fbcost:.1f} ms per "
-                          "image at the best batch size (of 1, 8, 16, 32). Load average now "
+                          "image at the best batch size (of 1, 4, 6, 8, 16, 32). Load average now "
                           f"{os.getloadavg()[0]:.2f}. Median of {reps}"
                           + (f", no warm-up call; anchors: {args.heavy_anchors}." if heavy_rows else "."), "",
                           "| method | ours ms/img | anchors ms/img | fastest anchor / ours | passes F/B | "
