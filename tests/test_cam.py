@@ -1,4 +1,4 @@
-"""CAM family (METHODS.md 11-19): identities on tiny models with known structure, pass sharing,
+"""CAM family: identities on tiny models with known structure, pass sharing,
 agreement with pytorch-grad-cam and torchcam, and coverage of common torchvision architectures."""
 import copy
 
@@ -59,7 +59,7 @@ class FlatCNN(nn.Module):
 # ------------------------------------------------------------------ identities (GAP head)
 def test_cam_gradcam_hirescam_xgradcam_identities_on_gap_head(tiny, tiny_x):
     # On conv -> GAP -> linear the gradient at the last feature map is W_c / (h w) at every position,
-    # so (pre-ReLU) CAM = hw * Grad-CAM = hw * HiResCAM and XGrad-CAM = Grad-CAM (METHODS.md 11, 15, 16).
+    # so (pre-ReLU) CAM = hw * Grad-CAM = hw * HiResCAM and XGrad-CAM = Grad-CAM.
     # float32 sums of 16 channels: 1e-5 relative tolerance.
     tgt = [1, 3]
     r = explain(tiny, tiny_x, ["cam", "gradcam", "hirescam", "xgradcam"], target=tgt, layer="act2", relu=False)
@@ -86,7 +86,7 @@ def test_cam_gradcam_hirescam_xgradcam_identities_on_gap_head(tiny, tiny_x):
 
 def test_hirescam_conserves_score_on_flatten_head_and_gradcam_does_not():
     # Flatten -> linear: the gradient varies over positions, sum_ij (G*A) = s_c - b_c exactly (linear head),
-    # while Grad-CAM's spatially averaged weights break it (METHODS.md 15). float32: 1e-4 relative.
+    # while Grad-CAM's spatially averaged weights break it. float32: 1e-4 relative.
     torch.manual_seed(0)
     subject = Subject(FlatCNN(), input_size=(32, 32))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -102,7 +102,7 @@ def test_hirescam_conserves_score_on_flatten_head_and_gradcam_does_not():
 
 def test_gradcam_pp_closed_form_on_gap_head(tiny, tiny_x):
     # Spatially constant g_k = W_ck/(hw): alpha = 1/(2 + g_k sum A_k), so
-    # w_k = hw ReLU(g_k) / (2 + g_k sum_ab A_kab) and M = ReLU(sum_k w_k A_k) (METHODS.md 13).
+    # w_k = hw ReLU(g_k) / (2 + g_k sum_ab A_kab) and M = ReLU(sum_k w_k A_k).
     tgt = [4, 0]
     e = explain(tiny, tiny_x, "gradcam_pp", target=tgt, layer="act2")
     A, _ = acts_of(tiny.model, tiny_x, "act2")
@@ -117,7 +117,7 @@ def test_gradcam_pp_closed_form_on_gap_head(tiny, tiny_x):
 
 def test_layercam_equals_hirescam_when_gradients_are_nonnegative(tiny, tiny_x):
     # With nonnegative classifier weights the gradient at conv2 (pre-ReLU) is W_c/hw * 1[conv2 > 0] >= 0,
-    # so ReLU(G) = G and LayerCAM computes exactly HiResCAM's sum (METHODS.md 17): compared bit for bit.
+    # so ReLU(G) = G and LayerCAM computes exactly HiResCAM's sum: compared bit for bit.
     with torch.no_grad():
         tiny.model.fc.weight.abs_()
     r = explain(tiny, tiny_x, ["layercam", "hirescam"], target=[1, 2], layer="conv2")
@@ -130,7 +130,7 @@ def test_layercam_equals_hirescam_when_gradients_are_nonnegative(tiny, tiny_x):
 
 
 def test_eigencam_is_first_principal_component_and_class_agnostic(tiny, tiny_x):
-    # Eigen-CAM (METHODS.md 19) = sigma1 u1 of the position x channel matrix with centred columns,
+    # Eigen-CAM = sigma1 u1 of the position x channel matrix with centred columns,
     # compared with numpy's SVD (float64) up to the SVD sign; float32 activations: 1e-4 relative.
     e = explain(tiny, tiny_x, "eigencam", layer="conv2", relu=False, target=[0, 1])
     A, _ = acts_of(tiny.model, tiny_x, "conv2")
@@ -150,7 +150,7 @@ def test_eigencam_is_first_principal_component_and_class_agnostic(tiny, tiny_x):
 
 def test_smooth_gradcam_pp_one_clean_sample_is_gradcam_pp(tiny, tiny_x):
     # n = 1 copy with zero noise: the averaged moments are G, G^2, G^3 of the clean input, so the map must be
-    # Grad-CAM++'s exactly (METHODS.md 14). Layer conv2: its gradient depends on the input.
+    # Grad-CAM++'s exactly. Layer conv2: its gradient depends on the input.
     r = explain(tiny, tiny_x, ["gradcam_pp", "smooth_gradcam_pp"], layer="conv2",
                 params={"smooth_gradcam_pp": {"samples": 1, "noise": 0.0}})
     assert torch.equal(r["smooth_gradcam_pp"].maps, r["gradcam_pp"].maps)
@@ -165,7 +165,7 @@ def test_smooth_gradcam_pp_one_clean_sample_is_gradcam_pp(tiny, tiny_x):
 
 
 def test_all_maps_nonnegative_finite_and_model_untouched(tiny, tiny_x):
-    # Every CAM ends with a ReLU (METHODS.md 11-19); the model must be left exactly as found.
+    # Every CAM ends with a ReLU; the model must be left exactly as found.
     before = tiny.state_fingerprint()
     r = explain(tiny, tiny_x, ALL_CAMS, layer="act2", params={"smooth_gradcam_pp": {"samples": 2}})
     after = tiny.state_fingerprint()
@@ -199,7 +199,7 @@ def _scorecam_reference(subject, x, layer, align):
 
 def test_scorecam_weights_match_a_direct_loop(tiny, tiny_x):
     # The weights computed through the shared perturbation runner equal a channel-by-channel loop that
-    # masks the input by hand (METHODS.md 18): paper = prob(x*H_k) - prob(0), official = prob(x*H_k),
+    # masks the input by hand: paper = prob(x*H_k) - prob(0), official = prob(x*H_k),
     # channel_softmax = softmax_k(logit(x*H_k)); constant channels weigh 0. Batched vs single-row float32
     # forwards: 1e-4 relative.
     tgt = [2, 0]
@@ -269,7 +269,7 @@ class QuadrantModel(nn.Module):
 
 
 def test_scorecam_channel_covering_the_scored_region_weighs_most():
-    # Known answer (METHODS.md 18): the score is the mean of the top-left quadrant, so masking the input by
+    # Known answer: the score is the mean of the top-left quadrant, so masking the input by
     # the channel that lights that quadrant keeps the most score and gets the largest weight, whatever the
     # weighting; the map peaks in that quadrant.
     subject = Subject(QuadrantModel(), input_size=(32, 32))

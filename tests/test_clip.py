@@ -65,7 +65,7 @@ def test_every_prompt_for_every_image(clip, x):
 
 def test_contrast_is_the_difference_for_linear_methods(clip, x):
     # what: for gradient x input (linear in the score) and RISE with shared masks (same seed), the
-    # map of Text(a, vs=b) equals map(a) - map(b) (1e-5 / 1e-6); why: METRICS.md 21 additivity
+    # map of Text(a, vs=b) equals map(a) - map(b) (1e-5 / 1e-6); why: additivity of explainers linear in the score
     from saliencykit.clip import Text
 
     a, b = PROMPTS[0], PROMPTS[1]
@@ -90,7 +90,7 @@ def test_attention_methods_read_only_the_image_tower(clip, x):
 
 
 def test_descriptor_prompts_follow_the_which_rules():
-    # what: the which-phrase rules of Menon & Vondrick on fixed strings; why: METRICS.md 21
+    # what: the which-phrase rules of Menon & Vondrick on fixed strings; why: the classifier by description is defined by these phrases
     from saliencykit.clip import descriptor_prompt
 
     assert descriptor_prompt("cat", "pointy ears") == "cat, which has pointy ears"
@@ -104,7 +104,7 @@ def test_descriptor_prompts_follow_the_which_rules():
 def test_classification_by_description(clip, x):
     # what: class score = mean of descriptor cosines; one descriptor per class reduces to prompt
     # classification (1e-6); the class map equals the mean of the descriptor maps for RISE with
-    # shared masks (1e-6); why: METRICS.md 21 classifier and additivity
+    # shared masks (1e-6); why: the classifier by description and additivity
     from saliencykit.clip import classify_by_description, descriptor_prompt, explain_by_description
 
     desc = {"cat": ["pointy ears", "whiskers", "a small mammal"], "car": ["wheels", "used for driving"]}

@@ -41,7 +41,7 @@ def squares():
 
 def test_box_iou_matches_torchvision_and_self_similarity():
     # what: our IoU equals torchvision.ops.box_iou (1e-12, float64); s(d, d) = 1 for a one-hot class
-    # vector and O = 1; why: the D-RISE detection similarity, METRICS.md 16
+    # vector and O = 1; why: the D-RISE detection similarity
     from torchvision.ops import box_iou as tv_iou
 
     g = torch.Generator().manual_seed(0)
@@ -71,7 +71,7 @@ def test_drise_concentrates_on_the_square_and_is_seeded(squares):
     # what: each square's map peaks inside that square and keeps > 60 % of its positive (centred)
     # mass within one mask cell (8 px) of it, an area share of only 25-32 % (energy-based pointing
     # game at the masks' resolution; 300 masks leave some noise); same seed -> identical maps,
-    # other seed -> not; why: METRICS.md 16 synthetic-detector test and the seeding rule
+    # other seed -> not; why: a synthetic detector whose answer is known, and the seeding rule
     photo = square_photo()
     e = drise(squares, photo, n_masks=300, cell=8, seed=0, batch_size=100, center=True)
     assert e.maps.shape == (2, 64, 64)

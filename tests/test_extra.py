@@ -1,4 +1,4 @@
-"""Blur IG, Guided IG, CF-CAM, IIA and DIX (METHODS.md 4b, 4c, 20, 26, 27): identities on tiny
+"""Blur IG, Guided IG, CF-CAM, IIA and DIX: identities on tiny
 models, invariances, determinism, and the meaning of the map on a photo."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Grad-ECLIP (METHODS.md 32; Zhao et al., ICML 2024) on small random CLIP models: the map against a
+"""Grad-ECLIP (Zhao et al., ICML 2024) on small random CLIP models: the map against a
 float64 recomputation of the last visual block written out by hand, invariances, pass counts, and
 the model left as found (no CLIP weights exist offline)."""
 import copy
@@ -278,7 +278,7 @@ def test_invariant_to_positive_text_scaling(clip, x):
 def test_non_negative_and_prompt_dependent(clip, x):
     # what: maps (raw grid and upsampled) are >= 0 (exact: ReLU) for 3 prompts explained in one
     # batched call; the maps of two different prompts differ by more than 5% of their scale; why:
-    # METHODS.md 32 tests (non-negative; prompt A != prompt B on a toy)
+    # the properties the definition implies (non-negative; prompt A != prompt B on a toy)
     from saliencykit.clip import Text
 
     e = sk.explain(clip, x, "grad_eclip", target=Text(PROMPTS))

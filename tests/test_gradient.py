@@ -1,4 +1,4 @@
-"""Gradient family (METHODS.md 1-6): identities, invariants, known answers, agreement with Captum,
+"""Gradient family: identities, invariants, known answers, agreement with Captum,
 architecture coverage and parameter checking.
 
 Float64 models are used where an identity is exact, so the tolerances can be ~1e-10; float32
@@ -127,7 +127,7 @@ def test_gradxinput_euler_identity_on_bias_free_relu_cnn():
 
 
 def test_ig_completeness_on_smooth_net_float64():
-    # softplus net is smooth: Gauss-Legendre 50 integrates the path to ~1e-16 (METHODS.md App. A: 6.7e-17);
+    # softplus net is smooth: Gauss-Legendre 50 integrates the path to ~1e-16 (measured 6.7e-17);
     # Riemann-right 50 is a first-order rule with a visibly larger error (spec: ~4e-6)
     torch.manual_seed(5)
     s = subject_of(SmallNet(nn.Softplus))
@@ -299,7 +299,7 @@ def test_batch_of_two_equals_two_single_calls(relu_net, method):
 # --------------------------------------------------------------------- modified backprop
 def test_deconvnet_is_input_independent_without_maxpool(relu_net):
     # DeconvNet ignores forward ReLU masks; with conv/ReLU/mean-pool/linear the backward is then
-    # input-independent (METHODS.md 6). Guided backprop keeps the masks and does depend on x.
+    # input-independent. Guided backprop keeps the masks and does depend on x.
     x1, x2 = make(15, (1, 3, 16, 16)), make(16, (1, 3, 16, 16))
     d1 = attributions(relu_net, x1, "deconvnet", target=2)
     d2 = attributions(relu_net, x2, "deconvnet", target=2)

@@ -1,4 +1,4 @@
-"""Metric definitions on small models with known answers (METRICS.md test properties)."""
+"""Metric definitions on small models with known answers (the properties each definition implies)."""
 import csv
 import json
 import math

@@ -180,7 +180,7 @@ def test_rise_all_ones_masks_give_constant_map(tiny, tiny_x):
 
 def test_rise_constant_model_gives_flat_map():
     # Constant model: P_c = k for every mask, so S(u) = k * mean_i M_i(u) / p ~ k. Each pixel's mask
-    # mean has std <= 0.5/sqrt(N) around p: relative error < 4/sqrt(N) everywhere (METHODS.md 22).
+    # mean has std <= 0.5/sqrt(N) around p: relative error < 4/sqrt(N) everywhere.
     torch.manual_seed(0)
     subj = plain(Constant())
     n, p = 400, 0.5
@@ -335,8 +335,8 @@ def _region_case():
 
 
 def test_extremal_area_and_region():
-    # The area penalty drives mean(mask) to the requested area (tolerance 0.05 as in METHODS.md
-    # 23b); for a model that scores a fixed square, the preserved region is that square, and both
+    # The area penalty drives mean(mask) to the requested area (tolerance
+    # 0.05); for a model that scores a fixed square, the preserved region is that square, and both
     # areas are optimised jointly in one batch. The model is left exactly as found.
     subj, x, inside = _region_case()
     before = subj.state_fingerprint()

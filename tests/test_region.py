@@ -1,4 +1,4 @@
-"""XRAI (METHODS.md 9): region bookkeeping, greedy ranking against a literal implementation of
+"""XRAI: region bookkeeping, greedy ranking against a literal implementation of
 the definition, known answers with given segments and attributions, and the segmentation."""
 import numpy as np
 import pytest

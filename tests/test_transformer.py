@@ -206,7 +206,7 @@ def test_attention_methods_need_attention(tiny, tiny_x):
 # ------------------------------------------------------------------------------------ rollout
 def test_rollout_rows_stay_stochastic_and_closed_forms():
     # what: the rollout of row-stochastic attentions is row-stochastic (1e-12, float64), A = I gives
-    # a zero patch map, and one layer gives 0.5 A + 0.5 I (head mean); why: METHODS.md 28
+    # a zero patch map, and one layer gives 0.5 A + 0.5 I (head mean); why: the rollout definition
     g = torch.Generator().manual_seed(0)
     attn = [torch.rand(2, 3, 9, 9, generator=g, dtype=torch.float64).softmax(-1) for _ in range(4)]
     for discard in (0.0, 0.5):
@@ -249,7 +249,7 @@ def test_relevancy_one_block_closed_form(x32):
 
 def test_relevancy_zero_gradients_and_batch_independence(x32):
     # what: a zero head (no gradient reaches the attention) gives R = I, a zero map; the map of
-    # example 0 does not depend on what else is in the batch (1e-6); why: METHODS.md 29 tests
+    # example 0 does not depend on what else is in the batch (1e-6); why: relevancy is computed per example
     subject = tiny_vit()
     nn.init.zeros_(subject.model.heads.head.weight)
     assert torch.count_nonzero(sk.explain(subject, x32, "relevancy", target=1).raw) == 0
@@ -274,7 +274,7 @@ def test_tokentm_is_relevancy_with_token_weights(vit, x32):
 def test_legrad_single_layer_closed_form_and_layer_scores(vit, x32):
     # what: layers=1 -> min-max of mean over heads and queries of ReLU(dS/dA) of the last block
     # (1e-5); the layer-wise score of block 0 is the model's own head on block 0's tokens (logits
-    # equal to heads(ln(tokens)[:,0]) to 1e-5); why: LeGrad's definition, METHODS.md 30
+    # equal to heads(ln(tokens)[:,0]) to 1e-5); why: LeGrad's definition
     e = sk.explain(vit, x32, "legrad", layers=1, target=4)
     attn, grads = _attn_and_grads(vit, x32, 4)
     emap = grads[-1].clamp_min(0).mean(1).mean(1)[:, 1:].reshape(2, 4, 4)
@@ -346,7 +346,7 @@ def embed():
 
 def test_point_to_point_decomposition_is_exact(embed):
     # what: sum of P equals the model's cosine and dot similarity (1e-6); swapping the images
-    # transposes P and swaps the maps; why: Zhu et al. 2019 decomposition, METRICS.md 17
+    # transposes P and swaps the maps; why: Zhu et al. 2019 decomposition
     g = torch.Generator().manual_seed(5)
     q, r = torch.randn(1, 3, 32, 32, generator=g), torch.randn(1, 3, 32, 48, generator=g)
     for measure in ("cosine", "dot"):

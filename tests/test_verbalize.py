@@ -228,7 +228,7 @@ class RegionModel(torch.nn.Module):
 
 
 def test_oracle_map_beats_random_regions_on_a_region_model():
-    # METRICS.md §14: hiding the region an oracle map names must matter more than hiding the same
+    # Hiding the region an oracle map names must matter more than hiding the same
     # shape at random places (comprehensiveness above chance)
     from saliencykit import Subject
 

@@ -1,4 +1,4 @@
-"""The FunnyBirds protocol (METRICS.md §12.2-12.3) on the procedural parts dataset.
+"""The FunnyBirds protocol on the procedural parts dataset.
 
 Ground truth comes from interventions: every test image is re-rendered with each of the 32 subsets
 of part types removed and with each background object removed alone, and the model's logits on

@@ -8,7 +8,7 @@
   without gradient). A list gives one prompt per example; `vs=` makes it contrastive:
   `cos(v, e(a)) - cos(v, e(b))`. `explain_prompts(subject, x, prompts, method)` explains every
   prompt for every image in one batched call (the image repeated once per prompt).
-* Classification by description (Menon & Vondrick 2023; METRICS.md 21): a class is a list of
+* Classification by description (Menon & Vondrick 2023): a class is a list of
   descriptors; each is turned into the text "{class}, {which-phrase(descriptor)}", the class score
   is the mean cosine of its descriptors; `explain_by_description` gives one map per descriptor of
   the predicted (or given) class plus the class map (the map of the class score itself).

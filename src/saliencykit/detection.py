@@ -1,4 +1,4 @@
-"""Object detectors: `Box` targets, detector adapters and D-RISE (METRICS.md 16).
+"""Object detectors: `Box` targets, detector adapters and D-RISE.
 
 A detector is queried as a black box on photos (uint8 `HxWx3` RGB arrays; many detectors do
 their own preprocessing), so maps come back at photo size.

@@ -1,4 +1,4 @@
-"""Explaining similarity between two images under an embedding model (METRICS.md 17).
+"""Explaining similarity between two images under an embedding model.
 
 * `Similarity(reference)` target: the score of a row is `cos(φ(x), φ(r))` (or the dot product)
   where `φ` is the Subject's output (an embedding model: DINOv2's CLS token, a CNN's pooled

@@ -1,7 +1,7 @@
 """Plain-language verbalization of a saliency map, in which every number is measured.
 
 `verbalize(subject, x, explanation)` turns a map into a short paragraph a non-expert can read,
-following the image adaptation of saliency-map verbalization (METRICS.md §14): the map is cut
+following the image adaptation of saliency-map verbalization: the map is cut
 into regions (thresholded connected components of the positive evidence, or caller-given part
 masks), each region is described by its position on a 3x3 layout, its size and its share of the
 positive evidence, and the effect of hiding it and of keeping only it is *measured* with real

@@ -1,4 +1,4 @@
-"""A procedural 2D part-based dataset in the spirit of FunnyBirds (METRICS.md §12.4).
+"""A procedural 2D part-based dataset in the spirit of FunnyBirds.
 
 Each image is a "bird" — an elliptical body with five part types (beak, eye ×2, wing ×2, tail,
 foot ×2) — on a plain canvas with distractor clutter. A class is a unique tuple of part

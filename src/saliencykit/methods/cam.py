@@ -1,4 +1,4 @@
-"""CAM family (METHODS.md 11-19): CAM, Grad-CAM, Grad-CAM++, Smooth Grad-CAM++, HiResCAM,
+"""CAM family: CAM, Grad-CAM, Grad-CAM++, Smooth Grad-CAM++, HiResCAM,
 XGrad-CAM, LayerCAM, Score-CAM, Eigen-CAM.
 
 Every gradient CAM is a function of one capture (activations A and gradients G of the target
@@ -8,7 +8,7 @@ for several CAMs of the same layer and target costs a single pass.
 Raw maps are at layer resolution (`Explanation.raw`, [B,h,w]); `maps` are upsampled bilinearly
 (align_corners=False) to the input size, not normalised. With several layers, each layer's map
 is upsampled and min-max normalised, then the maps are averaged (LayerCAM: each normalised map
-is scaled by tanh(2 M / max M), then the element-wise max is taken, METHODS.md 17).
+is scaled by tanh(2 M / max M), then the element-wise max is taken).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Path-integral variants and newer layer methods (METHODS.md 4b, 4c, 20, 26, 27):
+"""Path-integral variants and newer layer methods:
 
 - `blur_ig`   Blur IG: integrated gradients along the Gaussian scale-space path (Xu et al. 2020).
 - `guided_ig` Guided IG: adaptive path that moves low-|gradient| features first (Kapishnikov et al. 2021).

@@ -1,5 +1,5 @@
 """Gradient family: saliency, gradient x input, SmoothGrad / SmoothGrad^2 / VarGrad,
-Integrated Gradients, guided backpropagation and DeconvNet (METHODS.md 1-6).
+Integrated Gradients, guided backpropagation and DeconvNet.
 
 Input-space methods keep the signed `[B,C,H,W]` attributions in `Explanation.attributions`
 and reduce channels for the map (`reduce=`).

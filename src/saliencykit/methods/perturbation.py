@@ -1,5 +1,5 @@
 """Perturbation family: occlusion, RISE, LIME, KernelSHAP, extremal perturbation and meaningful
-perturbation (METHODS.md 21-25, 23b).
+perturbation.
 
 Occlusion, RISE, LIME and KernelSHAP are forward-only and run on the shared perturbation runner
 `engine.perturbed_scores` (chunked, `torch.inference_mode()`, passes counted there). The two

@@ -1,4 +1,4 @@
-"""Propagation family (METHODS.md 7, 8, 10): FullGrad, NormGrad and Layer-wise Relevance Propagation.
+"""Propagation family: FullGrad, NormGrad and Layer-wise Relevance Propagation.
 
 FullGrad (`fullgrad`)
     One forward + backward. For every Conv/Linear layer with a bias and every BatchNorm in eval mode

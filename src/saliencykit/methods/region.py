@@ -1,5 +1,4 @@
-"""Region methods: XRAI (Kapishnikov et al., "XRAI: Better Attributions Through Regions", ICCV 2019;
-METHODS.md 9).
+"""Region methods: XRAI (Kapishnikov et al., "XRAI: Better Attributions Through Regions", ICCV 2019).
 
 XRAI turns a pixel attribution into a ranking of image regions:
 

@@ -1,4 +1,4 @@
-"""Transformer methods (METHODS.md 28-32): attention rollout, relevancy propagation (Chefer et al.
+"""Transformer methods: attention rollout, relevancy propagation (Chefer et al.
 2021), LeGrad, TokenTM (experimental), and Grad-ECLIP for CLIP image towers.
 
 The attention methods read the attention probabilities `A^l` `[B, heads, N, N]` of every block through

@@ -1,5 +1,5 @@
-"""Contrastive and group metrics: the four RFxG metrics (Elisha et al., METRICS.md 6) and
-NormGrad's class sensitivity (Rebuffi et al. 2020, METRICS.md 7).
+"""Contrastive and group metrics: the four RFxG metrics (Elisha et al.) and
+NormGrad's class sensitivity (Rebuffi et al. 2020).
 
 RFxG masking: for alpha in 0.1..0.9 the top floor(alpha*HW) pixels of the map are replaced by
 the substrate (black by default) and softmax probabilities are read; the metric is the

@@ -1,4 +1,4 @@
-"""Faithfulness metrics: deletion / insertion AUC (RISE), SaCo, infidelity (METRICS.md 1, 4, 5).
+"""Faithfulness metrics: deletion / insertion AUC (RISE), SaCo, infidelity.
 
 All perturbed inputs are built on the fly from rank maps and scored through the shared
 perturbation runner (`engine.perturbed_scores`), every explanation of the batch in one run.

@@ -1,5 +1,5 @@
-"""Localisation metrics against ground-truth object masks: pointing game, energy pointing game
-(METRICS.md 2, 3). No model passes."""
+"""Localisation metrics against ground-truth object masks: pointing game, energy pointing game.
+No model passes."""
 from __future__ import annotations
 
 import numpy as np

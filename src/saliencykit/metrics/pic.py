@@ -1,4 +1,4 @@
-"""Performance Information Curves, SIC and AIC (Kapishnikov et al., XRAI 2019; METRICS.md 8).
+"""Performance Information Curves, SIC and AIC (Kapishnikov et al., XRAI 2019).
 
 The image (uint8 pixels) is rebuilt from a growing set of its most salient pixels plus a fixed
 random 1 % of pixels and the four corners; every other pixel is filled by linear interpolation

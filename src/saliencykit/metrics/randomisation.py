@@ -1,4 +1,4 @@
-"""Model-parameter randomisation test, MPRT (Adebayo et al. 2018; METRICS.md 10).
+"""Model-parameter randomisation test, MPRT (Adebayo et al. 2018).
 
 A copy of the model has its parameterised layers re-initialised from the top (logits) down:
 `order="cascading"` keeps earlier randomisations (the published test), `"independent"`

@@ -1,4 +1,4 @@
-"""ROAD: RemOve And Debias with noisy linear imputation (Rong et al. 2022; METRICS.md 9).
+"""ROAD: RemOve And Debias with noisy linear imputation (Rong et al. 2022).
 
 Removed pixels are filled by solving, per channel, the sparse system that makes each removed
 pixel the weighted mean of its 8 neighbours (weights 1/6 direct, 1/12 diagonal; neighbours

@@ -1,4 +1,4 @@
-"""Sensitivity metrics: max- and average-sensitivity (Yeh et al. 2019; METRICS.md 4).
+"""Sensitivity metrics: max- and average-sensitivity (Yeh et al. 2019).
 
 The explanation's method is re-run (same parameters, layer, seed and target) on `n_samples`
 copies of each input perturbed by uniform noise in the L-inf ball of radius `radius` (in the
