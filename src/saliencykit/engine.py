@@ -56,8 +56,7 @@ def row_cost_bytes(subject, shape) -> tuple[int, int]:
     """(bytes of all layer outputs, bytes of the largest one) for one input row, measured once
     per model and input shape by a probe forward with hooks on the leaf modules."""
     # the probe runs in the model's own floating dtype (a float64 model rejects float32 zeros)
-    dtype = next((p.dtype for p in subject.model.parameters() if p.is_floating_point()),
-                 torch.get_default_dtype())
+    dtype = subject.dtype
     key = (tuple(shape[1:]), dtype)
     costs = _ROW_COST.setdefault(subject.model, {})
     if key not in costs:

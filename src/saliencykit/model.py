@@ -212,6 +212,14 @@ class Subject:
         return torch.device("cpu")
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating dtype (of its first floating parameter): what probe inputs use."""
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    @property
     def in_channels(self) -> int:
         return len(self.mean)
 
@@ -357,9 +365,7 @@ class Subject:
         if token_layer is not None:
             self._auto_layer_cache[size] = token_layer
             return token_layer
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
-                     torch.get_default_dtype())
-        probe = torch.zeros(1, self.in_channels, *size, device=self.device, dtype=dtype)
+        probe = torch.zeros(1, self.in_channels, *size, device=self.device, dtype=self.dtype)
         finished: list[str] = []
         handles = []
 
