@@ -200,11 +200,7 @@ def explain_prompts(subject, x: torch.Tensor, prompts: Sequence[str], method="gr
 
     clip = _require_clip(subject, "explain_prompts")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise SaliencyError("no prompts given")
-    x = clip.check_input(x)
-    xs = x.repeat_interleave(len(prompts), dim=0)
-    return explain(clip, xs, method=method, target=Text(prompts * x.shape[0], each=False), **kwargs)
+    return explain(clip, x, method=method, target=Text(prompts, each=True), **kwargs)
 
 
 # ------------------------------------------------------------------------ classification by description

@@ -34,6 +34,11 @@ class Target:
     def resolve(self, subject, logits: torch.Tensor) -> "ResolvedTarget":
         raise NotImplementedError
 
+    def expand_batch(self, x: torch.Tensor):
+        """`(x, target)` actually explained: a target that explains several things per example
+        (e.g. `Text` with several prompts for one image) repeats the rows of `x` here."""
+        return x, self
+
     def _check_output(self):
         if self.output not in OUTPUTS:
             raise SaliencyError(f"target output must be one of {OUTPUTS}, got {self.output!r}")

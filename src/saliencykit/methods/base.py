@@ -36,6 +36,9 @@ class Method:
     experimental: bool = False
     uses_layer: bool = False
     clean_pass: bool = False  # uses gradients/activations of the clean input (shares `Context.prime`)
+    # a classmethod `prime(ctx)` when the method, run first, can make the clean forward that fixes
+    # the target itself (under its own rules: `Context.prime_under`); None otherwise
+    prime = None
     defaults: dict = {}
     description: str = ""
 
@@ -302,17 +305,16 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
     classes = [get(n) for n in names]
     all_params = _split_params(classes, kwargs, params)
     x = subject.check_input(x)
-    tgt = as_target(target)
-    if hasattr(tgt, "expand_batch"):  # e.g. Text: several prompts explained for one image
-        x, tgt = tgt.expand_batch(x)
+    x, tgt = as_target(target).expand_batch(x)  # e.g. Text: several prompts explained for one image
     results: dict[str, Explanation] = {}
     with subject.explaining():
         ctx = Context(subject, x, seed=seed, batch_size=batch_size, progress=progress)
-        if any(cls.clean_pass for cls in classes) and x.shape[0] <= (batch_size or DEFAULT_BATCH):
+        one_pass = x.shape[0] <= (batch_size or DEFAULT_BATCH)  # the clean batch fits one model call
+        if one_pass and any(cls.clean_pass for cls in classes):
             layered = [cls for cls in classes if cls.clean_pass and cls.uses_layer]
             layers = _prime_layers(ctx, layer) if layered else []
             ctx.prime(layers)
-        elif hasattr(classes[0], "prime") and x.shape[0] <= (batch_size or DEFAULT_BATCH):
+        elif one_pass and classes[0].prime is not None:
             classes[0].prime(ctx)  # its own clean forward also fixes the target
         resolved = ctx.resolve(tgt)
         first = True
@@ -386,7 +388,7 @@ def _explain_detector(detector, photo, method, target, layer, seed, batch_size, 
     for name, key in zip(names, keys):
         p = {**kwargs, **params.get(key, {})}
         if key == "drise":
-            unknown = set(p) - {"n_masks", "cell", "p", "upsample", "center"}
+            unknown = set(p) - set(DRISE.defaults)
             if unknown:
                 raise SaliencyError(f"unknown parameter(s) {sorted(unknown)} for drise")
             results[key] = drise(detector, photo, target, seed=seed, batch_size=batch_size or 16,
