@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from methods import best_pass_costs, rss_mb  # noqa: E402
 
 import saliencykit as sk  # noqa: E402
+from saliencykit.methods.perturbation import grid_segments  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -105,13 +106,6 @@ def reduce(attr: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- anchors
-def grid_segments(h: int, w: int, n: int = 7) -> torch.Tensor:
-    """[h,w] long labels of an n x n grid: the superpixels both libraries get for LIME/KernelSHAP."""
-    rows = torch.arange(h) * n // h
-    cols = torch.arange(w) * n // w
-    return (rows[:, None] * n + cols[None, :]).long()
-
-
 def anchors_for(subject, x, y, layer_name, layer_module, method: str) -> dict:
     """label -> fn() returning the anchor's [B,H,W] map for `method`, or {} when none implements it."""
     model = subject.model
@@ -165,7 +159,7 @@ def anchors_for(subject, x, y, layer_name, layer_module, method: str) -> dict:
                 return a[:, 0].detach()
             A["captum"] = run
         elif method in ("kernelshap", "lime"):
-            seg = grid_segments(x.shape[-2], x.shape[-1])
+            seg = grid_segments(x.shape[-2], x.shape[-1], 7)  # the superpixels both libraries get
             fm = seg.view(1, 1, *seg.shape).expand(x.shape[0], 1, *seg.shape)
 
             def run():
@@ -254,7 +248,7 @@ def method_rows(subject, x, methods, repeats, fcost, fbcost, lines, warmup=True,
         anchors = anchors_for(subject, x, y, layer_name, layer_module, m)
         if not anchors:
             continue
-        seg = grid_segments(x.shape[-2], x.shape[-1])
+        seg = grid_segments(x.shape[-2], x.shape[-1], 7)  # the superpixels both libraries get
         params = {"occlusion": {"output": "logit"},
                   "kernelshap": {"segments": seg, "baseline": torch.zeros(1), "n_samples": 1000, "output": "logit"},
                   "lime": {"segments": seg, "baseline": torch.zeros(1), "n_samples": 1000, "output": "logit"},

@@ -13,6 +13,7 @@ from torch import nn
 import saliencykit as sk
 from saliencykit import data
 from saliencykit.errors import SaliencyError
+from saliencykit.methods.perturbation import grid_segments
 from saliencykit.model import Subject
 from saliencykit.targets import Class, Contrast
 
@@ -23,13 +24,6 @@ def pearson(a, b):
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / (a.norm() * b.norm()))
-
-
-def grid_segments(h, w, cells):
-    """[H,W] labels of a cells x cells grid of blocks."""
-    ys = torch.arange(h) * cells // h
-    xs = torch.arange(w) * cells // w
-    return ys.view(-1, 1) * cells + xs.view(1, -1)
 
 
 class SegmentLinear(nn.Module):

@@ -268,6 +268,14 @@ class Rise(Method):
 
 # ----------------------------------------------------------------------------- LIME / KernelSHAP
 
+def grid_segments(h: int, w: int, cells: int) -> torch.Tensor:
+    """`[h, w]` long labels of a `cells` x `cells` grid of blocks: fixed superpixels for
+    `lime` / `kernelshap` (`segments=grid_segments(H, W, 7)`) that do not depend on the image."""
+    ys = torch.arange(h) * cells // h
+    xs = torch.arange(w) * cells // w
+    return ys.view(-1, 1) * cells + xs.view(1, -1)
+
+
 def superpixels(subject, x: torch.Tensor, n_segments: int = 50, compactness: float = 10.0,
                 segments=None) -> tuple[torch.Tensor, list[int]]:
     """[B,H,W] long segment ids 0..M_b-1 per example, and the M_b. SLIC (scikit-image) on the
