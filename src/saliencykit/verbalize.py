@@ -223,6 +223,7 @@ def searched_regions(evidence: np.ndarray, cells: int = 7, tau: float = 0.4, k: 
             for n in (2, 3, 4):
                 for pattern in combinations(offsets, n):
                     cands.setdefault(frozenset((i + di, j + dj) for di, dj in pattern), "pattern")
+
     def salient(value, size):
         return value > 0 and value >= tau * mean * size
 
@@ -233,7 +234,7 @@ def searched_regions(evidence: np.ndarray, cells: int = 7, tau: float = 0.4, k: 
     while len(taken) < k:
         best = None
         for members, kind in pool:
-            if any(len(members & t[2]) / len(members | t[2]) > max_overlap for t in taken):
+            if any(len(members & t[1]) / len(members | t[1]) > max_overlap for t in taken):
                 continue
             # value of what the candidate adds: cells already described are not counted again
             value = float(sum(a[c] for c in members - covered))
@@ -244,11 +245,11 @@ def searched_regions(evidence: np.ndarray, cells: int = 7, tau: float = 0.4, k: 
                 best = (key, value, members, kind)
         if best is None:
             break
-        taken.append((best[1], None, best[2], best[3]))
+        taken.append(best[1:])  # (value, members, kind)
         covered |= best[2]
     total = float(score.sum())
     out = []
-    for value, _, members, kind in taken:
+    for value, members, kind in taken:
         mask = np.zeros((h, w), dtype=bool)
         members = sorted(members)
         for i, j in members:
