@@ -3,13 +3,17 @@ import torch
 
 
 def assert_same_state(a: dict, b: dict) -> None:
-    """Every entry equal: tensors exactly, lists element by element, the rest by `==`."""
+    """Every entry equal: the same keys, tensors exactly, lists element by element (a gradient
+    present on one side and None on the other differs), the rest by `==`."""
     assert a.keys() == b.keys()
     for key in a:
         va, vb = a[key], b[key]
         if isinstance(va, list):
             assert len(va) == len(vb), key
             for u, w in zip(va, vb):
-                assert (torch.equal(u, w) if isinstance(u, torch.Tensor) else u == w), key
+                if isinstance(u, torch.Tensor) and isinstance(w, torch.Tensor):
+                    assert torch.equal(u, w), key
+                else:  # None (no gradient), flags, names
+                    assert type(u) is type(w) and u == w, key
         else:
             assert va == vb, key

@@ -14,6 +14,7 @@ from saliencykit.methods.gradient import gaussian_blur, integrated_gradients, ma
 from saliencykit.targets import Class
 
 from tests.conftest import TinyCNN
+from state import assert_same_state  # noqa: E402  (tests/ is on sys.path)
 
 
 def smooth_subject(seed=0):
@@ -21,19 +22,6 @@ def smooth_subject(seed=0):
     torch.manual_seed(seed)
     model = TinyCNN(act=nn.Softplus).double()
     return sk.Subject(model, input_size=(32, 32), name="smooth")
-
-
-def same_state(a, b):
-    """Two `state_fingerprint()`s are identical (tensors compared exactly)."""
-    assert a.keys() == b.keys()
-    for k in a:
-        va, vb = a[k], b[k]
-        if isinstance(va, list):
-            assert len(va) == len(vb), k
-            for u, v in zip(va, vb):
-                assert (u is None and v is None) or (torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v), k
-        else:
-            assert va == vb, k
 
 
 def x64(b=2, seed=1, size=32):
@@ -252,7 +240,7 @@ def test_every_method_runs_on_torchvision_models(arch):
         assert e.maps.shape == (1, 64, 64), name
         assert torch.isfinite(e.maps).all(), name
         assert e.passes["forward"] > 0, name
-    same_state(before, s.state_fingerprint())
+    assert_same_state(before, s.state_fingerprint())
 
 
 def test_bad_parameters(tiny, tiny_x):
@@ -289,7 +277,7 @@ def test_shared_module_uses_last_call_and_unused_layer_errors(tiny_x):
     before = s.state_fingerprint()
     with pytest.raises(SaliencyError, match="not called"):
         sk.explain(s, tiny_x, "dix", layer="unused", steps=1)
-    same_state(before, s.state_fingerprint())
+    assert_same_state(before, s.state_fingerprint())
 
 
 # --------------------------------------------------------------------------- IIA, ViT form

@@ -10,20 +10,10 @@ import saliencykit as sk
 from saliencykit import SaliencyError, Subject
 from saliencykit.model import count_hooks
 from tests.conftest import TinyCNN
+from state import assert_same_state  # noqa: E402  (tests/ is on sys.path)
 
 CORE = ["saliency", "gradxinput", "integrated_gradients", "smoothgrad", "guided_backprop", "deconvnet", "cam",
         "gradcam", "gradcam_pp", "smooth_gradcam_pp", "hirescam", "xgradcam", "layercam", "scorecam", "eigencam"]
-
-
-def _same(a, b):
-    assert a["training"] == b["training"]
-    assert a["requires_grad"] == b["requires_grad"]
-    assert a["hooks"] == b["hooks"]
-    assert a["inplace"] == b["inplace"]
-    for p, q in zip(a["params"] + a["buffers"], b["params"] + b["buffers"]):
-        assert torch.equal(p, q)
-    for p, q in zip(a["grads"], b["grads"]):
-        assert (p is None and q is None) or torch.equal(p, q)
 
 
 def _subject_in_odd_state():
@@ -44,7 +34,7 @@ def test_model_unchanged_after_every_method():
                                                       "smoothgrad": {"samples": 3},
                                                       "smooth_gradcam_pp": {"samples": 2}})
     assert set(out) == set(CORE)
-    _same(before, subject.state_fingerprint())
+    assert_same_state(before, subject.state_fingerprint())
     assert subject.model.training  # still in training mode, as found
 
 
@@ -63,9 +53,9 @@ def test_model_unchanged_after_an_exception():
     for method in ["gradcam", "guided_backprop", "integrated_gradients", "scorecam"]:
         with pytest.raises(Boom):
             sk.explain(subject, torch.randn(1, 3, 32, 32), method=method)
-        _same(with_boom, subject.state_fingerprint())
+        assert_same_state(with_boom, subject.state_fingerprint())
     handle.remove()
-    _same(before, subject.state_fingerprint())
+    assert_same_state(before, subject.state_fingerprint())
     assert torch.nn.functional.relu.__module__ == "torch.nn.functional"  # the GBP patch was undone
 
 

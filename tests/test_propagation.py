@@ -12,6 +12,7 @@ from saliencykit import Subject, data
 from saliencykit.errors import SaliencyError
 from saliencykit.methods.propagation import full_gradient, merged_batchnorm
 from saliencykit.targets import as_target
+from state import assert_same_state  # noqa: E402  (tests/ is on sys.path)
 
 
 def _randomise_bn(model):
@@ -57,15 +58,6 @@ def _subject(act=nn.ReLU, bias=True, bn=True, seed=0):
 @pytest.fixture
 def x64():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-
-
-def _same_state(a, b):
-    for key in ("params", "buffers", "grads"):
-        for p, q in zip(a[key], b[key]):
-            if (p is None) != (q is None) or (p is not None and not torch.equal(p, q)):
-                return False
-    return all(a[k] == b[k] for k in ("training", "requires_grad", "hooks", "inplace")) and \
-        len(a["params"]) == len(b["params"])
 
 
 def _pearson(a, b):
@@ -147,7 +139,7 @@ def test_fullgrad_agrees_with_pytorch_grad_cam_on_resnet18():
     before = s.state_fingerprint()
     ours = sk.explain(s, x, "fullgrad", normalisation="grad_cam_lib")
     official = sk.explain(s, x, "fullgrad")
-    assert _same_state(before, s.state_fingerprint())
+    assert_same_state(before, s.state_fingerprint())
     assert max(ours.extras["completeness_relative"]) < 1e-3  # ReLU net in fp32
     classes = s.forward(x).argmax(1).tolist()
     with s.explaining():  # in-place ReLUs off, as during our own explanation
@@ -233,7 +225,7 @@ def test_normgrad_meta_saliency(tiny, tiny_x):
     step = sk.explain(tiny, tiny_x, "normgrad", layer="act1", meta=True, meta_lr=0.5)
     assert torch.allclose(base.maps, zero.maps, atol=1e-7)
     assert (base.maps - step.maps).abs().max() > 1e-4
-    assert _same_state(before, tiny.state_fingerprint())
+    assert_same_state(before, tiny.state_fingerprint())
     assert step.passes["backward"] == 2  # the SGD step + the capture
 
 
@@ -275,12 +267,12 @@ def test_batchnorm_merge_round_trip():
         merged_out = model(x)
         assert all(m.bias is not None for m in model.modules() if isinstance(m, nn.Conv2d))
     assert torch.allclose(merged_out, ref, atol=1e-10)
-    assert _same_state(before, s.state_fingerprint())
+    assert_same_state(before, s.state_fingerprint())
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
     with pytest.raises(RuntimeError, match="boom"):
         with merged_batchnorm(model, x[:1]):
             raise RuntimeError("boom")
-    assert _same_state(before, s.state_fingerprint())
+    assert_same_state(before, s.state_fingerprint())
     assert torch.equal(model(x), ref)
 
 
@@ -299,7 +291,7 @@ def test_batchnorm_merge_refuses_shared_layer_output(x64):
     before = s.state_fingerprint()
     with pytest.raises(SaliencyError, match="canonize=False"):
         sk.explain(s, x64, "lrp")
-    assert _same_state(before, s.state_fingerprint())
+    assert_same_state(before, s.state_fingerprint())
     e = sk.explain(s, x64, "lrp", canonize=False)
     assert torch.isfinite(e.maps).all()
 
@@ -376,7 +368,7 @@ def test_lrp_bad_parameters_and_state(tiny, tiny_x):
         sk.explain(tiny, tiny_x, "fullgrad", normalisation="other")
     with pytest.raises(SaliencyError, match="variant"):
         sk.explain(tiny, tiny_x, "normgrad", variant="other")
-    assert _same_state(before, tiny.state_fingerprint())
+    assert_same_state(before, tiny.state_fingerprint())
 
 
 # ------------------------------------------------------------------------------ architectures
@@ -407,7 +399,7 @@ def test_runs_on_architectures(arch):
         assert lrp.extras["gradient_through"]
     for e in (fg, ng, lrp):
         assert e.maps.shape == (1, 64, 64) and torch.isfinite(e.maps).all()
-    assert _same_state(before, s.state_fingerprint())
+    assert_same_state(before, s.state_fingerprint())
 
 
 @pytest.mark.parametrize("method", ["fullgrad", "normgrad", "lrp"])
