@@ -308,16 +308,16 @@ def test_model_left_as_found_also_after_errors(clip, x, tiny, tiny_x):
 
     calls = []
 
-    def boom(*_):  # the clean pass that fixes the target runs; grad_eclip's own hooked forward fails
+    def boom(*_):  # the one forward, hooked by grad_eclip (it also fixes the target), fails
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 1:
             raise RuntimeError("boom")
 
     handle = m.visual_projection.register_forward_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
             sk.explain(clip, x, "grad_eclip", target=Text(PROMPTS[0]))
-        assert len(calls) == 2
+        assert len(calls) == 1
         assert count_hooks(clip.model) == before["hooks"] + 1  # only the test's own hook
     finally:
         handle.remove()
@@ -362,13 +362,13 @@ def test_unsupported_attention_is_a_clear_error(x):
 # ------------------------------------------------------------------------------------ pass counts
 @needs_hf
 def test_pass_counts_and_registry(clip, x2):
-    # what: per image, grad_eclip makes 1 forward + 1 backward in 1 model call; alone it is also
-    # charged the clean forward that fixes the target (as relevancy); after another method it is
-    # exactly 1F+1B; the registry entry (exact values)
+    # what: per image, grad_eclip makes 1 forward + 1 backward in 1 model call: alone, its hooked
+    # forward is also the clean forward that fixes the target (Context.prime_under); after another
+    # method it is exactly 1F+1B as well, with the same map; the registry entry (exact values)
     from saliencykit.clip import Text
 
     alone = sk.explain(clip, x2, "grad_eclip", target=Text(PROMPTS[:2], each=False))
-    assert alone.passes == {"forward": 2.0, "backward": 1.0, "model_calls": 2}  # + the clean target pass
+    assert alone.passes == {"forward": 1.0, "backward": 1.0, "model_calls": 1}
     both = sk.explain(clip, x2, ["attention_rollout", "grad_eclip"], target=Text(PROMPTS[:2], each=False))
     assert both["grad_eclip"].passes == {"forward": 1.0, "backward": 1.0, "model_calls": 1}
     assert torch.equal(both["grad_eclip"].raw, alone.raw)

@@ -152,23 +152,30 @@ class Context:
                           activations={n: acts[n].detach() for n in layers}, gradients=layer_grads)
 
     def prime_under(self, key, rules) -> None:
-        """One clean forward with its graph kept, run inside the context manager `rules` (e.g. a
-        modified backward rule): its logits fix the target, and `own_input_gradient(key, ...)`
-        backpropagates through it once, so a method with its own backward rule that runs alone
-        costs 1F+1B instead of a target forward plus its own forward and backward."""
-        with rules, torch.enable_grad():
+        """One clean forward with its graph kept, run inside the context manager `rules` (a
+        modified backward rule, or hooks that record tensors): its logits fix the target, and
+        `own_input_gradient(key, ...)` / `take_own_primed(key)` use it once, so a method with its
+        own forward rules that runs alone costs 1F+1B instead of a target forward plus its own
+        forward and backward."""
+        with rules as recorded, torch.enable_grad():
             xin = self.x.detach().clone().requires_grad_(True)
             logits = self.subject.forward(xin)
         self.counter.add(forward=self.batch)
-        self._own_primed[key] = (xin, logits)
+        self._own_primed[key] = (xin, logits, recorded)
         if self._logits is None:
             self._logits = logits.detach().float()
 
+    def take_own_primed(self, key):
+        """`(input, logits, what the rules' context manager returned)` of `prime_under(key, ...)`,
+        handed over once (None if there was no such pass)."""
+        return self._own_primed.pop(key, None)
+
     def own_input_gradient(self, key, target: ResolvedTarget) -> torch.Tensor | None:
         """Input gradient through the graph `prime_under(key, ...)` kept (used once, then freed)."""
-        if key not in self._own_primed:
+        primed = self.take_own_primed(key)
+        if primed is None:
             return None
-        xin, logits = self._own_primed.pop(key)
+        xin, logits, _ = primed
         with torch.enable_grad():
             (g,) = torch.autograd.grad(target.score(logits).sum(), xin, allow_unused=True)
         self.counter.add(backward=self.batch)

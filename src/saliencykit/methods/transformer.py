@@ -33,6 +33,11 @@ def _tap_forward(ctx, tap: AttentionTap, grad: bool):
         with torch.no_grad():
             logits = ctx.subject.forward(ctx.x)
     ctx.counter.add(forward=ctx.batch)
+    _check_recorded(ctx, tap)
+    return logits
+
+
+def _check_recorded(ctx, tap: AttentionTap) -> None:
     if not tap.attn:
         raise SaliencyError("no attention probabilities were recorded during the forward pass; "
                             "the model's attention modules were not called")
@@ -41,7 +46,6 @@ def _tap_forward(ctx, tap: AttentionTap, grad: bool):
         raise SaliencyError("attention methods need global self-attention over one token sequence per image "
                             f"(got attention shapes {sorted({tuple(a.shape) for a in tap.attn})}); windowed or "
                             "hierarchical attention (Swin) is not supported")
-    return logits
 
 
 def _grid(ctx, n_tokens: int) -> tuple[int, int, int]:
@@ -135,19 +139,39 @@ def relevancy_matrix(attentions, gradients, start: int = 0, weights=None) -> tor
     return R
 
 
-def _attention_gradients(ctx, target, tap):
-    logits = _tap_forward(ctx, tap, grad=True)
+_TAP_KEY = "attention_tap"
+
+
+class _TapPrimed:
+    """Methods whose pass is one tapped forward + one backward: run first, that forward is also
+    the clean forward that fixes the target (`Context.prime_under`), so they cost 1F+1B alone."""
+
+    @classmethod
+    def prime(cls, ctx):
+        ctx.prime_under(_TAP_KEY, AttentionTap(ctx.subject.model))
+
+
+def _attention_gradients(ctx, target):
+    """`(tap, attn, grads)`: every block's attention probabilities and the target's gradient
+    w.r.t. them, from the primed tapped forward when there is one, else from a tapped forward."""
+    primed = ctx.take_own_primed(_TAP_KEY)
+    if primed is not None:
+        _, logits, tap = primed
+        _check_recorded(ctx, tap)
+    else:
+        with AttentionTap(ctx.subject.model) as tap:
+            logits = _tap_forward(ctx, tap, grad=True)
     attn = list(tap.attn)
     with torch.enable_grad():
         score = target.score(logits)
         grads = torch.autograd.grad(score.sum(), attn, allow_unused=True)
     ctx.counter.add(backward=ctx.batch)
     grads = [torch.zeros_like(a) if g is None else g.detach() for a, g in zip(attn, grads)]
-    return attn, grads
+    return tap, attn, grads
 
 
 @register
-class Relevancy(Method):
+class Relevancy(_TapPrimed, Method):
     name = "relevancy"
     aliases = ("chefer", "transformer_attribution")
     family = "transformer"
@@ -157,8 +181,7 @@ class Relevancy(Method):
                    "R += mean_heads(ReLU(dA * A)) R over blocks, map = CLS row.")
 
     def run(self, ctx, target, layer, start_layer=0):
-        with AttentionTap(ctx.subject.model) as tap:
-            attn, grads = _attention_gradients(ctx, target, tap)
+        _, attn, grads = _attention_gradients(ctx, target)
         start = _layer_range(len(attn), start_layer).start
         out = _read_map(ctx, relevancy_matrix(attn, grads, start))
         out["extras"] = {"blocks": len(attn)}
@@ -211,7 +234,7 @@ class LeGrad(Method):
 
 
 @register
-class TokenTM(Method):
+class TokenTM(_TapPrimed, Method):
     name = "tokentm"
     family = "transformer"
     cost = "1F+1B"
@@ -222,10 +245,9 @@ class TokenTM(Method):
                    "(norm ratio x cosine of the block's output vs input token), then Chefer propagation.")
 
     def run(self, ctx, target, layer, start_layer=0):
-        with AttentionTap(ctx.subject.model) as tap:
-            attn, grads = _attention_gradients(ctx, target, tap)
-            t_in = [t.detach().double() for t in tap.block_in]
-            t_out = [t.detach().double() for t in tap.block_out]
+        tap, attn, grads = _attention_gradients(ctx, target)
+        t_in = [t.detach().double() for t in tap.block_in]
+        t_out = [t.detach().double() for t in tap.block_out]
         if len(t_in) != len(attn) or len(t_out) != len(attn):
             raise SaliencyError("tokentm could not pair every attention map with its block's tokens")
         weights = []
@@ -298,6 +320,48 @@ def grad_eclip_map(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return (gv * lam).clamp_min(0) + 0.0  # + 0.0: no -0.0 entries
 
 
+class _AttentionRecorder:
+    """Context manager hooking the last visual attention of a CLIP subject for one forward: its
+    inputs (query, key, value), its output, and for Hugging Face attention the q/k/v projections."""
+
+    def __init__(self, subject):
+        self.name, self.attn, self.kind = _last_visual_attention(subject)
+        self.rec: dict[str, list] = {"in": [], "out": [], "q": [], "k": [], "v": []}
+        self._handles: list = []
+
+    def __enter__(self):
+        rec, kind, attn = self.rec, self.kind, self.attn
+
+        def pre(_m, args, kwargs):
+            if kind == "hf":
+                t = kwargs.get("hidden_states", args[0] if args else None)
+                rec["in"].append((t, t, t))
+            else:
+                names = ("query", "key", "value")
+                rec["in"].append(tuple(kwargs.get(n, args[i] if len(args) > i else None) for i, n in enumerate(names)))
+
+        def post(_m, _args, out):
+            rec["out"].append(out[0] if isinstance(out, (tuple, list)) else out)
+
+        try:
+            self._handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(attn.register_forward_hook(post))
+            if kind == "hf":
+                for p in ("q", "k", "v"):
+                    self._handles.append(getattr(attn, f"{p}_proj").register_forward_hook(
+                        lambda _m, _i, o, key=p: rec[key].append(o.detach())))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+
 @register
 class GradECLIP(Method):
     name = "grad_eclip"
@@ -311,8 +375,16 @@ class GradECLIP(Method):
                    "lambda_i), g = d score / d(attention output before out_proj) at CLS, v = patch values, "
                    "lambda = min-max of cos(out_proj(q_CLS), out_proj(k_i)).")
 
+    @classmethod
+    def prime(cls, ctx):
+        """Run first, the clean forward that fixes the target is made with the attention hooked."""
+        from ..clip import _require_clip
+
+        ctx.prime_under("grad_eclip", _AttentionRecorder(_require_clip(ctx.subject, "grad_eclip")))
+
     def run(self, ctx, target, layer):
-        """One forward with the last visual attention hooked, one backward to its output.
+        """One forward with the last visual attention hooked (the primed clean forward when there
+        is one), one backward to its output.
 
         The gradient w.r.t. `o` (the input of `out_proj`, `y = o Wᵀ + b`) is read as
         `∂c/∂o = (∂c/∂y) W` from the attention module's output `y`, which works for both module
@@ -322,35 +394,16 @@ class GradECLIP(Method):
         from ..clip import _require_clip
 
         subject = _require_clip(ctx.subject, "grad_eclip")
-        name, attn, kind = _last_visual_attention(subject)
-        out_w, out_b = _linear_weight(attn.out_proj, f"{name}.out_proj")
-        rec: dict[str, list] = {"in": [], "out": [], "q": [], "k": [], "v": []}
-
-        def pre(_m, args, kwargs):
-            if kind == "hf":
-                t = kwargs.get("hidden_states", args[0] if args else None)
-                rec["in"].append((t, t, t))
-            else:
-                names = ("query", "key", "value")
-                rec["in"].append(tuple(kwargs.get(n, args[i] if len(args) > i else None) for i, n in enumerate(names)))
-
-        def post(_m, _args, out):
-            rec["out"].append(out[0] if isinstance(out, (tuple, list)) else out)
-
-        handles = []
-        try:
-            handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(attn.register_forward_hook(post))
-            if kind == "hf":
-                for p in ("q", "k", "v"):
-                    handles.append(getattr(attn, f"{p}_proj").register_forward_hook(
-                        lambda _m, _i, o, key=p: rec[key].append(o.detach())))
-            with torch.enable_grad():
+        primed = ctx.take_own_primed("grad_eclip")
+        if primed is not None:
+            _, logits, recorder = primed
+        else:
+            recorder = _AttentionRecorder(subject)
+            with recorder, torch.enable_grad():
                 logits = subject.forward(ctx.x.detach().clone().requires_grad_(True))
             ctx.counter.add(forward=ctx.batch)
-        finally:
-            for h in handles:
-                h.remove()
+        name, attn, kind, rec = recorder.name, recorder.attn, recorder.kind, recorder.rec
+        out_w, out_b = _linear_weight(attn.out_proj, f"{name}.out_proj")
         if len(rec["out"]) != 1 or len(rec["in"]) != 1:
             raise SaliencyError(f"grad_eclip: the last visual attention {name} was called {len(rec['out'])} times "
                                 "during one image forward (expected exactly once); is it the image tower's?")
