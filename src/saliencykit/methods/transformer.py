@@ -18,6 +18,7 @@ from torch import nn
 
 from ..engine import upsample
 from ..errors import SaliencyError
+from ..model import LayerCapture
 from ..vit import AttentionTap, _is_vision, grid_of, mha_projections, transformer_blocks
 from .base import Method, register
 from .cam import normalize01
@@ -320,46 +321,37 @@ def grad_eclip_map(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return (gv * lam).clamp_min(0) + 0.0  # + 0.0: no -0.0 entries
 
 
-class _AttentionRecorder:
-    """Context manager hooking the last visual attention of a CLIP subject for one forward: its
-    inputs (query, key, value), its output, and for Hugging Face attention the q/k/v projections."""
+class _AttentionRecorder(LayerCapture):
+    """A `LayerCapture` of the last visual attention of a CLIP subject (and, for Hugging Face
+    attention, of its q/k/v projections) that also records the attention's inputs (query, key,
+    value) for one forward. `rec` maps "in", "out", "q", "k", "v" to the recorded calls."""
 
     def __init__(self, subject):
         self.name, self.attn, self.kind = _last_visual_attention(subject)
-        self.rec: dict[str, list] = {"in": [], "out": [], "q": [], "k": [], "v": []}
-        self._handles: list = []
+        modules = {"out": self.attn}
+        if self.kind == "hf":
+            modules.update({p: getattr(self.attn, f"{p}_proj") for p in ("q", "k", "v")})
+        super().__init__(modules)
+        self.rec: dict[str, list] = {"in": [], **{k: r.outputs for k, r in self.records.items()}}
 
     def __enter__(self):
-        rec, kind, attn = self.rec, self.kind, self.attn
+        super().__enter__()
+        kind, inputs = self.kind, self.rec["in"]
 
         def pre(_m, args, kwargs):
             if kind == "hf":
                 t = kwargs.get("hidden_states", args[0] if args else None)
-                rec["in"].append((t, t, t))
+                inputs.append((t, t, t))
             else:
                 names = ("query", "key", "value")
-                rec["in"].append(tuple(kwargs.get(n, args[i] if len(args) > i else None) for i, n in enumerate(names)))
-
-        def post(_m, _args, out):
-            rec["out"].append(out[0] if isinstance(out, (tuple, list)) else out)
+                inputs.append(tuple(kwargs.get(n, args[i] if len(args) > i else None) for i, n in enumerate(names)))
 
         try:
-            self._handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
-            self._handles.append(attn.register_forward_hook(post))
-            if kind == "hf":
-                for p in ("q", "k", "v"):
-                    self._handles.append(getattr(attn, f"{p}_proj").register_forward_hook(
-                        lambda _m, _i, o, key=p: rec[key].append(o.detach())))
+            self._handles.append(self.attn.register_forward_pre_hook(pre, with_kwargs=True))
         except BaseException:
             self.__exit__()
             raise
         return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        return False
 
 
 @register
@@ -408,7 +400,7 @@ class GradECLIP(Method):
             raise SaliencyError(f"grad_eclip: the last visual attention {name} was called {len(rec['out'])} times "
                                 "during one image forward (expected exactly once); is it the image tower's?")
         query, key, value = rec["in"][0]
-        y = rec["out"][0]
+        y = rec["out"][0][0] if isinstance(rec["out"][0], (tuple, list)) else rec["out"][0]
         if not isinstance(query, torch.Tensor) or not isinstance(y, torch.Tensor) or query.dim() != 3:
             raise SaliencyError(f"grad_eclip: could not read the input/output tokens of {name}")
         if kind == "mha":
@@ -426,7 +418,7 @@ class GradECLIP(Method):
             if not all(len(rec[p]) == 1 for p in ("q", "k", "v")):
                 raise SaliencyError(f"grad_eclip: {name}.q_proj/k_proj/v_proj were not each called once "
                                     "in the attention's forward")
-            q, k, v = rec["q"][0], rec["k"][0], rec["v"][0]
+            q, k, v = (rec[p][0].detach() for p in ("q", "k", "v"))
         seq_first = kind == "mha" and not attn.batch_first
         B, N = (y.shape[1], y.shape[0]) if seq_first else (y.shape[0], y.shape[1])
         if B != ctx.batch or any(t.shape[:2] != (B, N) or t.shape[-1] != out_w.shape[1] for t in (q, k, v)):
