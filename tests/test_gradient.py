@@ -661,3 +661,23 @@ def test_every_gradient_method_in_one_call_equals_each_on_its_own():
         alone = explain(s, x, name, target=1, seed=0)
         assert torch.equal(together[name].attributions, alone.attributions), name
     assert not torch.equal(together["guided_backprop"].attributions, together["saliency"].attributions)
+
+
+def test_clean_pass_in_chunks_equals_one_pass(tiny, monkeypatch):
+    # The shared clean forward runs in cache-sized chunks on a CPU (here the cache share is cut
+    # so that 2 rows fill it: chunks of 2, 2, 1). Every row is still its own forward and
+    # backward, so the maps equal the single-chunk ones up to float rounding, and the passes
+    # stay 1F+1B per image.
+    from saliencykit import engine
+
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    methods = ["saliency", "gradxinput", "gradcam", "layercam"]
+    whole = explain(tiny, x, methods, target=[0, 1, 2, 3, 4], layer="act2")
+    assert whole["saliency"].passes["model_calls"] == 1
+    _, largest = engine.row_cost_bytes(tiny, x.shape)
+    monkeypatch.setattr(engine, "CPU_CHUNK_BYTES", 2 * largest)
+    chunked = explain(tiny, x, methods, target=[0, 1, 2, 3, 4], layer="act2")
+    for name in methods:
+        assert torch.allclose(chunked[name].maps, whole[name].maps, rtol=1e-5, atol=1e-6), name
+    assert chunked["saliency"].passes == {"forward": 1.0, "backward": 1.0, "model_calls": 3}
+    assert chunked["gradcam"].passes["forward"] == 0  # shares the chunked capture

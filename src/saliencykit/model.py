@@ -175,12 +175,18 @@ class Subject:
         mean, std: the per-channel normalisation, used for baselines ("black" image) and display.
         layer: the default layer for layer methods (name), or "auto".
         name: a short name shown in reports.
+        fast: how forward-only runs of many perturbed inputs (occlusion, RISE, Score-CAM,
+            deletion, ...) may run the model on a CPU (see `saliencykit.inference`): None or True
+            (default) times the eager model, channels-last input and a frozen trace once per
+            model and shape and keeps the fastest that is safe; False keeps the model eager;
+            "channels_last" or "frozen" picks that form without timing.
     """
 
     def __init__(self, model: nn.Module, preprocess: Callable | None = None,
                  labels: Sequence[str] | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  input_size=(224, 224), layer: str = "auto", name: str | None = None,
-                 device: str | torch.device | None = None, groups: dict | None = None):
+                 device: str | torch.device | None = None, groups: dict | None = None,
+                 fast: bool | str | None = None):
         if not isinstance(model, nn.Module):
             raise SaliencyError(f"Subject needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -197,6 +203,7 @@ class Subject:
             self.model.to(device)
         self._auto_layer_cache: dict[tuple, str] = {}
         self.grid_fn: Callable | None = None
+        self.fast = fast
 
     # ----------------------------------------------------------------------------- basics
     def __repr__(self):

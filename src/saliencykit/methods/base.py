@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..engine import DEFAULT_BATCH, GradResult, PassCounter, forward_logits, gradient_pass
+from ..engine import DEFAULT_BATCH, GradResult, PassCounter, auto_batch, forward_logits, gradient_pass
 from ..errors import SaliencyError
 from ..explanation import Explanation
 from ..targets import ResolvedTarget, Target, as_target
@@ -104,52 +104,68 @@ class Context:
         self.counter = PassCounter()
         self._logits: torch.Tensor | None = None
         self._captures: dict = {}
-        self._primed = None  # (input, logits, activations) of one clean forward that kept its graph
+        self._primed = None  # [(first row, input, logits, activations)] per chunk of one clean forward that kept its graph
         self._own_primed: dict = {}  # key -> (input, logits): a clean forward under a method's own rules
 
-    def prime(self, layers: Sequence[str] = ()) -> None:
+    def prime(self, layers: Sequence[str] = (), chunk: int | None = None) -> None:
         """One forward of the clean input that keeps its autograd graph and captures `layers`.
 
         Its logits fix the target, and every later backward on the clean input (gradient CAMs,
         saliency, gradient x input) reuses it: a call asking for the target and several such
         methods costs one forward in total instead of one per method plus one for the target.
+        The rows run in chunks of `chunk` (default: all at once), each with its own graph; on a
+        CPU cache-sized chunks are faster per row, forward and backward (EfficientNet-Lite0,
+        10 rows: 0.65 s in one chunk, 0.38 s in two).
         """
+        b = self.batch
+        chunk = max(1, int(chunk or b))
+        parts = []
         with torch.enable_grad():
-            xin = self.x.detach().clone().requires_grad_(True)
-            capture = self.subject.capture(layers) if layers else None
-            if capture is not None:
-                with capture:
+            for start in range(0, b, chunk):
+                xin = self.x[start:start + chunk].detach().clone().requires_grad_(True)
+                capture = self.subject.capture(layers) if layers else None
+                if capture is not None:
+                    with capture:
+                        logits = self.subject.forward(xin)
+                    acts = {name: capture.get(name) for name in capture.modules}
+                else:
                     logits = self.subject.forward(xin)
-                acts = {name: capture.get(name) for name in capture.modules}
-            else:
-                logits = self.subject.forward(xin)
-                acts = {}
-        self.counter.add(forward=self.batch)
-        self._primed = (xin, logits, acts)
-        self._logits = logits.detach().float()
+                    acts = {}
+                self.counter.add(forward=xin.shape[0])
+                parts.append((start, xin, logits, acts))
+        self._primed = parts
+        self._logits = torch.cat([p[2].detach() for p in parts]).float()
 
     def _primed_grads(self, target: ResolvedTarget, layers: Sequence[str], input_grad: bool):
-        """Backward through the primed graph, or None when it cannot serve the request."""
+        """Backward through the primed graph (chunk by chunk), or None when it cannot serve the request."""
         if self._primed is None:
             return None
-        xin, logits, acts = self._primed
-        if not set(layers) <= set(acts):
+        if not set(layers) <= set(self._primed[0][3]):
             return None
         for name in layers:
-            if not acts[name].requires_grad:
+            if not self._primed[0][3][name].requires_grad:
                 raise SaliencyError(f"layer {name!r} output does not depend on the input differentiably")
-        with torch.enable_grad():
-            scores = target.score(logits)
-            wrt = ([xin] if input_grad else []) + [acts[n] for n in layers]
-            grads = torch.autograd.grad(scores.sum(), wrt, retain_graph=True, allow_unused=True)
+        gis, scores_all, layer_grads, logits_all = [], [], {n: [] for n in layers}, []
+        for start, xin, logits, acts in self._primed:
+            rows = None if len(self._primed) == 1 else torch.arange(start, start + xin.shape[0], device=xin.device)
+            with torch.enable_grad():
+                scores = target.score(logits, rows=rows)
+                wrt = ([xin] if input_grad else []) + [acts[n] for n in layers]
+                grads = torch.autograd.grad(scores.sum(), wrt, retain_graph=True, allow_unused=True)
+            if input_grad:
+                gis.append(torch.zeros_like(xin) if grads[0] is None else grads[0].detach())
+            for n, g in zip(layers, grads[1 if input_grad else 0:]):
+                layer_grads[n].append(torch.zeros_like(acts[n]) if g is None else g.detach())
+            scores_all.append(scores.detach())
+            logits_all.append(logits.detach())
         self.counter.add(backward=self.batch)
-        gi = None
-        if input_grad:
-            gi = torch.zeros_like(xin) if grads[0] is None else grads[0].detach()
-        layer_grads = {n: torch.zeros_like(acts[n]) if g is None else g.detach()
-                       for n, g in zip(layers, grads[1 if input_grad else 0:])}
-        return GradResult(logits=logits.detach(), scores=scores.detach(), input_grad=gi,
-                          activations={n: acts[n].detach() for n in layers}, gradients=layer_grads)
+        acts = self._primed_activations(layers)
+        return GradResult(logits=torch.cat(logits_all), scores=torch.cat(scores_all),
+                          input_grad=torch.cat(gis) if input_grad else None, activations=acts,
+                          gradients={n: torch.cat(v) for n, v in layer_grads.items()})
+
+    def _primed_activations(self, layers: Sequence[str]) -> dict:
+        return {n: torch.cat([p[3][n].detach() for p in self._primed]) for n in layers}
 
     def prime_under(self, key, rules) -> None:
         """One clean forward with its graph kept, run inside the context manager `rules` (a
@@ -210,8 +226,8 @@ class Context:
         """Activations of `layers` on the clean input (and the logits): reuses any capture of
         these layers made in this call, else one forward pass without gradients."""
         layers = tuple(layers)
-        if self._primed is not None and set(layers) <= set(self._primed[2]):
-            return {n: self._primed[2][n].detach() for n in layers}, self._primed[1].detach()
+        if self._primed is not None and set(layers) <= set(self._primed[0][3]):
+            return self._primed_activations(layers), torch.cat([p[2].detach() for p in self._primed])
         for k, res in self._captures.items():
             if k[0] not in ("forward-only", "input") and set(layers) <= set(k[0]):
                 return res.activations, res.logits
@@ -320,7 +336,11 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
         if one_pass and any(cls.clean_pass for cls in classes):
             layered = [cls for cls in classes if cls.clean_pass and cls.uses_layer]
             layers = _prime_layers(ctx, layer) if layered else []
-            ctx.prime(layers)
+            # cache-sized chunks (one probe forward per model and shape sizes them); a batch of
+            # fewer than 4 rows runs whole
+            chunk = batch_size or (auto_batch(subject, x.shape, grad=True, rows=x.shape[0])
+                                   if x.shape[0] >= 4 else None)
+            ctx.prime(layers, chunk=chunk)
         elif one_pass and classes[0].prime is not None:
             classes[0].prime(ctx)  # its own clean forward also fixes the target
         resolved = ctx.resolve(tgt)
