@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from methods import best_pass_costs, rss_mb  # noqa: E402
+from methods import AT_BATCH, best_pass_costs, rss_mb  # noqa: E402
 
 import saliencykit as sk  # noqa: E402
 from saliencykit.methods.perturbation import grid_segments  # noqa: E402
@@ -270,8 +270,17 @@ def method_rows(subject, x, methods, repeats, fcost, fbcost, lines, warmup=True,
             continue
         passes = exp_box["e"].passes
         f, b = passes["forward"], passes["backward"]
+        forms = sorted({p.form for p in sk.inference.plans(subject).values()} - {"eager"})
+        form_txt = f" ({', '.join(forms)} form)" if forms and b == 0 and f > 100 else ""
         floor = 1000 * (b * fbcost + max(f - b, 0) * fcost)
         ours_ms = res["saliencykit"]["ms"]
+        # a method of one forward(+backward) makes one model call of the request's rows: the
+        # floor that call can reach is the pass cost at that batch, not at the best one
+        at = AT_BATCH.get(subject.name, {}).get(x.shape[0])
+        batch_txt = ""
+        if at is not None and f <= 1 and at[1] * 1000 > fbcost * 1000 * 1.02:
+            batch_floor = 1000 * (b * at[1] + max(f - b, 0) * at[0])
+            batch_txt = f" ({ours_ms / batch_floor:.2f} of the floor at batch {x.shape[0]})"
         anc = {k: v for k, v in res.items() if k != "saliencykit"}
         fastest = min(anc, key=lambda k: anc[k]["ms"])
         anchor_txt = "; ".join(f"{k} {v['ms']:.1f}" for k, v in anc.items())
@@ -279,7 +288,7 @@ def method_rows(subject, x, methods, repeats, fcost, fbcost, lines, warmup=True,
         r_txt = "; ".join(f"{k} {pearson(res['saliencykit']['maps'], v['maps']):.3f}" for k, v in anc.items())
         lines.append(f"| {m} | {ours_ms:.1f} | {anchor_txt} | {anc[fastest]['ms'] / ours_ms:.2f}x ({fastest}; CPU time "
                      f"{anc[fastest]['cpu_ms'] / res['saliencykit']['cpu_ms']:.2f}x) | "
-                     f"{f:g}/{b:g} | {floor:.1f} | {ours_ms / floor:.2f} | {mem_txt} | {r_txt} |")
+                     f"{f:g}/{b:g}{form_txt} | {floor:.1f} | {ours_ms / floor:.2f}{batch_txt} | {mem_txt} | {r_txt} |")
         print(lines[-1], flush=True)
 
 
@@ -363,7 +372,18 @@ def levers(subject, x, repeats, lines):
             xi = xcl.clone(memory_format=torch.preserve_format).requires_grad_(True)
             torch.autograd.grad(model(xi)[:, 0].sum(), xi)
 
+    frozen = {}
+
+    def fwd_frozen():  # the form `saliencykit.inference` may pick for forward-only runs
+        with subject.explaining(), torch.inference_mode():
+            if "m" not in frozen:
+                frozen["m"], why = sk.inference._freeze(model, xb)
+                if frozen["m"] is None:
+                    raise RuntimeError(why)
+            frozen["m"](xb)
+
     calls = {"forward, grad enabled": fwd(torch.enable_grad, xb),
+             "forward, inference_mode, frozen trace (torch.jit freeze + optimize_for_inference)": fwd_frozen,
              "forward, inference_mode, channels_last input only": fwd(torch.inference_mode, xcl),
              "forward+backward, channels_last input only": fb_cl_input,
              "forward, inference_mode, 1 thread": fwd_1thread, "forward, no_grad": fwd(torch.no_grad, xb),

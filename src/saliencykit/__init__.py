@@ -2,7 +2,7 @@
 are, and say in plain words what they show."""
 __version__ = "0.1.0"
 
-from . import data, methods, metrics, viz  # noqa: E402
+from . import data, engine, inference, methods, metrics, viz  # noqa: E402
 from .errors import SaliencyError  # noqa: E402
 from .explanation import Explanation  # noqa: E402
 from .methods import explain  # noqa: E402
