@@ -344,6 +344,9 @@ class _ModifiedReLUBackward(torch.autograd.Function):
 
     guided:   grad_in = ReLU(grad_out) * 1[lo < x < hi]     (Springenberg et al.)
     deconv:   grad_in = ReLU(grad_out)                       (Zeiler & Fergus)
+
+    `modified_relu_backward` uses it for DeconvNet only: the guided rule is the activation's own
+    backward applied to ReLU(grad_out), which a gradient hook on the output gives for free.
     """
 
     @staticmethod
@@ -362,6 +365,10 @@ class _ModifiedReLUBackward(torch.autograd.Function):
                 mask = mask & (inp < ctx.hi)
             grad_in = grad_in * mask
         return grad_in, None, None, None, None
+
+
+def _clamp_min_zero(grad: torch.Tensor) -> torch.Tensor:
+    return grad.clamp_min(0)
 
 
 def _relu_range(module: nn.Module):
@@ -389,13 +396,26 @@ def modified_relu_backward(model: nn.Module, guided: bool):
     handles = []
     original_relu, original_relu6 = F.relu, F.relu6
 
+    def modify(inp, out, lo, hi):
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return None
+        if guided:
+            # The activation's own backward already multiplies by 1[lo < x < hi]; clipping the
+            # gradient that reaches its output makes that the guided rule, with no extra copy
+            # of the activation and no Python function in the graph.
+            out.register_hook(_clamp_min_zero)
+            return None
+        return _ModifiedReLUBackward.apply(inp, out, lo, hi, guided)
+
     def relu(input, inplace=False):  # functional ReLUs (e.g. DenseNet's last) are invisible to hooks
         out = original_relu(input, inplace=False)
-        return _ModifiedReLUBackward.apply(input, out, 0.0, None, guided) if out.requires_grad else out
+        new = modify(input, out, 0.0, None)
+        return out if new is None else new
 
     def relu6(input, inplace=False):
         out = original_relu6(input, inplace=False)
-        return _ModifiedReLUBackward.apply(input, out, 0.0, 6.0, guided) if out.requires_grad else out
+        new = modify(input, out, 0.0, 6.0)
+        return out if new is None else new
 
     try:
         for m in model.modules():
@@ -404,9 +424,7 @@ def modified_relu_backward(model: nn.Module, guided: bool):
                 continue
 
             def hook(_mod, inp, out, lo=rng[0], hi=rng[1]):
-                if not isinstance(out, torch.Tensor) or not out.requires_grad:
-                    return None
-                return _ModifiedReLUBackward.apply(inp[0], out, lo, hi, guided)
+                return modify(inp[0], out, lo, hi)
 
             handles.append(m.register_forward_hook(hook))
         F.relu, F.relu6 = relu, relu6
