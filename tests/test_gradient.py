@@ -681,3 +681,26 @@ def test_clean_pass_in_chunks_equals_one_pass(tiny, monkeypatch):
         assert torch.allclose(chunked[name].maps, whole[name].maps, rtol=1e-5, atol=1e-6), name
     assert chunked["saliency"].passes == {"forward": 1.0, "backward": 1.0, "model_calls": 3}
     assert chunked["gradcam"].passes["forward"] == 0  # shares the chunked capture
+
+
+def test_last_user_of_the_clean_pass_frees_its_graph(tiny, tiny_x):
+    # The shared clean graph is kept while other methods of the call still need it and freed by
+    # the last one's backward. A request after that (not made by any registered method, which
+    # each ask once) gets a fresh forward+backward, with the same answer.
+    from saliencykit.targets import Class
+
+    with tiny.explaining():
+        ctx = Context(tiny, tiny_x)
+        ctx.prime(["act2"])
+        ctx.primed_users = 1
+        target = ctx.resolve(Class(0))
+        g = ctx.input_gradient(target)
+        assert ctx._graph_freed and ctx.counter.backward == 2
+        fresh = ctx.capture(["act2"], target, input_grad=True)
+        assert ctx.counter.forward == 4 and ctx.counter.backward == 4  # one more F+B for the 2 images
+        assert torch.allclose(fresh.input_grad, g, atol=1e-6)
+        kept = Context(tiny, tiny_x)  # primed_users unknown (None): the graph is kept for every request
+        kept.prime(["act2"])
+        kept.input_gradient(target)
+        kept.capture(["act2"], target)
+        assert not kept._graph_freed and kept.counter.forward == 2

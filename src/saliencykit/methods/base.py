@@ -105,6 +105,11 @@ class Context:
         self._logits: torch.Tensor | None = None
         self._captures: dict = {}
         self._primed = None  # [(first row, input, logits, activations)] per chunk of one clean forward that kept its graph
+        # methods of this call still to use the primed graph (None: unknown, keep the graph); the
+        # last one's backward frees the graph as it goes, which on a CPU is 8-26 % faster per row
+        # at 6-row chunks than keeping it (EfficientNet-Lite0, resnet50)
+        self.primed_users: int | None = None
+        self._graph_freed = False
         self._own_primed: dict = {}  # key -> (input, logits): a clean forward under a method's own rules
 
     def prime(self, layers: Sequence[str] = (), chunk: int | None = None) -> None:
@@ -138,10 +143,11 @@ class Context:
 
     def _primed_grads(self, target: ResolvedTarget, layers: Sequence[str], input_grad: bool):
         """Backward through the primed graph (chunk by chunk), or None when it cannot serve the request."""
-        if self._primed is None:
+        if self._primed is None or self._graph_freed:
             return None
         if not set(layers) <= set(self._primed[0][3]):
             return None
+        retain = self.primed_users is None or self.primed_users > 1
         for name in layers:
             if not self._primed[0][3][name].requires_grad:
                 raise SaliencyError(f"layer {name!r} output does not depend on the input differentiably")
@@ -151,7 +157,7 @@ class Context:
             with torch.enable_grad():
                 scores = target.score(logits, rows=rows)
                 wrt = ([xin] if input_grad else []) + [acts[n] for n in layers]
-                grads = torch.autograd.grad(scores.sum(), wrt, retain_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(scores.sum(), wrt, retain_graph=retain, allow_unused=True)
             if input_grad:
                 gis.append(torch.zeros_like(xin) if grads[0] is None else grads[0].detach())
             for n, g in zip(layers, grads[1 if input_grad else 0:]):
@@ -159,6 +165,7 @@ class Context:
             scores_all.append(scores.detach())
             logits_all.append(logits.detach())
         self.counter.add(backward=self.batch)
+        self._graph_freed = not retain
         acts = self._primed_activations(layers)
         return GradResult(logits=torch.cat(logits_all), scores=torch.cat(scores_all),
                           input_grad=torch.cat(gis) if input_grad else None, activations=acts,
@@ -341,6 +348,7 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
             chunk = batch_size or (auto_batch(subject, x.shape, grad=True, rows=x.shape[0])
                                    if x.shape[0] >= 4 else None)
             ctx.prime(layers, chunk=chunk)
+            ctx.primed_users = sum(1 for cls in classes if cls.clean_pass)
         elif one_pass and classes[0].prime is not None:
             classes[0].prime(ctx)  # its own clean forward also fixes the target
         resolved = ctx.resolve(tgt)
@@ -354,6 +362,8 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
             inst = cls()
             out = inst.run(ctx, resolved, layer, **all_params[cls.name])
             seconds = time.perf_counter() - t0
+            if cls.clean_pass and ctx.primed_users is not None:
+                ctx.primed_users -= 1
             fwd = ctx.counter.forward - before[0]
             bwd = ctx.counter.backward - before[1]
             b = ctx.batch
