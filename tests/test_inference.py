@@ -177,3 +177,31 @@ def test_a_method_gives_the_same_map_in_every_form(x):
         assert e.passes["forward"] == 1 + 49  # the timing probes are not the method's passes
     for fast in ("channels_last", "frozen"):
         assert close(maps[fast], maps[False])
+
+
+def test_a_hook_added_after_the_plan_was_built_still_fires(x):
+    # PyTorch would not call a hook added to a module after it was traced; the plan is skipped
+    # whenever the model has a hook at the time of the call.
+    subj = subject(fast="frozen")
+    scores(subj, x)
+    assert next(iter(inference.plans(subj).values())).form == "frozen"
+    calls = []
+    handle = subj.model.fc.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    try:
+        scores(subj, x, n=12)
+    finally:
+        handle.remove()
+    assert sum(calls) == 1 + 12
+
+
+def test_a_subject_with_its_own_forward_is_never_frozen(x):
+    class Scaled(sk.Subject):
+        def forward(self, inp):
+            return 2 * super().forward(inp)
+
+    torch.manual_seed(0)
+    subj = Scaled(ConvBN().eval(), labels=["a", "b", "c", "d"], input_size=(16, 16), fast="frozen")
+    got = scores(subj, x)
+    (plan,) = inference.plans(subj).values()
+    assert plan.form == "eager" and "own forward" in plan.rejected["frozen"]
+    assert close(got, 2 * scores(subject(fast=False), x))

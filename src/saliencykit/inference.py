@@ -55,12 +55,15 @@ class Plan:
     rejected: dict = field(default_factory=dict)    # form -> why it could not be used
     module: Callable | None = None              # the frozen module, for form "frozen"
 
-    def run(self, model, x: torch.Tensor):
+    def run(self, subject, x: torch.Tensor) -> torch.Tensor:
+        """Logits of `x` in this form."""
+        from .model import extract_logits
+
         if self.form == "frozen":
-            return self.module(x)
+            return extract_logits(self.module(x))
         if self.form == "channels_last":
-            return model(x.contiguous(memory_format=torch.channels_last))
-        return model(x)
+            return subject.forward(x.contiguous(memory_format=torch.channels_last))
+        return subject.forward(x)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> tuple:
@@ -83,6 +86,12 @@ def _setting(subject):
     if fast not in (None, False) and fast not in FORMS:
         raise SaliencyError(f"Subject fast={fast!r} is not one of True, False, None or {', '.join(FORMS)}")
     return fast
+
+
+def _plain_forward():
+    from .model import Subject
+
+    return Subject.forward
 
 
 def _freeze(model, x: torch.Tensor):
@@ -120,8 +129,6 @@ def plan_for(subject, x: torch.Tensor, n_chunks: int) -> Plan | None:
 
     Builds (times) a plan only for runs of at least `TUNE_MIN_CHUNKS` chunks; a plan already built
     for this model, shape and chunk size is used for a run of any length."""
-    from .model import extract_logits
-
     setting = _setting(subject)
     model = subject.model
     if setting is False or x.dim() != 4 or not x.is_floating_point() or x.device.type != "cpu":
@@ -139,7 +146,7 @@ def plan_for(subject, x: torch.Tensor, n_chunks: int) -> Plan | None:
 
     def forward(form, module=None):
         probe = Plan(form=form, fingerprint=fingerprint, module=module)
-        return lambda inp: extract_logits(probe.run(model, inp))
+        return lambda inp: probe.run(subject, inp)
 
     plan = Plan(form="eager", fingerprint=fingerprint)
     probe_x = x.detach().clone()
@@ -150,6 +157,9 @@ def plan_for(subject, x: torch.Tensor, n_chunks: int) -> Plan | None:
     for form in candidates:
         module = None
         if form == "frozen":
+            if type(subject).forward is not _plain_forward():
+                plan.rejected[form] = f"{type(subject).__name__} has its own forward; only the model's is traced"
+                continue
             module, why = _freeze(model, probe_x)
             if module is None:
                 plan.rejected[form] = why
@@ -181,8 +191,6 @@ def plans(subject) -> dict:
 
 def run(subject, plan: Plan | None, x: torch.Tensor) -> torch.Tensor:
     """Logits of `x` under `plan` (eager when None, or when a hook appeared since it was built)."""
-    from .model import extract_logits
-
     if plan is None or plan.form == "eager" or _has_hooks(subject.model):
         return subject.forward(x)
-    return extract_logits(plan.run(subject.model, x))
+    return plan.run(subject, x)
