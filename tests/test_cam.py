@@ -250,6 +250,24 @@ def test_scorecam_softmax_weights_sum_to_one_and_constant_channels_are_skipped(t
         explain(tiny, tiny_x, "scorecam", layer="act2", weighting="softmax")
 
 
+def test_scorecam_scores_channels_with_the_same_normalised_map_once(tiny, tiny_x):
+    # Channel 1 made 2 x channel 0 (conv filter and bias doubled; ReLU is positively homogeneous):
+    # both normalise to the same mask, so the same masked input is scored once per image, and both
+    # channels get the weight the direct channel-by-channel loop gives them.
+    with torch.no_grad():
+        tiny.model.conv2.weight[1] = 2 * tiny.model.conv2.weight[0]
+        tiny.model.conv2.bias[1] = 2 * tiny.model.conv2.bias[0]
+    _, logits, valid = _scorecam_reference(tiny, tiny_x, "act2", False)
+    assert valid[:, :2].all()
+    e = explain(tiny, tiny_x, "scorecam", target=[2, 0], layer="act2", weighting="official")
+    assert e.extras["duplicate_channels"] == 2
+    assert e.passes["forward"] == 1 + (valid.sum().item() - 2) / 2
+    w = e.extras["channel_weights"]
+    for i, t in enumerate([2, 0]):
+        for k in (0, 1):
+            assert torch.allclose(w[i, k], logits[i, k].softmax(-1)[t], rtol=1e-4), (i, k)
+
+
 class QuadrantModel(nn.Module):
     """Layer `feat` has 4 channels, each a fixed 4x4 pattern lighting one quadrant; class 0 scores the mean
     of the top-left quadrant of the input, class 1 its negative."""

@@ -273,7 +273,8 @@ class ScoreCAM(Method):
                    "channel, blended towards a zero baseline (Wang et al. 2020). weighting='paper': increase of "
                    "the target probability over the zero input; 'official': masked probability; "
                    "'channel_softmax': softmax over channels of the masked logits (pytorch-grad-cam). "
-                   "Constant channels are skipped (weight 0, no forward pass).")
+                   "Constant channels are skipped (weight 0, no forward pass); channels with the same normalised "
+                   "map are scored once.")
 
     def run(self, ctx, target, layer, weighting="paper", batch_size=None, relu=True):
         if weighting not in ("paper", "official", "channel_softmax"):
@@ -292,18 +293,30 @@ class ScoreCAM(Method):
         flat = A.reshape(b, c, -1)
         valid = (flat.amax(2) - flat.amin(2)) > 1e-12   # constant channels carry no spatial information
         ex_all, ch_all = valid.nonzero(as_tuple=True)   # only these (example, channel) pairs are scored
+        # Channels of one example that are affine copies of each other (a' = s*a + t, s > 0; e.g. one
+        # active cell at the same place) make the same normalised mask, so the same masked input:
+        # each group with equal normalised maps (to float32 precision) is scored once (resnet50 layer4 on a photo: 1937 -> 1900 passes;
+        # EfficientNet-Lite0's head: 534 -> 488).
+        g = flat[ex_all, ch_all].double()
+        lo_g, hi_g = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
+        key = torch.cat([ex_all[:, None].double(), ((g - lo_g) / (hi_g - lo_g)).float().double()], 1)
+        _, inverse = torch.unique(key, dim=0, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1 if inverse.numel() else 0,), inverse.numel(), dtype=torch.long,
+                           device=inverse.device)
+        first.scatter_reduce_(0, inverse, torch.arange(inverse.numel(), device=inverse.device), reduce="amin")
+        ex_u, ch_u = ex_all[first], ch_all[first]
 
         def masks(start, stop):
-            ex, ch = ex_all[start:stop], ch_all[start:stop]
+            ex, ch = ex_u[start:stop], ch_u[start:stop]
             up = F.interpolate(A[ex, ch].unsqueeze(1), size=size, mode="bilinear", align_corners=align)
             lo = up.amin((2, 3), keepdim=True)
             hi = up.amax((2, 3), keepdim=True)
             return ex, (up - lo) / (hi - lo).clamp_min(1e-12)
 
         output = "logit" if weighting == "channel_softmax" else "prob"
-        scores = perturbed_scores(ctx.subject, x, torch.zeros_like(x), target, masks, int(ex_all.numel()),
+        scores = perturbed_scores(ctx.subject, x, torch.zeros_like(x), target, masks, int(ex_u.numel()),
                                   batch_size=batch_size or ctx.batch_size, counter=ctx.counter, output=output,
-                                  progress=ctx.progress, desc="scorecam")
+                                  progress=ctx.progress, desc="scorecam")[inverse]
         S = torch.full((b, c), float("-inf") if weighting == "channel_softmax" else 0.0, device=A.device)
         S[ex_all, ch_all] = scores.float().to(A.device)
         if weighting == "channel_softmax":
@@ -317,7 +330,8 @@ class ScoreCAM(Method):
         w = torch.where(valid, w, torch.zeros_like(w))   # also clears NaN of an all-constant layer
         raw = torch.einsum("bc,bchw->bhw", w, A)
         return _finish(ctx, [name], [raw], relu,
-                       extras={"skipped_constant_channels": int((~valid).sum()), "channel_weights": w,
+                       extras={"skipped_constant_channels": int((~valid).sum()),
+                               "duplicate_channels": int(ex_all.numel() - ex_u.numel()), "channel_weights": w,
                                "weighting": weighting})
 
 
