@@ -153,7 +153,10 @@ def plan_for(subject, x: torch.Tensor, n_chunks: int) -> Plan | None:
     with torch.inference_mode():
         eager_ms, ref = _time(forward("eager"), probe_x, warmup=1)
     plan.ms_per_row["eager"] = eager_ms
-    candidates = [setting] if setting not in (None, "eager") else ([] if setting == "eager" else ["channels_last", "frozen"])
+    if setting is None:
+        candidates = ["channels_last", "frozen"]
+    else:
+        candidates = [] if setting == "eager" else [setting]
     for form in candidates:
         module = None
         if form == "frozen":
