@@ -382,6 +382,14 @@ def levers(subject, x, repeats, lines):
                     raise RuntimeError(why)
             frozen["m"](xb)
 
+    def fwd_onnxruntime():  # the optional form, when onnxruntime is installed
+        if "ort" not in frozen:
+            with subject.explaining():
+                frozen["ort"], why = sk.inference._onnxruntime(model, xb)
+            if frozen["ort"] is None:
+                raise RuntimeError(why)
+        frozen["ort"](xb)
+
     calls = {"forward, grad enabled": fwd(torch.enable_grad, xb),
              "forward, inference_mode, frozen trace (torch.jit freeze + optimize_for_inference)": fwd_frozen,
              "forward, inference_mode, channels_last input only": fwd(torch.inference_mode, xcl),
@@ -390,6 +398,10 @@ def levers(subject, x, repeats, lines):
              "forward, inference_mode": fwd(torch.inference_mode, xb),
              "forward, inference_mode, channels_last model and input": fwd_cl,
              "forward+backward": fb(xb), "forward+backward, channels_last model and input": fb_cl}
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is not None:
+        calls["forward, ONNX Runtime (CPU provider, from the same trace)"] = fwd_onnxruntime
     res = measure(calls, repeats, 8)
     for k, v in res.items():
         lines.append(f"| {subject.name} | {k} | {v['ms']:.1f} | {v['cpu_ms']:.1f} | {v['peak']:.0f} |")

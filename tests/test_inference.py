@@ -79,8 +79,10 @@ def x():
     return torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("form", ["channels_last", "frozen"])
+@pytest.mark.parametrize("form", ["channels_last", "frozen", "onnxruntime"])
 def test_each_form_computes_the_eager_scores(x, form):
+    if form == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     eager = scores(subject(fast=False), x)
     subj = subject(fast=form)
     got = scores(subj, x)
@@ -94,7 +96,8 @@ def test_auto_times_the_forms_and_keeps_one_for_later_runs(x, monkeypatch):
     subj = subject()
     first = scores(subj, x)  # 10 chunks: timed
     (plan,) = inference.plans(subj).values()
-    assert set(plan.ms_per_row) == {"eager", "channels_last", "frozen"} and not plan.rejected
+    assert set(plan.ms_per_row) | set(plan.rejected) == set(inference.FORMS)
+    assert set(plan.rejected) <= {"onnxruntime"}  # only when that optional package is missing
     assert plan.form in inference.FORMS
     assert torch.equal(scores(subj, x), first)  # same plan, same rounding: one run never mixes forms
     assert close(first, scores(subject(fast=False), x))
@@ -122,8 +125,11 @@ def test_unknown_setting_is_named(x):
         scores(subject(fast="turbo"), x)
 
 
-def test_trained_weights_are_never_served_from_a_stale_copy(x):
-    subj = subject(fast="frozen")
+@pytest.mark.parametrize("form", ["frozen", "onnxruntime"])
+def test_trained_weights_are_never_served_from_a_stale_copy(x, form):
+    if form == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    subj = subject(fast=form)
     before = scores(subj, x)
     with torch.no_grad():
         subj.model.fc.weight.mul_(-2.0)  # in place, as an optimiser step does
@@ -148,6 +154,15 @@ def test_a_form_the_model_cannot_take_falls_back_to_eager(x, model_cls, form, wh
     assert torch.equal(got, scores(subject(model_cls, fast=False), x))
 
 
+def test_without_onnxruntime_that_form_is_skipped_with_the_reason(x, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # import now raises ImportError
+    subj = subject(fast="onnxruntime")
+    got = scores(subj, x)
+    (plan,) = inference.plans(subj).values()
+    assert plan.form == "eager" and "pip install saliencykit[fast]" in plan.rejected["onnxruntime"]
+    assert torch.equal(got, scores(subject(fast=False), x))
+
+
 def test_a_model_with_hooks_runs_eagerly_and_its_hooks_fire(x):
     subj = subject(fast="frozen")
     calls = []
@@ -162,7 +177,7 @@ def test_a_model_with_hooks_runs_eagerly_and_its_hooks_fire(x):
 def test_model_is_left_as_found(x):
     subj = subject()
     before = subj.state_fingerprint()
-    for form in ("channels_last", "frozen"):
+    for form in ("channels_last", "frozen", "onnxruntime"):
         subj.fast = form
         scores(subj, x)
     assert_same_state(before, subj.state_fingerprint())
@@ -171,11 +186,12 @@ def test_model_is_left_as_found(x):
 def test_a_method_gives_the_same_map_in_every_form(x):
     """Occlusion is scored through `forward_scores`: its map moves only by rounding."""
     maps = {}
-    for fast in (False, "channels_last", "frozen"):
+    forms = ("channels_last", "frozen") + (("onnxruntime",) if _has_onnxruntime() else ())
+    for fast in (False,) + forms:
         e = sk.explain(subject(fast=fast), x, "occlusion", target=1, patch=4, stride=2)
         maps[fast] = e.maps
         assert e.passes["forward"] == 1 + 49  # the timing probes are not the method's passes
-    for fast in ("channels_last", "frozen"):
+    for fast in forms:
         assert close(maps[fast], maps[False])
 
 
@@ -205,3 +221,11 @@ def test_a_subject_with_its_own_forward_is_never_frozen(x):
     (plan,) = inference.plans(subj).values()
     assert plan.form == "eager" and "own forward" in plan.rejected["frozen"]
     assert close(got, 2 * scores(subject(fast=False), x))
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
