@@ -496,6 +496,7 @@ def main(argv=None):
 
     def subject_of(model_name):
         if model_name not in subjects:
+            torch.manual_seed(0)  # the random-weight resnet50 is the same model in every run
             subjects[model_name] = sk.load_model("efficientnet_lite0" if model_name == "efficientnet_lite0"
                                                  else f"torchvision:{model_name}:random")
         return subjects[model_name]

@@ -44,8 +44,10 @@ from .errors import SaliencyError
 FORMS = ("eager", "channels_last", "frozen", "onnxruntime")
 TRACED = ("frozen", "onnxruntime")
 # time the forms only for runs of at least this many chunks: the timing costs about 10 chunks once
-# per model and shape (about 5 % of a Score-CAM on resnet50), which a short run would not repay
-TUNE_MIN_CHUNKS = 48
+# per model and shape (about 5 % of a Score-CAM on resnet50), which a short run would not repay.
+# 32 lets one deletion curve at 224 steps (37 chunks on Lite0) pay for it, and the insertion
+# curve after it reuse the plan
+TUNE_MIN_CHUNKS = 32
 MIN_GAIN = 0.05   # another form must be at least 5 % faster than eager to be chosen
 # model -> {(row shape, dtype, rows per chunk): Plan}; weak, so a freed model's plans go with it
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
