@@ -174,6 +174,26 @@ def test_a_model_with_hooks_runs_eagerly_and_its_hooks_fire(x):
     assert inference.plans(subj) == {} and sum(calls) == 1 + 12  # the target's forward, then 12 rows
 
 
+@pytest.mark.parametrize("form", ["frozen", "onnxruntime"])
+def test_building_a_plan_keeps_the_eval_mode_of_the_run(x, form):
+    # Exporting restores the train/eval mode of the module it was given; a wrapper made in
+    # training mode once switched the whole model to training mode for the rest of the call,
+    # so later eager passes (the next metric) ran with batch statistics. The modes must be
+    # those of the run right after the plan is built, inside `explaining()`.
+    if form == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    subj = subject(fast=form)
+    subj.model.train()  # as a user may leave it: explaining() switches to eval for the call
+    g = torch.Generator().manual_seed(3)
+    inputs = torch.randn(12, *x.shape[1:], generator=g)
+    with subj.explaining(), torch.no_grad():
+        target = Class(1).resolve(subj, subj.model(x))
+        engine.forward_scores(subj, lambda a, b: inputs[a:b], 12, target,
+                              lambda a, b: torch.zeros(b - a, dtype=torch.long), batch_size=4)
+        assert not any(m.training for m in subj.model.modules())
+    assert all(m.training for m in subj.model.modules())  # and restored after the call
+
+
 def test_model_is_left_as_found(x):
     subj = subject()
     before = subj.state_fingerprint()

@@ -142,7 +142,7 @@ def _onnxruntime(model, x: torch.Tensor):
     try:
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
-            torch.onnx.export(_Logits(model), (x,), buf, input_names=["x"], output_names=["logits"],
+            torch.onnx.export(_Logits(model).train(model.training), (x,), buf, input_names=["x"], output_names=["logits"],
                               dynamic_axes={"x": {0: "rows"}, "logits": {0: "rows"}}, dynamo=False)
         tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
         if tracer:
@@ -217,7 +217,14 @@ def plan_for(subject, x: torch.Tensor, n_chunks: int) -> Plan | None:
             if type(subject).forward is not _plain_forward():
                 plan.rejected[form] = f"{type(subject).__name__} has its own forward; only the model's is traced"
                 continue
-            module, why = (_freeze if form == "frozen" else _onnxruntime)(model, probe_x)
+            # tracing and exporting switch train/eval modes and restore them; the modes the run
+            # is using are put back module by module, whatever the tracer restored
+            modes = [(m, m.training) for m in model.modules()]
+            try:
+                module, why = (_freeze if form == "frozen" else _onnxruntime)(model, probe_x)
+            finally:
+                for m, was in modes:
+                    m.training = was
             if module is None:
                 plan.rejected[form] = why
                 continue
