@@ -372,26 +372,20 @@ def levers(subject, x, repeats, lines):
             xi = xcl.clone(memory_format=torch.preserve_format).requires_grad_(True)
             torch.autograd.grad(model(xi)[:, 0].sum(), xi)
 
-    frozen = {}
+    built = {}
 
-    def fwd_frozen():  # the form `saliencykit.inference` may pick for forward-only runs
-        with subject.explaining(), torch.inference_mode():
-            if "m" not in frozen:
-                frozen["m"], why = sk.inference._freeze(model, xb)
-                if frozen["m"] is None:
-                    raise RuntimeError(why)
-            frozen["m"](xb)
-
-    def fwd_onnxruntime():  # the optional form, when onnxruntime is installed
-        if "ort" not in frozen:
-            with subject.explaining():
-                frozen["ort"], why = sk.inference._onnxruntime(model, xb)
-            if frozen["ort"] is None:
-                raise RuntimeError(why)
-        frozen["ort"](xb)
+    def fwd_traced(form):  # the traced forms `saliencykit.inference` may pick for forward-only runs
+        def run():
+            with subject.explaining(), torch.inference_mode():
+                if form not in built:
+                    built[form], why = sk.inference.build(form, model, xb)
+                    if built[form] is None:
+                        raise RuntimeError(why)
+                built[form](xb)
+        return run
 
     calls = {"forward, grad enabled": fwd(torch.enable_grad, xb),
-             "forward, inference_mode, frozen trace (torch.jit freeze + optimize_for_inference)": fwd_frozen,
+             "forward, inference_mode, frozen trace (torch.jit freeze + optimize_for_inference)": fwd_traced("frozen"),
              "forward, inference_mode, channels_last input only": fwd(torch.inference_mode, xcl),
              "forward+backward, channels_last input only": fb_cl_input,
              "forward, inference_mode, 1 thread": fwd_1thread, "forward, no_grad": fwd(torch.no_grad, xb),
@@ -401,7 +395,7 @@ def levers(subject, x, repeats, lines):
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime") is not None:
-        calls["forward, ONNX Runtime (CPU provider, from the same trace)"] = fwd_onnxruntime
+        calls["forward, ONNX Runtime (CPU provider, from the same trace)"] = fwd_traced("onnxruntime")
     res = measure(calls, repeats, 8)
     for k, v in res.items():
         lines.append(f"| {subject.name} | {k} | {v['ms']:.1f} | {v['cpu_ms']:.1f} | {v['peak']:.0f} |")

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import inference
 from .errors import SaliencyError
 from .targets import ResolvedTarget
 
@@ -201,8 +202,6 @@ def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: 
         from tqdm.auto import tqdm
 
         it = tqdm(it, total=math.ceil(n / bs), desc=desc, leave=False)
-    from . import inference
-
     plan = None
     with torch.inference_mode():
         for start in it:

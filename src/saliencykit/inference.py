@@ -100,6 +100,20 @@ def _plain_forward():
     return Subject.forward
 
 
+def _why(err: Exception) -> str:
+    """One line saying why a form could not be used."""
+    text = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"{type(err).__name__}: {text}"
+
+
+def _tracer_warning(caught) -> str | None:
+    """Why a trace cannot be trusted (it baked in a value the input decides), or None."""
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            return f"tracing warned ({str(w.message).splitlines()[0][:200]})"
+    return None
+
+
 def _freeze(model, x: torch.Tensor):
     """(frozen TorchScript module, None) or (None, why not)."""
     try:
@@ -108,11 +122,9 @@ def _freeze(model, x: torch.Tensor):
             traced = torch.jit.trace(model, x, check_trace=False, strict=False)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
     except Exception as err:  # any model torch.jit cannot trace simply keeps running eagerly
-        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-    tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
-    if tracer:
-        return None, f"tracing warned ({str(tracer[0].message).splitlines()[0][:200]})"
-    return frozen, None
+        return None, _why(err)
+    why = _tracer_warning(caught)
+    return (None, why) if why else (frozen, None)
 
 
 class _Logits(torch.nn.Module):
@@ -142,11 +154,11 @@ def _onnxruntime(model, x: torch.Tensor):
     try:
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
-            torch.onnx.export(_Logits(model).train(model.training), (x,), buf, input_names=["x"], output_names=["logits"],
+            torch.onnx.export(_Logits(model), (x,), buf, input_names=["x"], output_names=["logits"],
                               dynamic_axes={"x": {0: "rows"}, "logits": {0: "rows"}}, dynamo=False)
-        tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
-        if tracer:
-            return None, f"tracing warned ({str(tracer[0].message).splitlines()[0][:200]})"
+        why = _tracer_warning(caught)
+        if why:
+            return None, why
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -154,13 +166,26 @@ def _onnxruntime(model, x: torch.Tensor):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # a model the exporter or the runtime cannot take keeps running in torch
-        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        return None, _why(err)
 
     def run(inp: torch.Tensor) -> torch.Tensor:
         arr = inp.detach().contiguous().numpy()
         return torch.from_numpy(session.run(None, {"x": arr})[0])
 
     return run, None
+
+
+def build(form: str, model: torch.nn.Module, x: torch.Tensor):
+    """(callable, None) running `model` in the traced `form` ("frozen" or "onnxruntime") for
+    inputs like `x`, or (None, why not). Tracing and exporting switch train/eval modes and restore
+    the mode of the module they were handed (the ONNX logits wrapper is new, so in training mode);
+    every module's mode is put back here, so the run that asked keeps the modes it set."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        return (_freeze if form == "frozen" else _onnxruntime)(model, x)
+    finally:
+        for m, was in modes:
+            m.training = was
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -217,14 +242,7 @@ def plan_for(subject, x: torch.Tensor, n_chunks: int) -> Plan | None:
             if type(subject).forward is not _plain_forward():
                 plan.rejected[form] = f"{type(subject).__name__} has its own forward; only the model's is traced"
                 continue
-            # tracing and exporting switch train/eval modes and restore them; the modes the run
-            # is using are put back module by module, whatever the tracer restored
-            modes = [(m, m.training) for m in model.modules()]
-            try:
-                module, why = (_freeze if form == "frozen" else _onnxruntime)(model, probe_x)
-            finally:
-                for m, was in modes:
-                    m.training = was
+            module, why = build(form, model, probe_x)
             if module is None:
                 plan.rejected[form] = why
                 continue
@@ -234,7 +252,7 @@ def plan_for(subject, x: torch.Tensor, n_chunks: int) -> Plan | None:
                 ms, out = _time(fn, probe_x, warmup=2 if form in TRACED else 1)
                 ok = _close(out, ref) and (probe_x.shape[0] == 1 or _close(fn(probe_x[:1]), ref[:1]))
             except Exception as err:
-                plan.rejected[form] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                plan.rejected[form] = _why(err)
                 continue
         if not ok:
             plan.rejected[form] = "outputs differ from the eager model's"
