@@ -1,9 +1,13 @@
 """Shared fixtures: tiny models with known structure, and the bundled pretrained model."""
 import os
+import sys
 
 import pytest
 import torch
 from torch import nn
+
+# the helpers beside this file (state.py, tiny_clip.py) import from any test folder
+sys.path.insert(0, os.path.dirname(__file__))
 
 torch.set_num_threads(int(os.environ.get("SK_TEST_THREADS", "2")))
 

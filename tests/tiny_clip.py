@@ -21,7 +21,7 @@ def char_tokenizer(prompts):
 def make_tiny_clip():
     from transformers import CLIPConfig, CLIPModel
 
-    from saliencykit.clip import CLIPSubject
+    from saliencykit.tasks.clip import CLIPSubject
 
     torch.manual_seed(0)
     cfg = CLIPConfig(text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

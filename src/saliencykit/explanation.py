@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .errors import SaliencyError
+from .maps import normalize_maps  # noqa: F401  (re-exported: it lived here)
 
 
 def package_versions() -> dict:
@@ -20,26 +21,10 @@ def package_versions() -> dict:
 
     import torchvision
 
-    from . import __version__
+    from .version import __version__
 
     return {"saliencykit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
-
-
-def normalize_maps(maps: torch.Tensor, signed: bool = False, eps: float = 1e-12) -> torch.Tensor:
-    """Per-map scaling for display: unsigned -> [0,1] by min-max; signed -> [-1,1] by max |m|.
-
-    A constant map becomes zeros, never NaN.
-    """
-    flat = maps.reshape(maps.shape[0], -1).float()
-    if signed:
-        scale = flat.abs().amax(1, keepdim=True)
-        out = torch.where(scale > eps, flat / scale.clamp_min(eps), torch.zeros_like(flat))
-    else:
-        lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-        rng = hi - lo
-        out = torch.where(rng > eps, (flat - lo) / rng.clamp_min(eps), torch.zeros_like(flat))
-    return out.reshape(maps.shape)
 
 
 @dataclass
@@ -110,7 +95,7 @@ class Explanation:
     # ------------------------------------------------------------------------------ display
     def overlay(self, image, index: int = 0, alpha: float = 0.5, cmap: str | None = None):
         """The map blended over the photo (resized to the photo), as a PIL image."""
-        from .viz import overlay
+        from .maps import overlay
 
         return overlay(image, self.maps[index], signed=self.signed, alpha=alpha, cmap=cmap)
 

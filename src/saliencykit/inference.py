@@ -63,7 +63,7 @@ class Plan:
 
     def run(self, subject, x: torch.Tensor) -> torch.Tensor:
         """Logits of `x` in this form."""
-        from .model import extract_logits
+        from .subject import extract_logits
 
         if self.form in TRACED:
             return extract_logits(self.module(x))
@@ -77,7 +77,7 @@ def weights_fingerprint(model: torch.nn.Module) -> tuple:
 
 
 def _has_hooks(model: torch.nn.Module) -> bool:
-    from .model import count_hooks
+    from .subject import count_hooks
 
     return count_hooks(model) > 0
 
@@ -95,7 +95,7 @@ def _setting(subject):
 
 
 def _plain_forward():
-    from .model import Subject
+    from .subject import Subject
 
     return Subject.forward
 
@@ -135,7 +135,7 @@ class _Logits(torch.nn.Module):
         self.model = model
 
     def forward(self, x):
-        from .model import extract_logits
+        from .subject import extract_logits
 
         return extract_logits(self.model(x))
 

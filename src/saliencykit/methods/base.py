@@ -54,13 +54,11 @@ class Method:
 
 def available(include_experimental: bool = True) -> dict[str, dict]:
     """Registered methods: name -> {family, cost, signed, randomized, experimental, ...}."""
-    _load_all()
     return {name: cls.info() for name, cls in sorted(REGISTRY.items())
             if name == cls.name and (include_experimental or not cls.experimental)}
 
 
 def get(name: str) -> type[Method]:
-    _load_all()
     if not isinstance(name, str):
         raise SaliencyError(f"method must be given by name, got {type(name).__name__}")
     key = name.lower().replace("-", "_")
@@ -72,19 +70,6 @@ def get(name: str) -> type[Method]:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise SaliencyError(f"unknown method {name!r}.{hint} Available: {', '.join(names)}")
     return REGISTRY[key]
-
-
-def _load_all():
-    # importing the family modules registers their methods
-    from . import cam, gradient  # noqa: F401
-    import importlib
-
-    for mod in ("perturbation", "region", "propagation", "transformer", "extra"):
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.{mod}":
-                raise
 
 
 class Context:
@@ -321,8 +306,8 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
         params: per-method parameters, `{"integrated_gradients": {"steps": 128}}`.
         **kwargs: parameters passed to every method that accepts them.
     """
-    from ..detection import Detector
-    from ..model import Subject
+    from ..tasks.detection import Detector
+    from ..subject import Subject
 
     if isinstance(subject, Detector):
         return _explain_detector(subject, x, method, target, layer, seed, batch_size, progress, params, kwargs)
@@ -410,7 +395,7 @@ def _explain_detector(detector, photo, method, target, layer, seed, batch_size, 
     The photo itself is the input (PIL image or HxWx3 uint8 array); the target is a `Box` or a list
     of them (None: every detection of the clean photo for D-RISE, the first one for Grad-CAM).
     """
-    from ..detection import Box, detector_gradcam, drise
+    from ..tasks.detection import Box, detector_gradcam, drise
 
     names = [method] if isinstance(method, str) else list(method)
     if not names:

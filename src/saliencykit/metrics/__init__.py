@@ -13,7 +13,10 @@ from __future__ import annotations
 from .base import (EvalContext, Metric, MetricResult, available, get, make_substrate, rank_maps,  # noqa: F401
                    register)
 from .evaluate import EvaluationResult, Table, evaluate  # noqa: F401
-from . import random_method  # noqa: F401  (registers the `random` method)
+
+# importing the metric families registers them
+from . import (complexity, contrastive, faithfulness, localisation, pic, randomisation, road,  # noqa: F401, E402
+               sensitivity)
 
 __all__ = ["available", "get", "evaluate", "EvaluationResult", "Table", "Metric", "MetricResult", "register",
            "EvalContext"]

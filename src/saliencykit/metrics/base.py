@@ -87,12 +87,10 @@ class Metric:
 
 def available() -> dict[str, dict]:
     """Registered metrics: name -> {family, direction, needs, defaults, description, cost}."""
-    _load_all()
     return {name: cls.info() for name, cls in sorted(REGISTRY.items())}
 
 
 def get(name: str) -> type[Metric]:
-    _load_all()
     if not isinstance(name, str):
         raise SaliencyError(f"metric must be given by name, got {type(name).__name__}")
     key = name.lower().replace("-", "_")
@@ -103,10 +101,6 @@ def get(name: str) -> type[Metric]:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise SaliencyError(f"unknown metric {name!r}.{hint} Available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[key]
-
-
-def _load_all():
-    from . import complexity, contrastive, faithfulness, localisation, pic, randomisation, road, sensitivity  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------ context

@@ -34,7 +34,7 @@ class Table(list):
         import csv
         import io
 
-        from ..viz import atomic_write
+        from ..files import atomic_write
 
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
@@ -151,7 +151,7 @@ class EvaluationResult:
         return self.table().to_csv(path)
 
     def to_json(self, path) -> Path:
-        from ..viz import atomic_write
+        from ..files import atomic_write
 
         text = json.dumps(self.to_dict(), indent=2)
         return atomic_write(path, lambda p: Path(p).write_text(text))
@@ -167,7 +167,7 @@ class EvaluationResult:
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        from ..viz import atomic_write
+        from ..files import atomic_write
 
         names = [m for m in (metrics or self.curve_metrics()) if m in self.results]
         names = [m for m in names if any(r.curves for r in self.results[m].values())]
@@ -254,7 +254,7 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
         random_baseline: add `Explanation.random_like` as method "random" when no explanation
             is called that, so every table has its chance level.
     """
-    from ..model import Subject
+    from ..subject import Subject
 
     if not isinstance(subject, Subject):
         if isinstance(subject, torch.nn.Module):

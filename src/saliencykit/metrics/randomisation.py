@@ -102,7 +102,7 @@ class MPRT(Metric):
 
     def compute_one(self, ctx: EvalContext, name, exp, order="cascading", stages=8, threshold=0.5,
                     include_norm=False):
-        from ..model import Subject
+        from ..subject import Subject
 
         if order not in ("cascading", "independent"):
             raise SaliencyError(f"mprt: order must be 'cascading' or 'independent', got {order!r}")
@@ -158,7 +158,7 @@ def plot_mprt(ev, path, image: int = 0, photo=None):
     import matplotlib.pyplot as plt
 
     from ..explanation import normalize_maps
-    from ..viz import atomic_write
+    from ..files import atomic_write
 
     res = ev["mprt"]
     methods = list(res)

@@ -1,0 +1,82 @@
+"""What the commands share: photo arguments, target and model options, progress bars."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from ..errors import SaliencyError
+
+
+def progress(iterable, quiet: bool, desc: str, total=None):
+    if quiet:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr)
+
+
+def photo_source(spec: str):
+    """A path, or the name of a bundled photo."""
+    from .. import data
+
+    if Path(spec).exists():
+        return spec, Path(spec).stem
+    if spec in data.names():
+        return data.image(spec), spec
+    raise SaliencyError(f"no such file or bundled photo: {spec!r} (bundled: {', '.join(data.names())})")
+
+
+def target_from_args(args):
+    from ..targets import Class, Contrast, Group
+
+    chosen = [a for a in (args.target, args.contrast, args.group) if a is not None]
+    if len(chosen) > 1:
+        raise SaliencyError("give only one of --target, --contrast/--vs, --group")
+    if args.contrast is not None or args.vs is not None:
+        if args.contrast is None or args.vs is None:
+            raise SaliencyError("--contrast A needs --vs B (and the other way round)")
+        return Contrast(_label(args.contrast), vs=_label(args.vs))
+    if args.group is not None:
+        return Group(args.group if "," not in args.group else [_label(s) for s in args.group.split(",")])
+    if args.target is not None:
+        return Class(_label(args.target))
+    return None
+
+
+def _label(s: str):
+    s = s.strip()
+    return int(s) if s.isdigit() else s
+
+
+def add_model_args(p):
+    p.add_argument("--model", default="efficientnet_lite0", help="model name (see `saliencykit models`)")
+    p.add_argument("--target", help="class label or index to explain (default: the top-1 class)")
+    p.add_argument("--contrast", help="explain why this class ...")
+    p.add_argument("--vs", help="... and not this one")
+    p.add_argument("--group", help="a named class group (dog, cat, bird, ...) or comma-separated classes")
+    p.add_argument("--layer", default="auto", help="layer for CAM methods (name, or auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def unique_stems(stems):
+    seen, out = {}, []
+    for s in stems:
+        seen[s] = seen.get(s, 0) + 1
+        out.append(s if seen[s] == 1 else f"{s}_{seen[s]}")
+    return out
+
+
+# in the order `saliencykit --help` lists them
+COMMANDS = ("explain", "catalog", "evaluate", "report", "serve", "benchmark", "train_parts")
+
+
+def command_modules():
+    return [importlib.import_module(f"{__package__}.{name}") for name in COMMANDS]
+
+
+def demo_steps():
+    """What later features (the report, ...) add to `saliencykit demo`, in command order."""
+    return [mod.demo_step for mod in command_modules() if hasattr(mod, "demo_step")]

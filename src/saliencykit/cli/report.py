@@ -1,0 +1,97 @@
+"""`saliencykit report PHOTO... --method M [--metric X] --out report.html`, and the demo's report.html."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import SaliencyError
+
+
+def register(subparsers):
+    from .common import add_model_args
+
+    p = subparsers.add_parser("report", help="write a self-contained HTML report (maps, words, metrics)")
+    p.add_argument("photos", nargs="+", help="image files or bundled photo names (chelsea, coffee, ...)")
+    p.add_argument("--method", action="append", help="method name (repeat for several); default gradcam")
+    p.add_argument("--metric", action="append", help="metric name (repeat for several); default none")
+    p.add_argument("--steps", type=int, default=None,
+                   help="points on deletion/insertion-type curves (default: the metric's own, one per image row)")
+    p.add_argument("--no-words", action="store_true", help="leave out the plain-language verbalization")
+    p.add_argument("--out", default="report.html", help="output HTML file")
+    add_model_args(p)
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args):
+    from ..models import load_model
+    from ..present import report
+    from .common import photo_source, progress, target_from_args
+
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise SaliencyError(f"--out {out} is a directory; give a file name such as {out / 'report.html'}")
+    methods = args.method or ["gradcam"]
+    metrics = args.metric or []
+    target = target_from_args(args)
+    sources = [photo_source(p) for p in args.photos]  # unknown photos fail before the model loads
+    subject = load_model(args.model)
+    metric_params = None
+    if args.steps is not None:
+        if args.steps < 2:
+            raise SaliencyError(f"--steps must be at least 2, got {args.steps}")
+        h, w = subject.input_size if getattr(subject, "input_size", None) else (224, 224)
+        step = max(1, -(-h * w // args.steps))
+        metric_params = {m: {"step": step} for m in metrics if m in ("deletion", "insertion")}
+    html = report.build(subject, [src for src, _ in sources], methods, target=target, metrics=metrics,
+                        seed=args.seed, batch_size=args.batch_size, layer=args.layer,
+                        names=[stem for _, stem in sources], verbalize=not args.no_words,
+                        progress=None if args.quiet else (lambda it: progress(it, False, "report")),
+                        metric_params=metric_params)
+    report.write(out, html)
+    if not args.quiet:
+        print(f"wrote {out}")
+
+
+def demo_step(out_dir, summary, args):
+    """Write `report.html` next to the demo's maps, from the maps the demo already computed.
+
+    Only the verbalization needs new forward passes (a handful per photo); metrics are left out
+    of the demo report to keep the demo fast (`saliencykit report --metric ...` adds them).
+    """
+    import numpy as np
+    import torch
+
+    from .. import data
+    from ..models import load_model
+    from ..present import report
+    from ..explanation import Explanation
+
+    out_dir = Path(out_dir)
+    subject = load_model(summary["model"])
+    sections = []
+    for entry in summary["photos"]:
+        name = entry["photo"]
+        image = data.image(name) if name in data.names() else None
+        if image is None:
+            continue
+        exps = {}
+        for method, meta in entry["maps"].items():
+            with np.load(out_dir / meta["map"]) as z:
+                m = torch.from_numpy(z["map"].copy())
+            exps[method] = Explanation(maps=m[None], method=method, signed=bool(meta["signed"]),
+                                       target=meta.get("target", []), layer=meta.get("layer"),
+                                       params=meta.get("params", {}), seed=meta.get("seed"),
+                                       passes=meta.get("passes", {}), seconds=meta.get("seconds", 0.0),
+                                       versions=meta.get("versions", {}), model=meta.get("model"))
+        sections.append(report.photo_section(subject, image, name, explanations=exps,
+                                             predictions=entry["predictions"], seed=summary.get("seed", 0)))
+    if not sections:
+        return
+    meta = report.run_meta(subject, summary["methods"], None, summary.get("seed", 0), [],
+                           extra={"command": "saliencykit demo"})
+    report.write(out_dir / "report.html", report.render(sections, meta))
+    if not getattr(args, "quiet", False):
+        print(f"wrote {out_dir / 'report.html'}", file=sys.stderr)
+
+
+__all__ = ["register", "cmd_report", "demo_step"]

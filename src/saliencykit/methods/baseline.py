@@ -1,0 +1,26 @@
+"""The `random` method: a uniform-random map per image, the baseline every comparison needs.
+
+Registered in the method registry (`explain(..., method="random")`) with the other families.
+Same seed, same maps (as `Explanation.random_like`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Method, register
+
+
+@register
+class RandomMap(Method):
+    name = "random"
+    family = "baseline"
+    cost = "0"
+    signed = False
+    randomized = True
+    defaults = {}
+    description = "Uniform random map in [0,1) per pixel: the chance-level baseline for every metric."
+
+    def run(self, ctx, target, layer):
+        g = torch.Generator().manual_seed(0 if ctx.seed is None else int(ctx.seed))
+        B, _, H, W = ctx.x.shape
+        return {"maps": torch.rand((B, H, W), generator=g)}

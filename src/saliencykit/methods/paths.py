@@ -1,0 +1,587 @@
+"""Path-integral variants and newer layer methods:
+
+- `blur_ig`   Blur IG: integrated gradients along the Gaussian scale-space path (Xu et al. 2020).
+- `guided_ig` Guided IG: adaptive path that moves low-|gradient| features first (Kapishnikov et al. 2021).
+- `cf_cam`    CF-CAM: channel clustering (scikit-learn DBSCAN) and filtered cluster gradients.
+- `iia`       Iterated Integrated Attributions (Barkan et al. 2023): iterated integration over the
+              input path and, for each input step, over a path of the internal representation.
+- `dix`       Deep Integrated Explanations: integration of a layer representation with its
+              gradients (experimental: the definition is not confirmed against the paper).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..engine import auto_batch, forward_logits, gradient_pass, upsample
+from ..errors import SaliencyError
+from .base import Method, register
+from .cam import as_grid, resolve_layers
+from .gradient import _check_reduce, _maps, gaussian_blur, make_baseline, quadrature
+
+
+def _check_positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SaliencyError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _completeness(ctx, target, attr, start, batch_size):
+    """sum(attr) - (s(x) - s(start)): one extra forward of the path's start point."""
+    s_x = target.score(ctx.logits())
+    s_0 = target.score(forward_logits(ctx.subject, start, batch_size, ctx.counter))
+    err = attr.reshape(attr.shape[0], -1).sum(1).double() - (s_x - s_0).double()
+    return {"completeness_error": err.tolist(), "score_difference": (s_x - s_0).tolist()}
+
+
+# =========================================================================== Blur IG
+def blur_sigmas(max_sigma: float, steps: int, sqrt: bool = False) -> list[float]:
+    """sigma_i = i * max_sigma / steps (i = 0..steps); sqrt=True uses sqrt(i * max_sigma / steps)."""
+    sig = [i * max_sigma / steps for i in range(steps + 1)]
+    return [math.sqrt(s) for s in sig] if sqrt else sig
+
+
+def _gauss_kernels(sigma: float, radius: int, dtype, device):
+    """Normalised 1-D Gaussian on -radius..radius and its exact derivative with respect to sigma."""
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    dk = k * (t ** 2 - (k * t ** 2).sum()) / sigma ** 3
+    return k.to(dtype), dk.to(dtype)
+
+
+def _band(k: torch.Tensor, n: int) -> torch.Tensor:
+    """[n,n] matrix of the 1-D correlation with kernel k (length 2r+1) and zero padding."""
+    r = (k.numel() - 1) // 2
+    i = torch.arange(n, device=k.device)
+    d = i.view(1, -1) - i.view(-1, 1)  # j - i
+    return torch.where(d.abs() <= r, k[(d + r).clamp(0, 2 * r)], torch.zeros((), dtype=k.dtype, device=k.device))
+
+
+def _separable(x: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+    """Separable correlation (zero padding) as two matrix products: faster than grouped
+    convolutions for the wide kernels of large sigma, and exact in float64."""
+    return _band(ky, x.shape[-2]) @ x @ _band(kx, x.shape[-1]).T
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Same blur as `gaussian_blur` (radius ceil(4 sigma), normalised kernel, zero padding)."""
+    if sigma <= 0:
+        return x.clone()
+    k, _ = _gauss_kernels(sigma, int(math.ceil(4 * sigma)), x.dtype, x.device)
+    return _separable(x, k, k)
+
+
+def blur_derivative(x: torch.Tensor, sigma: float, grad_step: float | None) -> torch.Tensor:
+    """d(G_sigma * x)/d sigma: forward difference with step `grad_step`, or exact (None).
+
+    Both blurs of the difference use the kernel radius of the larger sigma, so the difference
+    never includes the jump of the truncation radius ceil(4 sigma) (a 1/grad_step spike).
+    The exact form differentiates the normalised truncated kernel: G = k (x) k, dG = k' (x) k + k (x) k'.
+    """
+    if grad_step is None:
+        if sigma <= 0:
+            return torch.zeros_like(x)
+        k, dk = _gauss_kernels(sigma, int(math.ceil(4 * sigma)), x.dtype, x.device)
+        return _separable(x, dk, k) + _separable(x, k, dk)
+    radius = int(math.ceil(4 * (sigma + grad_step)))
+    k2, _ = _gauss_kernels(sigma + grad_step, radius, x.dtype, x.device)
+    blurred2 = _separable(x, k2, k2)
+    if sigma <= 0:
+        return (blurred2 - x) / grad_step
+    k1, _ = _gauss_kernels(sigma, radius, x.dtype, x.device)
+    return (blurred2 - _separable(x, k1, k1)) / grad_step
+
+
+def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, steps: int,
+                              grad_step: float | None, sqrt: bool = False, batch_size=None) -> torch.Tensor:
+    """attr = - sum_i (sigma_{i+1} - sigma_i) * dgamma/dsigma(sigma_i) * grad s(G_{sigma_i} x).
+
+    dgamma/dsigma is the forward difference (G_{sigma+delta} x - G_sigma x) / delta with
+    delta = grad_step, or the exact derivative when grad_step is None. Each step uses its own
+    Delta sigma (also when `sqrt=True`). Rows are step-major; steps are chunked so that at most
+    `batch_size` rows are in memory.
+    """
+    sig = blur_sigmas(max_sigma, steps, sqrt)
+    b = x.shape[0]
+    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
+    per_chunk = max(1, bs // b)
+    total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    rows_one = torch.arange(b, device=x.device)
+    for s0 in range(0, steps, per_chunk):
+        idx = list(range(s0, min(steps, s0 + per_chunk)))
+        pts = torch.cat([_blur(x, sig[i]) for i in idx])
+        deriv = torch.cat([blur_derivative(x, sig[i], grad_step) * (sig[i + 1] - sig[i]) for i in idx])
+        g = gradient_pass(ctx.subject, pts, target, rows=rows_one.repeat(len(idx)), counter=ctx.counter).input_grad
+        total -= (g.double() * deriv.double()).view(len(idx), b, *x.shape[1:]).sum(0)
+    return total.to(x.dtype)
+
+
+@register
+class BlurIG(Method):
+    name = "blur_ig"
+    aliases = ("blur_integrated_gradients",)
+    family = "gradient"
+    cost = "100F+100B"
+    signed = True
+    description = ("Integrated gradients along the Gaussian blur path from sigma=max_sigma to the image "
+                   "(Xu et al. 2020); grad_step=None uses the exact d(blur)/d(sigma); "
+                   "extras['completeness_error'] = sum(attr) - (s(x) - s(blurred x)).")
+    defaults = {"max_sigma": 50.0, "steps": 100, "grad_step": 0.01, "sqrt": False, "reduce": "sum",
+                "batch_size": None}
+
+    def run(self, ctx, target, layer, max_sigma=50.0, steps=100, grad_step=0.01, sqrt=False, reduce="sum",
+            batch_size=None):
+        _check_reduce(reduce)
+        _check_positive_int("steps", steps)
+        if not isinstance(max_sigma, (int, float)) or max_sigma < 0:
+            raise SaliencyError(f"max_sigma must be a number >= 0, got {max_sigma!r}")
+        if grad_step is not None and (not isinstance(grad_step, (int, float)) or grad_step <= 0):
+            raise SaliencyError(f"grad_step must be > 0 (or None: exact derivative), got {grad_step!r}")
+        x = ctx.x.detach()
+        if max_sigma == 0:
+            attr = torch.zeros_like(x)
+            return {**_maps(attr, reduce), "extras": {"completeness_error": [0.0] * x.shape[0]}}
+        attr = blur_integrated_gradients(ctx, target, x, float(max_sigma), steps,
+                                         None if grad_step is None else float(grad_step), sqrt,
+                                         batch_size)
+        extras = _completeness(ctx, target, attr, gaussian_blur(x, float(max_sigma)), batch_size)
+        return {**_maps(attr, reduce), "extras": extras}
+
+
+# =========================================================================== Guided IG
+_EPS = 1e-9
+
+
+def _guided_ig_step(x_cur, x_in, x_base, grad, alpha, max_dist, l1_total, fraction):
+    """One Guided IG step for one example (flat float64 tensors). Returns the new point and the
+    attribution gained, sum of (x_new - x_old) * grad over the sub-moves of this step."""
+    diff = x_in - x_base
+    a_min, a_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
+    lo = x_base + a_min * diff
+    hi = x_base + a_max * diff
+    l1_target = l1_total * (1.0 - alpha)
+    attr = torch.zeros_like(x_cur)
+    absg = grad.abs()
+    moving = diff != 0
+    while True:
+        x_old = x_cur.clone()
+        # features lagging behind the band are pulled to its lower edge
+        a_cur = torch.where(moving, (x_cur - x_base) / torch.where(moving, diff, torch.ones_like(diff)),
+                            torch.full_like(x_cur, a_max))
+        lag = a_cur < a_min
+        x_cur = torch.where(lag, lo, x_cur)
+        l1_cur = (x_cur - x_in).abs().sum().item()
+        if math.isclose(l1_target, l1_cur, rel_tol=_EPS, abs_tol=_EPS):
+            attr += (x_cur - x_old) * grad
+            break
+        # among features not yet at the upper edge, select those with the smallest |gradient|
+        free = x_cur != hi
+        if not bool(free.any()):
+            attr += (x_cur - x_old) * grad
+            break
+        g = torch.where(free, absg, torch.full_like(absg, math.inf))
+        threshold = torch.quantile(g, fraction, interpolation="lower")
+        sel = (g <= threshold) & free
+        l1_sel = ((x_cur - hi).abs() * sel).sum().item()
+        gamma = (l1_cur - l1_target) / l1_sel if l1_sel > 0 else math.inf
+        if gamma > 1.0:
+            x_cur = torch.where(sel, hi, x_cur)
+        else:
+            x_cur = torch.where(sel, x_cur + gamma * (hi - x_cur), x_cur)
+        attr += (x_cur - x_old) * grad
+        if gamma <= 1.0 or l1_sel == 0:
+            break
+    return x_cur, attr
+
+
+def guided_integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, steps: int,
+                                fraction: float, max_dist: float) -> torch.Tensor:
+    """The adaptive path of Guided IG in float64; one gradient of the whole batch per step."""
+    b = x.shape[0]
+    x_in = x.detach().double().reshape(b, -1)
+    x_base = baseline.detach().double().reshape(b, -1)
+    x_cur = x_base.clone()
+    l1_total = (x_in - x_base).abs().sum(1)
+    attr = torch.zeros_like(x_in)
+    for step in range(steps):
+        g = gradient_pass(ctx.subject, x_cur.view_as(x).to(x.dtype), target, counter=ctx.counter).input_grad
+        g = g.double().reshape(b, -1)
+        alpha = (step + 1) / steps
+        for i in range(b):
+            x_cur[i], a = _guided_ig_step(x_cur[i], x_in[i], x_base[i], g[i], alpha, max_dist,
+                                          l1_total[i].item(), fraction)
+            attr[i] += a
+    return attr.view(x.shape).to(x.dtype)
+
+
+@register
+class GuidedIG(Method):
+    name = "guided_ig"
+    aliases = ("guided_integrated_gradients",)
+    family = "gradient"
+    cost = "200F+200B"
+    signed = True
+    description = ("Guided IG (Kapishnikov et al. 2021): path from the baseline that moves the features with "
+                   "the smallest |gradient| first, within max_dist of the straight line; max_dist=0 is IG "
+                   "(left Riemann rule). Sequential along the path, batched across images.")
+    defaults = {"steps": 200, "fraction": 0.25, "max_dist": 0.02, "baseline": "black", "reduce": "sum",
+                "batch_size": None}
+
+    def run(self, ctx, target, layer, steps=200, fraction=0.25, max_dist=0.02, baseline="black", reduce="sum",
+            batch_size=None):
+        _check_reduce(reduce)
+        _check_positive_int("steps", steps)
+        if not 0 < fraction <= 1:
+            raise SaliencyError(f"fraction must be in (0, 1], got {fraction!r}")
+        if not 0 <= max_dist <= 1:
+            raise SaliencyError(f"max_dist must be in [0, 1], got {max_dist!r}")
+        x = ctx.x.detach()
+        base = make_baseline(ctx.subject, x, baseline, ctx.seed)
+        attr = guided_integrated_gradients(ctx, target, x, base, steps, float(fraction), float(max_dist))
+        return {**_maps(attr, reduce), "extras": _completeness(ctx, target, attr, base, batch_size)}
+
+
+# =========================================================================== CF-CAM
+def _cluster_filter(gbar: torch.Tensor, spatial_sigma: float, range_sigma: float | None) -> torch.Tensor:
+    """Filter a cluster's mean gradient map [h,w] with a normalised h x w kernel: a spatial Gaussian
+    centred on the map times (unless range_sigma is None) a range term exp(-(g - mean g)^2 / 2 rs^2);
+    2-D convolution with 'same' padding."""
+    h, w = gbar.shape
+    yy = torch.arange(h, dtype=gbar.dtype) - h // 2
+    xx = torch.arange(w, dtype=gbar.dtype) - w // 2
+    r2 = yy.view(-1, 1) ** 2 + xx.view(1, -1) ** 2
+    k = torch.exp(-r2 / (2 * spatial_sigma ** 2))
+    if range_sigma is not None:
+        k = k * torch.exp(-(gbar - gbar.mean()) ** 2 / (2 * range_sigma ** 2))
+    k = k / k.sum().clamp_min(1e-30)
+    # 'same' zero padding, the extra row/column of an even kernel on the far side
+    pad = ((w - 1) // 2, (w - 1) - (w - 1) // 2, (h - 1) // 2, (h - 1) - (h - 1) // 2)
+    return F.conv2d(F.pad(gbar.view(1, 1, h, w), pad), k.view(1, 1, h, w))[0, 0]
+
+
+def cf_cam_map(A: torch.Tensor, G: torch.Tensor, spatial_sigma: float = 5.0, range_sigma: float | None = 0.1,
+               importance_percentile: float = 75.0, eps_percentile: float = 25.0,
+               min_samples_fraction: float = 0.05) -> tuple[torch.Tensor, dict]:
+    """CF-CAM of one example from activations and gradients [C,h,w] -> ReLU map [h,w] and info.
+
+    Important channels (activation norm >= the 75th percentile) keep the mean gradient as weight;
+    the others are clustered with scikit-learn's DBSCAN (Euclidean, eps = 25th percentile of the
+    off-diagonal pairwise distances, min_samples = max(2, floor(0.05 n))); noise channels are dropped;
+    each cluster member gets the mean of the filtered cluster-mean gradient. Weights are softmaxed
+    over the valid channels.
+    """
+    from sklearn.cluster import DBSCAN
+
+    A = A.detach().double().cpu()
+    G = G.detach().double().cpu()
+    c = A.shape[0]
+    vec = A.reshape(c, -1)
+    norms = vec.norm(dim=1)
+    important = norms >= torch.quantile(norms, importance_percentile / 100.0)
+    weights = torch.full((c,), float("nan"), dtype=torch.float64)
+    weights[important] = G[important].mean((1, 2))
+    rest = torch.nonzero(~important).flatten()
+    n_clusters = 0
+    if rest.numel() >= 2:
+        d = torch.cdist(vec[rest], vec[rest])
+        off = d[~torch.eye(len(rest), dtype=torch.bool)]
+        eps = max(float(torch.quantile(off, eps_percentile / 100.0)), 1e-5)
+        min_samples = max(2, int(math.floor(min_samples_fraction * len(rest))))
+        labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(d.numpy())
+        labels = torch.from_numpy(labels)
+        for lab in sorted(set(labels.tolist()) - {-1}):
+            members = rest[labels == lab]
+            gbar = G[members].mean(0)
+            weights[members] = _cluster_filter(gbar, spatial_sigma, range_sigma).mean()
+            n_clusters += 1
+    valid = ~torch.isnan(weights)
+    w = torch.softmax(weights[valid], 0)
+    cam = torch.relu((w.view(-1, 1, 1) * A[valid]).sum(0))
+    info = {"clusters": n_clusters, "important": int(important.sum()), "noise": int(c - valid.sum())}
+    return cam, info
+
+
+@register
+class CFCAM(Method):
+    name = "cf_cam"
+    aliases = ("cfcam",)
+    family = "cam"
+    cost = "1F+1B"
+    uses_layer = True
+    description = ("CF-CAM: high-norm channels weighted by mean gradient, the rest clustered with DBSCAN "
+                   "(scikit-learn) and weighted by filtered cluster gradients; softmax weights; map / max.")
+    defaults = {"spatial_sigma": 5.0, "range_sigma": 0.1, "importance_percentile": 75.0,
+                "eps_percentile": 25.0, "min_samples_fraction": 0.05}
+
+    def run(self, ctx, target, layer, spatial_sigma=5.0, range_sigma=0.1, importance_percentile=75.0,
+            eps_percentile=25.0, min_samples_fraction=0.05):
+        if spatial_sigma <= 0 or (range_sigma is not None and range_sigma <= 0):
+            raise SaliencyError("spatial_sigma and range_sigma must be > 0 (range_sigma=None: spatial filter only)")
+        for nm, p in (("importance_percentile", importance_percentile), ("eps_percentile", eps_percentile)):
+            if not 0 <= p <= 100:
+                raise SaliencyError(f"{nm} must be in [0, 100], got {p!r}")
+        names = resolve_layers(ctx, layer)
+        if len(names) != 1:
+            raise SaliencyError("cf_cam takes one layer")
+        res = ctx.capture(names, target)
+        A = as_grid(ctx, names[0], res.activations[names[0]]).float()
+        G = as_grid(ctx, names[0], res.gradients[names[0]]).float()
+        raws, infos = [], []
+        for i in range(A.shape[0]):
+            m, info = cf_cam_map(A[i], G[i], spatial_sigma, range_sigma, importance_percentile, eps_percentile,
+                                 min_samples_fraction)
+            raws.append(m.float().to(A.device))
+            infos.append(info)
+        raw = torch.stack(raws)
+        maps = upsample(raw, ctx.x.shape[-2:])
+        peak = maps.reshape(maps.shape[0], -1).amax(1).view(-1, 1, 1)
+        maps = torch.where(peak > 0, maps / peak.clamp_min(1e-30), maps)
+        return {"maps": maps, "raw": raw, "layer": names[0], "extras": {"clusters": infos}}
+
+
+# =========================================================================== IIA / DIX
+class _ReplaceOutput:
+    """Forward hook replacing the output `a` of the module's `call`-th call in a forward pass by
+    `base + beta * (a - base)` per row, as a leaf tensor whose gradient is then taken. `base` is
+    zero ("zero") or the per-channel spatial minimum of `a` ("min")."""
+
+    def __init__(self, module, beta: torch.Tensor, base: str, call: int):
+        self.module, self.beta, self.base, self.call = module, beta, base, call
+        self.calls = 0
+        self.tensor: torch.Tensor | None = None
+
+    def hook(self, _mod, _inp, out):
+        self.calls += 1
+        if self.calls - 1 != self.call:
+            return None
+        if not isinstance(out, torch.Tensor):
+            raise SaliencyError("the chosen layer does not output a single tensor")
+        a = out.detach()
+        if self.base == "zero":
+            base = torch.zeros_like(a)
+        else:
+            dims = tuple(range(2, a.dim())) if a.dim() == 4 else (1,)
+            base = a.amin(dim=dims, keepdim=True)
+        beta = self.beta.to(a.device, a.dtype).view(-1, *([1] * (a.dim() - 1)))
+        self.tensor = (base + beta * (a - base)).requires_grad_(True)
+        return self.tensor
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self.hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _count_calls(ctx, name: str) -> int:
+    """How many times layer `name` runs in one forward (one probe row, counted as a forward)."""
+    with ctx.subject.capture([name]) as cap, torch.no_grad():
+        ctx.subject.forward(ctx.x[:1])
+    ctx.counter.add(forward=1)
+    n = len(cap.records[name].outputs)
+    if n == 0:
+        raise SaliencyError(f"layer {name!r} was not called during the forward pass")
+    return n
+
+
+def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torch.Tensor, betas: torch.Tensor,
+                        weights: torch.Tensor, base: str, relu: bool, batch_size=None) -> torch.Tensor:
+    """sum over rows of weight * [ReLU](dS/dr (.) r) summed over channels, at r = base + beta (a(input) - base),
+    a = output of layer `name` (its last call when the module runs several times per forward, as in
+    layer capture); accumulated per example -> [B,h,w]. Chunked F+B passes."""
+    _, module = ctx.subject.find_layer(name)
+    n_calls = _count_calls(ctx, name)
+    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
+    out = None
+    for start in range(0, inputs.shape[0], bs):
+        sl = slice(start, start + bs)
+        rep = _ReplaceOutput(module, betas[sl], base, n_calls - 1)
+        with torch.enable_grad(), rep:
+            logits = ctx.subject.forward(inputs[sl].detach())
+            if rep.tensor is None:
+                raise SaliencyError(f"layer {name!r} was not called during the forward pass")
+            r = rep.tensor
+            score = target.score(logits, rows=rows[sl])
+            (g,) = torch.autograd.grad(score.sum(), r, allow_unused=True)
+        ctx.counter.add(forward=inputs[sl].shape[0], backward=inputs[sl].shape[0])
+        g = torch.zeros_like(r) if g is None else g
+        e = as_grid(ctx, name, g.detach() * r.detach()).double()
+        if relu:
+            e = e.clamp_min(0)
+        e = e.sum(1) * weights[sl].to(e.device, torch.float64).view(-1, 1, 1)
+        if out is None:
+            out = torch.zeros((ctx.batch, *e.shape[1:]), dtype=torch.float64, device=e.device)
+        out.index_add_(0, rows[sl], e)
+    return out
+
+
+def _layer_name(ctx, layer):
+    names = resolve_layers(ctx, layer)
+    if len(names) != 1:
+        raise SaliencyError("this method takes one layer")
+    return names[0]
+
+
+def _upsample_map(raw: torch.Tensor, size, mode: str, nonneg: bool) -> torch.Tensor:
+    if mode not in ("bilinear", "bicubic"):
+        raise SaliencyError(f"unknown upsampling {mode!r}; use 'bilinear' or 'bicubic'")
+    up = upsample(raw.float(), size, mode=mode)
+    # bicubic overshoot below zero is an interpolation artefact of a non-negative map
+    return up.clamp_min(0) if nonneg else up
+
+
+def _timm_attention(model) -> list | None:
+    """The attention modules of a ViT whose blocks all use timm's Attention (softmax probabilities
+    pass through `attn_drop`), in order; None when the model is not such a ViT."""
+    from ..tokens import transformer_blocks
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        return None
+    modules = dict(model.named_modules())
+    mods = [modules[a] for _, a in blocks]
+    if not all(hasattr(m, "attn_drop") and hasattr(m, "fused_attn") for m in mods):
+        return None
+    return mods
+
+
+def iia_attention(ctx, target, inputs: torch.Tensor, rows: torch.Tensor, betas: torch.Tensor,
+                  weights: torch.Tensor, batch_size=None) -> torch.Tensor:
+    """ViT form: for each row (input x_k, scale beta_j) run the model with the last block's attention
+    probabilities replaced by beta_j * A^L(x_k), take the gradients of every block's attention and
+    accumulate weight * ReLU(dS/dA^l * A^l) per example, block and head -> [L, B, heads, N, N].
+    (For the last block dS/d(beta A) * beta A = dS/dA * A: the recorded A^L is the tensor scaled.)"""
+    from ..tokens import AttentionTap
+
+    last = _timm_attention(ctx.subject.model)[-1]
+    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
+    acc = None
+    for start in range(0, inputs.shape[0], bs):
+        sl = slice(start, start + bs)
+        beta = betas[sl]
+
+        def scale(_m, _i, out, beta=beta):
+            return out * beta.to(out.device, out.dtype).view(-1, 1, 1, 1)
+
+        with AttentionTap(ctx.subject.model) as tap, torch.enable_grad():
+            handle = last.attn_drop.register_forward_hook(scale)  # runs after the tap's recording hook
+            try:
+                logits = ctx.subject.forward(inputs[sl].detach().clone().requires_grad_(True))
+            finally:
+                handle.remove()
+            attn = list(tap.attn)
+            score = target.score(logits, rows=rows[sl])
+            grads = torch.autograd.grad(score.sum(), attn, allow_unused=True)
+        n = inputs[sl].shape[0]
+        ctx.counter.add(forward=n, backward=n)
+        w = weights[sl].to(inputs.device, torch.float64).view(-1, 1, 1, 1)
+        for i, (a, g) in enumerate(zip(attn, grads)):
+            if g is None:
+                continue
+            e = (g.detach().double() * a.detach().double()).clamp_min(0) * w
+            if acc is None:
+                acc = torch.zeros((len(attn), ctx.batch, *a.shape[1:]), dtype=torch.float64, device=a.device)
+            acc[i].index_add_(0, rows[sl], e)
+    if acc is None:
+        raise SaliencyError("the target score does not depend on any attention probabilities")
+    return acc
+
+
+def attention_rollout_of(E: torch.Tensor) -> torch.Tensor:
+    """[L,B,heads,N,N] -> R = prod_l rownorm(mean_heads(E^l) + I) (block 1 applied first) [B,N,N]."""
+    _, b, _, n, _ = E.shape
+    eye = torch.eye(n, dtype=torch.float64, device=E.device).expand(b, n, n)
+    R = eye.clone()
+    for El in E:
+        a = El.mean(1) + eye
+        R = (a / a.sum(-1, keepdim=True)) @ R
+    return R
+
+
+@register
+class IIA(Method):
+    name = "iia"
+    aliases = ("iterated_integrated_attributions",)
+    family = "gradient"
+    cost = "25F+25B"
+    uses_layer = True
+    description = ("Iterated Integrated Attributions (Barkan et al. 2023): integration over the input path "
+                   "x_k = x' + alpha_k (x - x') and, for each x_k, over beta_j times an internal representation. "
+                   "CNN form (path='representation'): ReLU(dS/dr * r) at r = beta_j a(x_k) of the layer, channel "
+                   "sum. ViT form (path='attention', timm attention): last block's attention scaled by beta_j, "
+                   "ReLU(dS/dA * A) of every block averaged, then rollout; CLS row on the patch grid.")
+    defaults = {"steps": 5, "rule": "riemann_right", "baseline": "mean", "relu": True, "upsample": "bicubic",
+                "path": "auto", "batch_size": None}
+
+    def run(self, ctx, target, layer, steps=5, rule="riemann_right", baseline="mean", relu=True,
+            upsample="bicubic", path="auto", batch_size=None):
+        _check_positive_int("steps", steps)
+        if path not in ("auto", "attention", "representation"):
+            raise SaliencyError(f"iia path must be 'auto', 'attention' or 'representation', got {path!r}")
+        vit = _timm_attention(ctx.subject.model) is not None
+        if path == "attention" and not vit:
+            raise SaliencyError("iia path='attention' needs a Vision Transformer with timm attention blocks")
+        attention = path == "attention" or (path == "auto" and vit and layer in (None, "auto"))
+        x = ctx.x.detach()
+        b = x.shape[0]
+        base = make_baseline(ctx.subject, x, baseline, ctx.seed)
+        alphas, wa = quadrature(steps, rule)
+        betas, wb = quadrature(steps, rule)
+        # rows ordered (k, j, example): input step k, representation step j
+        k_idx = torch.arange(steps).repeat_interleave(steps * b)
+        j_idx = torch.arange(steps).repeat_interleave(b).repeat(steps)
+        ex = torch.arange(b).repeat(steps * steps)
+        a = alphas.to(x.device, x.dtype)[k_idx.to(x.device)].view(-1, 1, 1, 1)
+        inputs = base[ex] + a * (x[ex] - base[ex])
+        weights = wa[k_idx] * wb[j_idx]
+        if attention:
+            from ..tokens import grid_of
+
+            E = iia_attention(ctx, target, inputs, ex.to(x.device), betas[j_idx], weights, batch_size)
+            R = attention_rollout_of(E)
+            prefix, h, w = grid_of(ctx.subject, R.shape[-1], tuple(x.shape[-2:]), layer="attention")
+            row = R[:, 0, prefix:] if prefix > 0 else R.mean(1)
+            raw = row.reshape(b, h, w)
+            return {"maps": _upsample_map(raw, x.shape[-2:], "bilinear", True), "raw": raw.float(), "layer": "attention",
+                    "signed": False, "extras": {"path": "attention", "blocks": int(E.shape[0])}}
+        name = _layer_name(ctx, layer)
+        raw = representation_path(ctx, target, name, inputs, ex.to(x.device), betas[j_idx], weights,
+                                  "zero", relu, batch_size)
+        return {"maps": _upsample_map(raw, x.shape[-2:], upsample, relu), "raw": raw.float(), "layer": name,
+                "signed": not relu, "extras": {"path": "representation"}}
+
+
+@register
+class DIX(Method):
+    name = "dix"
+    aliases = ("deep_integrated_explanations",)
+    family = "gradient"
+    cost = "4F+4B"
+    uses_layer = True
+    experimental = True
+    description = ("Deep Integrated Explanations (experimental, definition unconfirmed): mean over "
+                   "a_t = a' + (t/T)(a - a'), t = 0..T, of ReLU(dS/da(a_t) * a_t) at one layer; channel sum.")
+    defaults = {"steps": 4, "baseline": "zero", "relu": True, "upsample": "bicubic", "batch_size": None}
+
+    def run(self, ctx, target, layer, steps=4, baseline="zero", relu=True, upsample="bicubic", batch_size=None):
+        _check_positive_int("steps", steps)
+        if baseline not in ("zero", "min"):
+            raise SaliencyError(f"dix baseline must be 'zero' or 'min' (per-channel minimum), got {baseline!r}")
+        name = _layer_name(ctx, layer)
+        x = ctx.x.detach()
+        b = x.shape[0]
+        t = torch.arange(steps + 1, dtype=torch.float64) / steps
+        ex = torch.arange(b).repeat(steps + 1)
+        betas = t.repeat_interleave(b)
+        weights = torch.full((len(ex),), 1.0 / (steps + 1), dtype=torch.float64)
+        if baseline == "zero":  # the t = 0 term is exactly zero: skip its pass
+            keep = betas > 0
+            ex, betas, weights = ex[keep], betas[keep], weights[keep]
+        raw = representation_path(ctx, target, name, x[ex], ex.to(x.device), betas, weights, baseline, relu,
+                                  batch_size)
+        return {"maps": _upsample_map(raw, x.shape[-2:], upsample, relu), "raw": raw.float(), "layer": name,
+                "signed": not relu}

@@ -1,0 +1,413 @@
+"""`Subject`: a model wrapped with what explaining it needs.
+
+A Subject knows how to turn photos into the model's input tensor, how to read logits out of
+whatever the model returns, the class names, and how to find and capture internal layers.
+Every method runs inside `Subject.explaining()`, which puts the model in eval mode, turns off
+in-place activations (they overwrite captured tensors) and restores everything on exit, even
+after an exception.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SaliencyError
+
+from .images import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, load_image  # noqa: F401  (re-exported)
+
+
+def extract_logits(output) -> torch.Tensor:
+    """Find the logits in a model's output: a tensor, a tuple/list, a dict or a ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        logits = output
+    elif isinstance(output, dict) or hasattr(output, "keys"):
+        keys = list(output.keys())
+        for key in ("logits", "logits_per_image", "scores", "out", "output"):
+            if key in keys and isinstance(output[key], torch.Tensor):
+                logits = output[key]
+                break
+        else:
+            raise SaliencyError(
+                f"model output not understood: a mapping with keys {keys} and no 'logits' tensor; "
+                "wrap the model so it returns logits [B, classes]")
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    else:
+        raise SaliencyError(
+            f"model output not understood: got {type(output).__name__}; expected logits [B, classes], "
+            "a tuple whose first item is logits, or a dict/ModelOutput with 'logits'")
+    if logits.dim() != 2:
+        raise SaliencyError(
+            f"model output not understood: logits should be [B, classes], got shape {tuple(logits.shape)}")
+    return logits
+
+
+@dataclass
+class _Recording:
+    outputs: list = field(default_factory=list)
+
+
+class LayerCapture:
+    """Forward hooks that keep the outputs of named layers (every call, in order).
+
+    Gradients are taken afterwards with `torch.autograd.grad(score, captured)`, never with
+    module backward hooks (those break under in-place ops that follow the module).
+    A module called several times in one forward (a shared activation) keeps every call;
+    `call=-1` (default) selects the last one.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], call: int = -1, keep_graph: bool = True):
+        self.modules = modules
+        self.call = call
+        self.records = {name: _Recording() for name in modules}
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            rec = self.records[name]
+
+            def hook(_mod, _inp, out, rec=rec):
+                rec.outputs.append(out)
+
+            self._handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    def clear(self):
+        for rec in self.records.values():
+            rec.outputs.clear()
+
+    def get(self, name: str) -> torch.Tensor:
+        outs = self.records[name].outputs
+        if not outs:
+            raise SaliencyError(f"layer {name!r} was not called during the forward pass")
+        out = outs[self.call]
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if hasattr(out, "keys") and not isinstance(out, torch.Tensor):
+            out = next(v for v in out.values() if isinstance(v, torch.Tensor))
+        if not isinstance(out, torch.Tensor):
+            raise SaliencyError(f"layer {name!r} does not output a tensor (got {type(out).__name__})")
+        return out
+
+
+class Subject:
+    """An `nn.Module` plus what explaining it needs.
+
+    Args:
+        model: the classifier; must map `[B,C,H,W]` to logits (or a tuple/dict holding them).
+        preprocess: callable from a photo (path / PIL / array) to a `[C,H,W]` tensor. Default:
+            resize to `input_size` and normalise with `mean`/`std` (ImageNet statistics).
+        labels: class names, index = class id.
+        mean, std: the per-channel normalisation, used for baselines ("black" image) and display.
+        layer: the default layer for layer methods (name), or "auto".
+        name: a short name shown in reports.
+        fast: how forward-only runs of many perturbed inputs (occlusion, RISE, Score-CAM,
+            deletion, ...) may run the model on a CPU (see `saliencykit.inference`): None or True
+            (default) times the eager model, channels-last input and a frozen trace once per
+            model and shape and keeps the fastest that is safe; False keeps the model eager;
+            "channels_last" or "frozen" picks that form without timing.
+    """
+
+    def __init__(self, model: nn.Module, preprocess: Callable | None = None,
+                 labels: Sequence[str] | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 input_size=(224, 224), layer: str = "auto", name: str | None = None,
+                 device: str | torch.device | None = None, groups: dict | None = None,
+                 fast: bool | str | None = None):
+        if not isinstance(model, nn.Module):
+            raise SaliencyError(f"Subject needs a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.input_size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        self._preprocess = preprocess or ImagePreprocess(self.input_size, self.mean, self.std)
+        self.labels = list(labels) if labels is not None else None
+        self.default_layer = layer
+        self.name = name or type(model).__name__
+        self.groups = dict(groups or {})
+        self.label_aliases: dict[str, int] = {}
+        if device is not None:
+            self.model.to(device)
+        self._auto_layer_cache: dict[tuple, str] = {}
+        self.grid_fn: Callable | None = None
+        self.fast = fast
+
+    # ----------------------------------------------------------------------------- basics
+    def __repr__(self):
+        n = len(self.labels) if self.labels else "?"
+        return f"Subject({self.name}, classes={n}, layer={self.default_layer!r})"
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        for b in self.model.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating dtype (of its first floating parameter): what probe inputs use."""
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.mean)
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Photo(s) -> `[B,C,H,W]` float tensor on the model's device."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise SaliencyError("no images given")
+        tensors = [self._preprocess(im) for im in images]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) != 1:
+            raise SaliencyError(f"preprocessed images differ in shape {sorted(shapes)}; use a fixed input size")
+        return torch.stack(tensors).to(self.device)
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised input -> pixel values in [0,1]."""
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x * std + mean).clamp(0, 1)
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixel values in [0,1] -> the model's normalised input space."""
+        mean = torch.tensor(self.mean, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
+        return (pixels - mean) / std
+
+    def black(self, x: torch.Tensor) -> torch.Tensor:
+        """The black image in the model's input space (not zeros: zeros are the mean colour)."""
+        return self.normalize_pixels(torch.zeros_like(x))
+
+    def check_input(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise SaliencyError(f"input must be a torch.Tensor [B,C,H,W]; got {type(x).__name__} "
+                                "(use subject.preprocess(image) for photos)")
+        if x.dim() != 4:
+            hint = " (add a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
+            raise SaliencyError(f"input must have 4 dimensions [B,C,H,W]; got shape {tuple(x.shape)}{hint}")
+        if x.shape[1] != self.in_channels:
+            raise SaliencyError(f"input has {x.shape[1]} channels; the model expects {self.in_channels}")
+        if not x.is_floating_point():
+            raise SaliencyError(f"input must be a floating-point tensor, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise SaliencyError("input batch is empty")
+        if not torch.isfinite(x).all():
+            raise SaliencyError("input contains NaN or infinite values")
+        return x.to(self.device)
+
+    # --------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the model and return logits `[B, classes]`."""
+        return extract_logits(self.model(x))
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, k: int = 5) -> list[list[dict]]:
+        """Top-k classes per example: `[{"index", "label", "prob"}, ...]`."""
+        x = self.check_input(x)
+        with self.explaining():
+            probs = self.forward(x).float().softmax(-1)
+        top = probs.topk(min(k, probs.shape[1]), dim=1)
+        return [[{"index": int(i), "label": self.label(int(i)), "prob": float(p)}
+                 for p, i in zip(ps, idx)] for ps, idx in zip(top.values, top.indices)]
+
+    # ---------------------------------------------------------------------------- labels
+    def label(self, index: int) -> str:
+        if self.labels is not None and 0 <= index < len(self.labels):
+            return self.labels[index]
+        return f"class {index}"
+
+    def class_index(self, label, num_classes: int | None = None) -> int:
+        """Resolve a class given as index or name (case-insensitive; aliases allowed)."""
+        n = num_classes if num_classes is not None else (len(self.labels) if self.labels else None)
+        if isinstance(label, (int, np.integer)) or (isinstance(label, torch.Tensor) and label.numel() == 1):
+            idx = int(label)
+            if n is not None and not 0 <= idx < n:
+                raise SaliencyError(f"class index {idx} is out of range: the model has {n} classes (0..{n - 1})")
+            if idx < 0:
+                raise SaliencyError(f"class index {idx} is negative")
+            return idx
+        if isinstance(label, str):
+            if label.strip().lstrip("-").isdigit():
+                return self.class_index(int(label), n)
+            key = _norm_label(label)
+            if self.labels:
+                for i, name in enumerate(self.labels):
+                    if _norm_label(name) == key:
+                        return i
+            if key in self.label_aliases:
+                return self.label_aliases[key]
+            candidates = ([*self.labels] if self.labels else []) + list(self.label_aliases)
+            if not candidates:
+                raise SaliencyError(f"class {label!r} given by name but the model has no class names; use an index")
+            # labels and their synonyms overlap: each candidate once, in first-seen order
+            close = difflib.get_close_matches(key, list(dict.fromkeys(_norm_label(c) for c in candidates)),
+                                              n=5, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise SaliencyError(f"unknown class label {label!r}{hint}")
+        raise SaliencyError(f"a class must be an index or a label, got {type(label).__name__}")
+
+    # ---------------------------------------------------------------------------- layers
+    def named_layers(self) -> dict[str, nn.Module]:
+        return dict(self.model.named_modules())
+
+    def find_layer(self, layer, x: torch.Tensor | None = None) -> tuple[str, nn.Module]:
+        """Resolve a layer given by name, module, or "auto" to `(name, module)`."""
+        if layer is None or layer == "auto":
+            if self.default_layer not in (None, "auto"):
+                return self.find_layer(self.default_layer)
+            return self.find_layer(self.auto_layer(x))
+        modules = self.named_layers()
+        if isinstance(layer, nn.Module):
+            for name, mod in modules.items():
+                if mod is layer:
+                    return name, mod
+            raise SaliencyError("the given layer module is not part of the model")
+        if not isinstance(layer, str):
+            raise SaliencyError(f"layer must be a name, a module or 'auto'; got {type(layer).__name__}")
+        if layer in modules:
+            return layer, modules[layer]
+        # DataParallel / DistributedDataParallel keep the real model under `module.`
+        for alt in (f"module.{layer}", layer[len("module."):] if layer.startswith("module.") else None):
+            if alt and alt in modules:
+                return alt, modules[alt]
+        close = difflib.get_close_matches(layer, [n for n in modules if n], n=5, cutoff=0.4)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise SaliencyError(f"layer {layer!r} not found in {self.name}{hint}")
+
+    def auto_layer(self, x: torch.Tensor | None = None) -> str:
+        """The last module, in execution order, whose output is a spatial map (4-D, h,w > 1),
+        adaptive pooling layers excepted.
+
+        That is the last convolutional feature map before global pooling: the standard
+        Grad-CAM layer. Found with one dry forward pass on a probe input.
+        """
+        size = tuple(x.shape[-2:]) if x is not None else self.input_size
+        if size in self._auto_layer_cache:
+            return self._auto_layer_cache[size]
+        from .tokens import token_auto_layer  # Vision Transformers: the last block's first LayerNorm
+
+        token_layer = token_auto_layer(self)
+        if token_layer is not None:
+            self._auto_layer_cache[size] = token_layer
+            return token_layer
+        probe = torch.zeros(1, self.in_channels, *size, device=self.device, dtype=self.dtype)
+        finished: list[str] = []
+        handles = []
+
+        def make_hook(name):
+            def hook(_m, _i, out):
+                if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] > 1 and out.shape[-2] > 1:
+                    finished.append(name)
+            return hook
+
+        for name, mod in self.model.named_modules():
+            # adaptive pooling resamples to a fixed grid (VGG's 7x7 `avgpool` copies a 2x2 map at
+            # 64 px): its output is spatial but adds no location evidence, so it is never the layer
+            if name and not isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+                handles.append(mod.register_forward_hook(make_hook(name)))
+        try:
+            with self.explaining(), torch.no_grad():
+                self.forward(probe)
+        finally:
+            for h in handles:
+                h.remove()
+        if not finished:
+            raise SaliencyError(f"no layer with a spatial output found in {self.name}; pass layer=NAME")
+        # Prefer the deepest-named module among those that finished last with the same tensor:
+        # the container `layer4` and its last child end together; either gives the same map.
+        name = finished[-1]
+        self._auto_layer_cache[size] = name
+        return name
+
+    def capture(self, layers: Sequence[str], call: int = -1) -> LayerCapture:
+        modules = {}
+        for layer in layers:
+            name, mod = self.find_layer(layer)
+            modules[name] = mod
+        return LayerCapture(modules, call=call)
+
+    def tokens_to_grid(self, tokens: torch.Tensor, input_hw, layer: str | None = None) -> torch.Tensor:
+        """Token output [B, P+N, D] of a ViT-like layer -> [B, D, h, w], dropping P prefix tokens.
+
+        Uses `self.grid_fn` when set (the `tokens_to_grid=` override); otherwise reads the patch size
+        from the model's patch-embedding conv (or `self.patch_size`), so P = N - (H//p)(W//p); with no
+        such conv, searches N = (H/p)(W/p) for an integer patch p, P in 0..8 (see `saliencykit.vit`).
+        """
+        if getattr(self, "grid_fn", None) is not None:
+            grid = self.grid_fn(tokens)
+            if not isinstance(grid, torch.Tensor) or grid.dim() != 4 or grid.shape[0] != tokens.shape[0]:
+                got = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
+                raise SaliencyError(f"subject.grid_fn returned {got} for tokens {tuple(tokens.shape)} of layer "
+                                    f"{layer!r}; it must return [B, D, h, w]")
+            return grid
+        from .tokens import grid_of  # patch size read from the patch-embedding conv, else a search
+
+        b, n, d = tokens.shape
+        prefix, h, w = grid_of(self, n, tuple(input_hw), layer)
+        return tokens[:, prefix:].reshape(b, h, w, d).permute(0, 3, 1, 2)
+
+    # ------------------------------------------------------------------- state handling
+    @contextlib.contextmanager
+    def explaining(self) -> Iterator["Subject"]:
+        """Eval mode and no in-place activations for the duration; everything restored after."""
+        model = self.model
+        training = {m: m.training for m in model.modules()}
+        inplace = {}
+        for m in model.modules():
+            if isinstance(getattr(m, "inplace", None), bool) and m.inplace:
+                inplace[m] = True
+                m.inplace = False
+        model.eval()
+        try:
+            yield self
+        finally:
+            for m, was in training.items():
+                m.training = was
+            for m in inplace:
+                m.inplace = True
+
+    def state_fingerprint(self) -> dict:
+        """What must be identical before and after an explanation (used by tests)."""
+        m = self.model
+        return {
+            "training": [mod.training for mod in m.modules()],
+            "requires_grad": [p.requires_grad for p in m.parameters()],
+            "grads": [None if p.grad is None else p.grad.clone() for p in m.parameters()],
+            "params": [p.detach().clone() for p in m.parameters()],
+            "buffers": [b.detach().clone() for b in m.buffers()],
+            "hooks": count_hooks(m),
+            "inplace": [getattr(mod, "inplace", None) for mod in m.modules()],
+        }
+
+
+def count_hooks(model: nn.Module) -> int:
+    total = 0
+    for m in model.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks", "_forward_hooks_with_kwargs"):
+            total += len(getattr(m, attr, {}) or {})
+    return total
+
+
+def _norm_label(s: str) -> str:
+    return " ".join(s.lower().replace("_", " ").replace("-", " ").split())
