@@ -10,7 +10,8 @@ from saliencykit import data, methods
 from saliencykit.errors import SaliencyError
 from saliencykit.methods.base import Context
 from saliencykit.methods.paths import cf_cam_map
-from saliencykit.methods.gradient import gaussian_blur, integrated_gradients, make_baseline
+from saliencykit.filters import gaussian_blur, gaussian_kernels, separable
+from saliencykit.methods.gradient import integrated_gradients, make_baseline
 from saliencykit.targets import Class
 
 from tests.conftest import TinyCNN
@@ -54,11 +55,11 @@ def test_blur_ig_exact_derivative():
     # truncation radius, float64: O(h^2) ~ 1e-8 relative) and gives the same completeness.
     x = x64(1, seed=3)
     h, sigma = 1e-4, 1.7
-    from saliencykit.methods.paths import _gauss_kernels, _separable, blur_derivative
+    from saliencykit.methods.paths import blur_derivative
 
     def blur(sig):
-        k, _ = _gauss_kernels(sig, 7, x.dtype, x.device)
-        return _separable(x, k, k)
+        k, _ = gaussian_kernels(sig, 7, x.dtype, x.device)
+        return separable(x, k, k)
 
     central = (blur(sigma + h) - blur(sigma - h)) / (2 * h)
     torch.testing.assert_close(blur_derivative(x, sigma, None), central, rtol=1e-6, atol=1e-8)

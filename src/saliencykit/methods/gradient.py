@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import auto_batch, chunked_gradient, forward_logits, generator, gradient_pass, reduce_channels
-from ..errors import SaliencyError
+from ..errors import SaliencyError, positive_float, positive_int
+from ..filters import gaussian_blur
 from .base import Method, register
 
 SIGNED_REDUCTIONS = ("sum", "mean")
@@ -70,22 +71,9 @@ def make_baseline(subject, x: torch.Tensor, baseline, seed=0) -> torch.Tensor:
                         "'noise', a pixel value or a tensor")
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur per channel, radius ceil(4 sigma), zero padding."""
-    if sigma <= 0:
-        return x.clone()
-    radius = int(math.ceil(4 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    c = x.shape[1]
-    h = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), padding=(0, radius), groups=c)
-    return F.conv2d(h, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), padding=(radius, 0), groups=c)
-
-
 def quadrature(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes alpha_k in [0,1] and weights w_k of the path integral."""
-    steps = _check_count(steps, "steps")
+    steps = positive_int(steps, "steps")
     if rule == "gausslegendre":
         t, w = np.polynomial.legendre.leggauss(steps)
         return torch.tensor((t + 1) / 2), torch.tensor(w / 2)
@@ -104,26 +92,6 @@ def quadrature(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
         w[0] = w[-1] = 0.5 / (steps - 1)
         return a, w
     raise SaliencyError(f"unknown integration rule {rule!r}; use gausslegendre or riemann_left/right/middle/trapezoid")
-
-
-def _check_count(value, what: str) -> int:
-    """A positive integer count (steps, samples); an integral float such as 64.0 is accepted."""
-    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise SaliencyError(f"{what} must be a positive integer, got {value!r}")
-    if value < 1:
-        raise SaliencyError(f"{what} must be >= 1, got {value}")
-    return int(value)
-
-
-def _check_scale(value, what: str) -> float:
-    """A finite, non-negative number (noise levels)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise SaliencyError(f"{what} must be a non-negative number, got {value!r}")
-    if not math.isfinite(float(value)) or value < 0:
-        raise SaliencyError(f"{what} must be a finite number >= 0, got {value}")
-    return float(value)
 
 
 def _input_gradient(ctx, target, reuse_primed: bool = True) -> torch.Tensor:
@@ -188,16 +156,16 @@ def noisy_gradients(ctx, target, samples: int, noise: float, noise_abs: float | 
     (the gradient times the noisy input). Every parameter is checked before any pass runs.
     Rows are copy-major: row r is copy r // B of example r % B.
     """
-    samples = _check_count(samples, "samples")
+    samples = positive_int(samples, "samples")
     if base not in ("gradient", "gradxinput"):
         raise SaliencyError(f"unknown SmoothGrad base {base!r}; use 'gradient' or 'gradxinput'")
     x = ctx.x.detach()
     b = x.shape[0]
     if noise_abs is not None:
-        sigma = torch.full((b, 1, 1, 1), _check_scale(noise_abs, "noise_abs"), device=x.device, dtype=x.dtype)
+        sigma = torch.full((b, 1, 1, 1), positive_float(noise_abs, "noise_abs", allow_zero=True), device=x.device, dtype=x.dtype)
     else:
         flat = x.reshape(b, -1)
-        sigma = (_check_scale(noise, "noise") * (flat.amax(1) - flat.amin(1))).view(b, 1, 1, 1)
+        sigma = (positive_float(noise, "noise", allow_zero=True) * (flat.amax(1) - flat.amin(1))).view(b, 1, 1, 1)
     g = generator(ctx.seed)
     noisy = torch.cat([x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
                        for _ in range(samples)])
@@ -263,7 +231,7 @@ class VarGrad(_SmoothGradFamily):
 def integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, steps: int, rule: str,
                          batch_size=None) -> torch.Tensor:
     """(x - x') * sum_k w_k grad s(x' + a_k (x - x')), all interpolants batched (step-major rows)."""
-    steps = _check_count(steps, "steps")
+    steps = positive_int(steps, "steps")
     alphas, weights = quadrature(steps, rule)
     alphas = alphas.to(x.device, x.dtype)
     weights = weights.to(x.device, torch.float64)
@@ -299,7 +267,7 @@ class IntegratedGradients(Method):
     def run(self, ctx, target, layer, steps=50, baseline="black", rule="gausslegendre", reduce="sum",
             batch_size=None):
         _check_reduce(reduce)
-        steps = _check_count(steps, "steps")
+        steps = positive_int(steps, "steps")
         quadrature(steps, rule)  # checks the rule before any pass
         x = ctx.x.detach()
         # several baselines (a list, e.g. ["black", "white"]) => the mean of their IG maps

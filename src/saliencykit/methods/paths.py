@@ -17,15 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import auto_batch, forward_logits, gradient_pass, upsample
-from ..errors import SaliencyError
+from ..errors import SaliencyError, positive_int
 from .base import Method, register
 from .cam import as_grid, resolve_layers
-from .gradient import _check_reduce, _maps, gaussian_blur, make_baseline, quadrature
-
-
-def _check_positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise SaliencyError(f"{name} must be an integer >= {minimum}, got {value!r}")
+from ..filters import gaussian_blur, gaussian_kernels, separable
+from .gradient import _check_reduce, _maps, make_baseline, quadrature
 
 
 def _completeness(ctx, target, attr, start, batch_size):
@@ -43,37 +39,6 @@ def blur_sigmas(max_sigma: float, steps: int, sqrt: bool = False) -> list[float]
     return [math.sqrt(s) for s in sig] if sqrt else sig
 
 
-def _gauss_kernels(sigma: float, radius: int, dtype, device):
-    """Normalised 1-D Gaussian on -radius..radius and its exact derivative with respect to sigma."""
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    dk = k * (t ** 2 - (k * t ** 2).sum()) / sigma ** 3
-    return k.to(dtype), dk.to(dtype)
-
-
-def _band(k: torch.Tensor, n: int) -> torch.Tensor:
-    """[n,n] matrix of the 1-D correlation with kernel k (length 2r+1) and zero padding."""
-    r = (k.numel() - 1) // 2
-    i = torch.arange(n, device=k.device)
-    d = i.view(1, -1) - i.view(-1, 1)  # j - i
-    return torch.where(d.abs() <= r, k[(d + r).clamp(0, 2 * r)], torch.zeros((), dtype=k.dtype, device=k.device))
-
-
-def _separable(x: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
-    """Separable correlation (zero padding) as two matrix products: faster than grouped
-    convolutions for the wide kernels of large sigma, and exact in float64."""
-    return _band(ky, x.shape[-2]) @ x @ _band(kx, x.shape[-1]).T
-
-
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Same blur as `gaussian_blur` (radius ceil(4 sigma), normalised kernel, zero padding)."""
-    if sigma <= 0:
-        return x.clone()
-    k, _ = _gauss_kernels(sigma, int(math.ceil(4 * sigma)), x.dtype, x.device)
-    return _separable(x, k, k)
-
-
 def blur_derivative(x: torch.Tensor, sigma: float, grad_step: float | None) -> torch.Tensor:
     """d(G_sigma * x)/d sigma: forward difference with step `grad_step`, or exact (None).
 
@@ -84,15 +49,15 @@ def blur_derivative(x: torch.Tensor, sigma: float, grad_step: float | None) -> t
     if grad_step is None:
         if sigma <= 0:
             return torch.zeros_like(x)
-        k, dk = _gauss_kernels(sigma, int(math.ceil(4 * sigma)), x.dtype, x.device)
-        return _separable(x, dk, k) + _separable(x, k, dk)
+        k, dk = gaussian_kernels(sigma, int(math.ceil(4 * sigma)), x.dtype, x.device)
+        return separable(x, dk, k) + separable(x, k, dk)
     radius = int(math.ceil(4 * (sigma + grad_step)))
-    k2, _ = _gauss_kernels(sigma + grad_step, radius, x.dtype, x.device)
-    blurred2 = _separable(x, k2, k2)
+    k2, _ = gaussian_kernels(sigma + grad_step, radius, x.dtype, x.device)
+    blurred2 = separable(x, k2, k2)
     if sigma <= 0:
         return (blurred2 - x) / grad_step
-    k1, _ = _gauss_kernels(sigma, radius, x.dtype, x.device)
-    return (blurred2 - _separable(x, k1, k1)) / grad_step
+    k1, _ = gaussian_kernels(sigma, radius, x.dtype, x.device)
+    return (blurred2 - separable(x, k1, k1)) / grad_step
 
 
 def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, steps: int,
@@ -112,7 +77,7 @@ def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, st
     rows_one = torch.arange(b, device=x.device)
     for s0 in range(0, steps, per_chunk):
         idx = list(range(s0, min(steps, s0 + per_chunk)))
-        pts = torch.cat([_blur(x, sig[i]) for i in idx])
+        pts = torch.cat([gaussian_blur(x, sig[i]) for i in idx])
         deriv = torch.cat([blur_derivative(x, sig[i], grad_step) * (sig[i + 1] - sig[i]) for i in idx])
         g = gradient_pass(ctx.subject, pts, target, rows=rows_one.repeat(len(idx)), counter=ctx.counter).input_grad
         total -= (g.double() * deriv.double()).view(len(idx), b, *x.shape[1:]).sum(0)
@@ -135,7 +100,7 @@ class BlurIG(Method):
     def run(self, ctx, target, layer, max_sigma=50.0, steps=100, grad_step=0.01, sqrt=False, reduce="sum",
             batch_size=None):
         _check_reduce(reduce)
-        _check_positive_int("steps", steps)
+        positive_int(steps, "steps")
         if not isinstance(max_sigma, (int, float)) or max_sigma < 0:
             raise SaliencyError(f"max_sigma must be a number >= 0, got {max_sigma!r}")
         if grad_step is not None and (not isinstance(grad_step, (int, float)) or grad_step <= 0):
@@ -233,7 +198,7 @@ class GuidedIG(Method):
     def run(self, ctx, target, layer, steps=200, fraction=0.25, max_dist=0.02, baseline="black", reduce="sum",
             batch_size=None):
         _check_reduce(reduce)
-        _check_positive_int("steps", steps)
+        positive_int(steps, "steps")
         if not 0 < fraction <= 1:
             raise SaliencyError(f"fraction must be in (0, 1], got {fraction!r}")
         if not 0 <= max_dist <= 1:
@@ -519,7 +484,7 @@ class IIA(Method):
 
     def run(self, ctx, target, layer, steps=5, rule="riemann_right", baseline="mean", relu=True,
             upsample="bicubic", path="auto", batch_size=None):
-        _check_positive_int("steps", steps)
+        positive_int(steps, "steps")
         if path not in ("auto", "attention", "representation"):
             raise SaliencyError(f"iia path must be 'auto', 'attention' or 'representation', got {path!r}")
         vit = _timm_attention(ctx.subject.model) is not None
@@ -568,7 +533,7 @@ class DIX(Method):
     defaults = {"steps": 4, "baseline": "zero", "relu": True, "upsample": "bicubic", "batch_size": None}
 
     def run(self, ctx, target, layer, steps=4, baseline="zero", relu=True, upsample="bicubic", batch_size=None):
-        _check_positive_int("steps", steps)
+        positive_int(steps, "steps")
         if baseline not in ("zero", "min"):
             raise SaliencyError(f"dix baseline must be 'zero' or 'min' (per-channel minimum), got {baseline!r}")
         name = _layer_name(ctx, layer)

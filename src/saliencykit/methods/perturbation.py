@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import generator, perturbed_scores
-from ..errors import SaliencyError
+from ..errors import SaliencyError, positive_float, positive_int
+from ..filters import gaussian_blur
 from ..targets import OUTPUTS
 from .base import Method, register
 from .gradient import make_baseline
@@ -41,18 +42,6 @@ def _pair(value, what: str) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _positive_int(value, what: str, minimum: int = 1) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise SaliencyError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _positive_float(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise SaliencyError(f"{what} must be a positive number, got {value!r}")
-    return float(value)
-
-
 def _output(target, output) -> str:
     out = target.output if output is None else output
     if out not in OUTPUTS:
@@ -66,18 +55,8 @@ def _clean_scores(ctx, target, output: str) -> torch.Tensor:
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur, radius ceil(3 sigma), replicate padding (no dark border)."""
-    if sigma <= 0:
-        return x
-    radius = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    c = x.shape[1]
-    h = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1),
-                 groups=c)
-    return F.conv2d(F.pad(h, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
-                    groups=c)
+    """The perturbation substrates' blur: radius ceil(3 sigma), replicate padding (no dark border)."""
+    return gaussian_blur(x, sigma, radius=max(1, math.ceil(3 * sigma)), padding="replicate")
 
 
 def _median_blur(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -213,8 +192,8 @@ class Rise(Method):
     def run(self, ctx, target, layer, n_masks=4000, cell=7, p=0.5, output="prob", classes=None):
         x = ctx.x.detach()
         b, _, h, w = x.shape
-        n = _positive_int(n_masks, "rise n_masks")
-        cell = _positive_int(cell, "rise cell")
+        n = positive_int(n_masks, "rise n_masks")
+        cell = positive_int(cell, "rise cell")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
             raise SaliencyError(f"rise p (keep probability) must be in (0, 1], got {p!r}")
         if cell > min(h, w):
@@ -294,7 +273,7 @@ def superpixels(subject, x: torch.Tensor, n_segments: int = 50, compactness: flo
     else:
         from skimage.segmentation import slic
 
-        n_segments = _positive_int(n_segments, "n_segments", 2)
+        n_segments = positive_int(n_segments, "n_segments", 2)
         pix = subject.unnormalize(x.detach()).permute(0, 2, 3, 1).cpu().double().numpy()
         seg = torch.stack([torch.from_numpy(np.asarray(
             slic(pix[i] if pix.shape[-1] > 1 else pix[i, ..., 0], n_segments=n_segments, compactness=compactness,
@@ -380,8 +359,8 @@ class Lime(Method):
 
     def run(self, ctx, target, layer, n_samples=1000, n_segments=50, segments=None, compactness=10.0,
              baseline="segment_mean", kernel_width=0.25, alpha=1.0, output="prob"):
-        n = _positive_int(n_samples, "lime n_samples", 2)
-        width = _positive_float(kernel_width, "lime kernel_width")
+        n = positive_int(n_samples, "lime n_samples", 2)
+        width = positive_float(kernel_width, "lime kernel_width")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
             raise SaliencyError(f"lime alpha must be >= 0, got {alpha!r}")
         out = _output(target, output)
@@ -468,7 +447,7 @@ class KernelShap(Method):
 
     def run(self, ctx, target, layer, n_samples=1000, n_segments=50, segments=None, compactness=10.0,
             baseline="mean", output=None):
-        n = _positive_int(n_samples, "kernelshap n_samples", 2)
+        n = positive_int(n_samples, "kernelshap n_samples", 2)
         out = _output(target, output)
         seg, counts = _segment_params(ctx, n_segments, segments, compactness)
         b, mmax = len(counts), max(counts)
@@ -580,19 +559,19 @@ class ExtremalPerturbation(Method):
     def run(self, ctx, target, layer, areas=(0.1,), steps=300, game="preserve", lr=0.05, step=None, sigma=None,
             max_blur=None, reg_start=300.0, reg_growth=None, jitter=True, output=None):
         areas = _check_areas(areas)
-        steps = _positive_int(steps, "extremal_perturbation steps")
-        lr = _positive_float(lr, "extremal_perturbation lr")
+        steps = positive_int(steps, "extremal_perturbation steps")
+        lr = positive_float(lr, "extremal_perturbation lr")
         if game not in ("preserve", "delete", "dual"):
             raise SaliencyError(f"unknown game {game!r}; use preserve, delete or dual")
         out = _output(target, output)
         x = ctx.x.detach()
         b, _, h, w = x.shape
         scale = min(h, w) / 224
-        step = _positive_int(step, "extremal_perturbation step") if step is not None else max(1, round(7 * scale))
-        sigma = _positive_float(sigma, "extremal_perturbation sigma") if sigma is not None else 21 * scale
-        max_blur = _positive_float(max_blur, "max_blur") if max_blur is not None else 20 * scale
-        growth = (1.0035 ** (800 / steps)) if reg_growth is None else _positive_float(reg_growth, "reg_growth")
-        reg = _positive_float(reg_start, "reg_start")
+        step = positive_int(step, "extremal_perturbation step") if step is not None else max(1, round(7 * scale))
+        sigma = positive_float(sigma, "extremal_perturbation sigma") if sigma is not None else 21 * scale
+        max_blur = positive_float(max_blur, "max_blur") if max_blur is not None else 20 * scale
+        growth = (1.0035 ** (800 / steps)) if reg_growth is None else positive_float(reg_growth, "reg_growth")
+        reg = positive_float(reg_start, "reg_start")
         gen = SmoothMask((h, w), step, sigma, device=x.device)
         na = len(areas)
         rows = torch.arange(b, device=x.device).repeat_interleave(na)           # row r = (example, area)
@@ -659,14 +638,14 @@ class MeaningfulPerturbation(Method):
 
     def run(self, ctx, target, layer, steps=300, lr=0.1, l1=1e-4, tv=1e-2, tv_beta=3.0, mask_size=28,
             blur_sigma=5.0, median_size=11, output="prob"):
-        steps = _positive_int(steps, "meaningful_perturbation steps")
-        lr = _positive_float(lr, "meaningful_perturbation lr")
+        steps = positive_int(steps, "meaningful_perturbation steps")
+        lr = positive_float(lr, "meaningful_perturbation lr")
         for v, what in ((l1, "l1"), (tv, "tv")):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise SaliencyError(f"meaningful_perturbation {what} must be >= 0, got {v!r}")
-        tv_beta = _positive_float(tv_beta, "tv_beta")
+        tv_beta = positive_float(tv_beta, "tv_beta")
         ms = _pair(mask_size, "mask_size")
-        median_size = _positive_int(median_size, "median_size")
+        median_size = positive_int(median_size, "median_size")
         if median_size % 2 == 0:
             raise SaliencyError(f"median_size must be odd, got {median_size}")
         out = _output(target, output)
@@ -674,7 +653,7 @@ class MeaningfulPerturbation(Method):
         b, _, h, w = x.shape
         if ms[0] > h or ms[1] > w:
             raise SaliencyError(f"mask_size {ms} is larger than the image {(h, w)}")
-        blurred = (_blur(x, _positive_float(blur_sigma, "blur_sigma")) + _median_blur(x, median_size)) / 2
+        blurred = (_blur(x, positive_float(blur_sigma, "blur_sigma")) + _median_blur(x, median_size)) / 2
         m = torch.ones(b, 1, *ms, device=x.device, requires_grad=True)
         opt = torch.optim.Adam([m], lr=lr)
         history = []

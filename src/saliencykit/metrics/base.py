@@ -201,15 +201,10 @@ def make_substrate(subject, x: torch.Tensor, name) -> torch.Tensor:
 
 
 def rise_blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """Per-channel Gaussian blur with an odd `size` kernel and zero padding (RISE's substrate)."""
-    r = size // 2
-    t = torch.arange(size, dtype=torch.float64) - r
-    k1 = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    k2 = torch.outer(k1, k1)
-    k2 = (k2 / k2.sum()).to(x)
-    c = x.shape[1]
-    w = k2.view(1, 1, size, size).repeat(c, 1, 1, 1)
-    return torch.nn.functional.conv2d(x, w, padding=r, groups=c)
+    """RISE's insertion substrate: a Gaussian blur with an odd `size` kernel and zero padding."""
+    from ..filters import gaussian_blur
+
+    return gaussian_blur(x, sigma, radius=size // 2)
 
 
 # ------------------------------------------------------------------------------------ helpers
