@@ -176,14 +176,23 @@ def chunked_gradient(subject, inputs: torch.Tensor, target: ResolvedTarget, rows
 @torch.inference_mode()
 def forward_logits(subject, x: torch.Tensor, batch_size: int | None = None,
                    counter: PassCounter | None = None) -> torch.Tensor:
+    """The subject's outputs for `x` in chunks, no grad: float logits `[B, K]` for a classifier, or
+    whatever a black-box subject's `forward` returns per row (a detector: a list of detections)."""
     bs = batch_size or auto_batch(subject, x.shape, grad=False, rows=x.shape[0])
     outs = []
     for start in range(0, x.shape[0], bs):
         chunk = x[start:start + bs]
-        outs.append(subject.forward(chunk).float())
+        outs.append(_as_scores_input(subject.forward(chunk)))
         if counter is not None:
             counter.add(forward=chunk.shape[0])
-    return torch.cat(outs)
+    if all(isinstance(o, torch.Tensor) for o in outs):
+        return torch.cat(outs)
+    return [row for o in outs for row in o]
+
+
+def _as_scores_input(out):
+    """Logits as float32 for the targets' scores; a black box's per-row outputs as they are."""
+    return out.float() if isinstance(out, torch.Tensor) else out
 
 
 def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: int, target: ResolvedTarget,
@@ -209,7 +218,7 @@ def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: 
             chunk = make_inputs(start, stop)
             if start == 0:  # the form of the model this run uses (timed once per model and shape)
                 plan = inference.plan_for(subject, chunk, math.ceil(n / bs))
-            logits = inference.run(subject, plan, chunk).float()
+            logits = _as_scores_input(inference.run(subject, plan, chunk))
             scores.append(target.score(logits, rows=rows_of(start, stop), output=output))
             if on_chunk is not None:
                 on_chunk(start, stop, logits)

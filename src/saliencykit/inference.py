@@ -209,9 +209,9 @@ def plan_for(subject, x: torch.Tensor, n_chunks: int) -> Plan | None:
     Builds (times) a plan only for runs of at least `TUNE_MIN_CHUNKS` chunks; a plan already built
     for this model, shape and chunk size is used for a run of any length."""
     setting = _setting(subject)
-    model = subject.model
     if setting is False or x.dim() != 4 or not x.is_floating_point() or x.device.type != "cpu":
-        return None
+        return None  # a black-box subject (a detector) sets fast = False: it has no other form
+    model = subject.model
     if _has_hooks(model):
         return None
     key = (tuple(x.shape), x.dtype)
@@ -273,6 +273,6 @@ def plans(subject) -> dict:
 
 def run(subject, plan: Plan | None, x: torch.Tensor) -> torch.Tensor:
     """Logits of `x` under `plan` (eager when None, or when a hook appeared since it was built)."""
-    if plan is None or plan.form == "eager" or _has_hooks(subject.model):
+    if plan is None or plan.form == "eager" or _has_hooks(subject.model):  # None first: no model needed
         return subject.forward(x)
     return plan.run(subject, x)

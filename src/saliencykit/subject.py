@@ -120,6 +120,8 @@ class Subject:
             "channels_last" or "frozen" picks that form without timing.
     """
 
+    kind = "classifier"  # which methods run on it (`Method.kinds`); a detector is another kind
+
     def __init__(self, model: nn.Module, preprocess: Callable | None = None,
                  labels: Sequence[str] | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  input_size=(224, 224), layer: str = "auto", name: str | None = None,
@@ -195,6 +197,13 @@ class Subject:
     def black(self, x: torch.Tensor) -> torch.Tensor:
         """The black image in the model's input space (not zeros: zeros are the mean colour)."""
         return self.normalize_pixels(torch.zeros_like(x))
+
+    def target_for(self, target):
+        """The `Target` that `target` (a Target, a label or index, a per-example list, None for
+        the top-1 class) means for this subject."""
+        from .targets import as_target
+
+        return as_target(target)
 
     def check_input(self, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -8,8 +8,8 @@ import torch
 
 import saliencykit as sk
 from saliencykit import data
-from saliencykit.tasks.detection import (Box, Detections, Detector, box_iou, detection_similarity, drise, drise_masks,
-                                   load_detector)
+from saliencykit.tasks.detection import (Box, Detections, Detector, box_iou, detection_similarity, drise,
+                                         drise_masks, load_detector)
 from saliencykit.errors import SaliencyError
 
 SQUARES = {0: (8, 8, 24, 24), 1: (36, 30, 56, 50)}  # class -> x1, y1, x2, y2 of a bright square
@@ -122,6 +122,48 @@ def test_explain_routes_a_detector_to_drise(squares, tiny, tiny_x):
         sk.explain(squares, photo, "drise", steps=3)
 
 
+def test_drise_through_the_runner_equals_the_definition(squares):
+    # what: the D-RISE maps of the one explain path (masked photos through engine.perturbed_scores
+    # in chunks of 7) equal the definition written out mask by mask: detect each M_i * I (rounded
+    # to uint8), w_it = max_j IoU * cos * objectness against target t, S_t = sum_i w_it M_i / (N p),
+    # centred by the mean weight times the mask sum; why: the runner must change nothing but the
+    # batching. Same float64 sums in a different order: 1e-12 relative.
+    photo = square_photo()
+    n, cell, p, seed = 40, 8, 0.5, 5
+    e = sk.explain(squares, photo, "drise", target=[Box(0), Box(1)], n_masks=n, cell=cell, p=p, seed=seed,
+                   batch_size=7, center=True)
+    clean = squares.detect([photo])[0]
+    order = clean.scores.argsort(descending=True)
+    tgt = Detections(*(getattr(clean, f)[order] for f in ("boxes", "scores", "classes", "probs", "objectness")))
+    masks = drise_masks(n, photo.shape[:2], cell, p, seed)
+    w = torch.zeros(n, 2, dtype=torch.float64)
+    for i in range(n):
+        masked = (torch.from_numpy(photo).float() * masks[i][..., None]).round().clamp(0, 255).to(torch.uint8)
+        sim = detection_similarity(tgt, squares.detect([masked.numpy()])[0])
+        w[i] = sim.amax(1) if sim.shape[1] else 0.0
+    flat = masks.reshape(n, -1).double()
+    expected = (w.t() @ flat - w.mean(0)[:, None] * flat.sum(0)[None]) / (n * p)
+    torch.testing.assert_close(e.maps.double().reshape(2, -1), expected.float().double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(e.extras["weights"].double(), w.float().double())
+    assert e.passes["forward"] == n + 1 and e.passes["model_calls"] == 1 + -(-n // 7) and e.seed == seed
+    assert e.signed and [d["name"] for d in e.target] == ["left", "right"]
+
+
+def test_detectors_share_the_method_registry(squares, tiny, tiny_x):
+    # what: drise is registered for detectors only and gradcam under one name for both kinds; the
+    # registry says which kinds each method runs on; a bad target for a detector is named
+    info = sk.methods.available()
+    assert info["drise"]["kinds"] == ["detector"] and info["gradcam"]["kinds"] == ["classifier"]
+    assert sk.methods.get("gradcam", "detector").__name__ == "DetectorGradCAM"
+    assert sk.methods.get("gradcam").__name__ == "GradCAM"
+    with pytest.raises(SaliencyError, match="sk.Box targets"):
+        sk.explain(squares, square_photo(), "drise", target=1)
+    with pytest.raises(SaliencyError, match="needs a Detector"):
+        drise(tiny, tiny_x)
+    with pytest.raises(SaliencyError, match="torchvision detection model"):
+        sk.explain(squares, square_photo(), "gradcam")
+
+
 def test_explicit_box_and_label_targets(squares):
     # what: Box(label=...) picks that class's detection; an explicit box with a one-hot class gives
     # the same map as the detection it coincides with (the detector's P is (0.9, 0.1) vs one-hot,
@@ -223,6 +265,9 @@ def test_gradcam_on_a_torchvision_detector():
         detector_gradcam(det, photo, Box(box=(0, 0, 3, 3), label=1))
     with pytest.raises(SaliencyError, match="torchvision detection model"):
         detector_gradcam(Detector(square_detector, num_classes=2), square_photo())
+    # the one explain path gives the same map, charged 2 forwards (clean + differentiable) and 1 backward
+    via = sk.explain(det, photo, "gradcam", target=Box(0))
+    assert torch.equal(via.maps, e.maps) and via.passes["forward"] == 2 and via.passes["backward"] == 1
 
 
 def test_skimage_lbp_face_detector_finds_the_astronaut():

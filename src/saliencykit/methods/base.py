@@ -10,17 +10,24 @@ import torch
 from ..engine import DEFAULT_BATCH, GradResult, PassCounter, auto_batch, forward_logits, gradient_pass
 from ..errors import SaliencyError
 from ..explanation import Explanation
-from ..targets import ResolvedTarget, Target, as_target
+from ..targets import ResolvedTarget, Target
 
 REGISTRY: dict[str, type["Method"]] = {}
+# (subject kind, name or alias) -> the method that runs under that name on that kind of subject:
+# "gradcam" is one method on a classifier and another on a detector
+BY_KIND: dict[tuple[str, str], type["Method"]] = {}
 
 
 def register(cls):
     if not cls.name:
         raise TypeError(f"{cls.__name__} has no registry name")
-    REGISTRY[cls.name] = cls
-    for alias in cls.aliases:
-        REGISTRY[alias] = cls
+    for kind in cls.kinds:
+        for key in (cls.name, *cls.aliases):
+            BY_KIND[(kind, key)] = cls
+    if cls.name not in REGISTRY or "classifier" in cls.kinds:  # what `available()` lists under the name
+        REGISTRY[cls.name] = cls
+        for alias in cls.aliases:
+            REGISTRY[alias] = cls
     return cls
 
 
@@ -29,6 +36,7 @@ class Method:
 
     name: str = ""
     aliases: tuple = ()
+    kinds: tuple = ("classifier",)  # the subjects it runs on (`Subject.kind`, `Detector.kind`)
     family: str = ""
     cost: str = ""          # passes per image at defaults, e.g. "1F+1B", "50F+50B"
     signed: bool = False
@@ -46,8 +54,15 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def wrong_subject(cls, kind: str) -> str:
+        """The error for a request to run this method on a `kind` subject it does not support."""
+        supported = sorted({name for (k, name), c in BY_KIND.items() if k == kind and name == c.name})
+        return (f"method {cls.name} cannot explain a {kind}; a {kind} supports {', '.join(supported)}" if supported
+                else f"method {cls.name} cannot explain a {kind}")
+
+    @classmethod
     def info(cls) -> dict:
-        return {"name": cls.name, "family": cls.family, "cost": cls.cost, "signed": cls.signed,
+        return {"name": cls.name, "family": cls.family, "cost": cls.cost, "signed": cls.signed, "kinds": list(cls.kinds),
                 "randomized": cls.randomized, "experimental": cls.experimental, "uses_layer": cls.uses_layer,
                 "defaults": dict(cls.defaults), "description": cls.description, "aliases": list(cls.aliases)}
 
@@ -58,7 +73,8 @@ def available(include_experimental: bool = True) -> dict[str, dict]:
             if name == cls.name and (include_experimental or not cls.experimental)}
 
 
-def get(name: str) -> type[Method]:
+def get(name: str, kind: str = "classifier") -> type[Method]:
+    """The method registered under `name` (or an alias) for subjects of `kind`."""
     if not isinstance(name, str):
         raise SaliencyError(f"method must be given by name, got {type(name).__name__}")
     key = name.lower().replace("-", "_")
@@ -69,7 +85,10 @@ def get(name: str) -> type[Method]:
         close = difflib.get_close_matches(key, names, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise SaliencyError(f"unknown method {name!r}.{hint} Available: {', '.join(names)}")
-    return REGISTRY[key]
+    cls = BY_KIND.get((kind, key))
+    if cls is None:
+        raise SaliencyError(REGISTRY[key].wrong_subject(kind))
+    return cls
 
 
 class Context:
@@ -306,23 +325,22 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
         params: per-method parameters, `{"integrated_gradients": {"steps": 128}}`.
         **kwargs: parameters passed to every method that accepts them.
     """
-    from ..tasks.detection import Detector
     from ..subject import Subject
 
-    if isinstance(subject, Detector):
-        return _explain_detector(subject, x, method, target, layer, seed, batch_size, progress, params, kwargs)
-    if not isinstance(subject, Subject):
-        if isinstance(subject, torch.nn.Module):
-            subject = Subject(subject)
-        else:
-            raise SaliencyError(f"explain needs a Subject or nn.Module, got {type(subject).__name__}")
+    if isinstance(subject, torch.nn.Module) and not isinstance(subject, Subject):
+        subject = Subject(subject)
+    kind = getattr(subject, "kind", None)  # Subject (and its task subclasses), Detector
+    if not isinstance(kind, str):
+        raise SaliencyError(f"explain needs a Subject, an nn.Module or a Detector, got {type(subject).__name__}")
     names = [method] if isinstance(method, str) else list(method)
     if not names:
         raise SaliencyError("no method given")
-    classes = [get(n) for n in names]
+    classes = [get(n, kind) for n in names]
     all_params = _split_params(classes, kwargs, params)
     x = subject.check_input(x)
-    x, tgt = as_target(target).expand_batch(x)  # e.g. Text: several prompts explained for one image
+    # the subject reads the target (a detector: Box targets); e.g. Text expands the batch to one
+    # row per prompt explained for one image
+    x, tgt = subject.target_for(target).expand_batch(x)
     results: dict[str, Explanation] = {}
     with subject.explaining():
         ctx = Context(subject, x, seed=seed, batch_size=batch_size, progress=progress)
@@ -367,63 +385,3 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
     if isinstance(method, str):
         return results[names[0]]
     return results
-
-
-DETECTOR_METHODS = ("drise", "gradcam")
-
-
-@register
-class DRISE(Method):
-    """Listed in the registry so that `saliencykit methods` shows it; it runs on a `Detector`
-    (see `_explain_detector`), never on a classifier's Context."""
-
-    name = "drise"
-    family = "detection"
-    cost = "n_masks F (1000)"
-    randomized = True
-    defaults = {"n_masks": 1000, "cell": 16, "p": 0.5, "upsample": "bilinear", "center": False}
-    description = "D-RISE: random masks weighted by detection similarity (Petsiuk et al. 2021); detectors only."
-
-    def run(self, ctx, target, layer, **params):
-        raise SaliencyError("drise explains object detectors: sk.explain(sk.load_detector(NAME) or sk.Detector(fn), "
-                            "photo, 'drise', target=sk.Box(i))")
-
-
-def _explain_detector(detector, photo, method, target, layer, seed, batch_size, progress, params, kwargs):
-    """`explain` on a `Detector`: D-RISE (any detector) and Grad-CAM (torchvision detectors).
-
-    The photo itself is the input (PIL image or HxWx3 uint8 array); the target is a `Box` or a list
-    of them (None: every detection of the clean photo for D-RISE, the first one for Grad-CAM).
-    """
-    from ..tasks.detection import Box, detector_gradcam, drise
-
-    names = [method] if isinstance(method, str) else list(method)
-    if not names:
-        raise SaliencyError("no method given")
-    keys = [n.lower().replace("-", "_") if isinstance(n, str) else n for n in names]
-    bad = [n for n in keys if n not in DETECTOR_METHODS]
-    if bad:
-        raise SaliencyError(f"method(s) {bad} cannot explain a detector; detectors support {', '.join(DETECTOR_METHODS)}")
-    if target is not None and not isinstance(target, Box) and not (
-            isinstance(target, (list, tuple)) and target and all(isinstance(t, Box) for t in target)):
-        raise SaliencyError(f"a detector is explained for sk.Box targets (a detection), got {target!r}")
-    params = params or {}
-    results = {}
-    for name, key in zip(names, keys):
-        p = {**kwargs, **params.get(key, {})}
-        if key == "drise":
-            unknown = set(p) - set(DRISE.defaults)
-            if unknown:
-                raise SaliencyError(f"unknown parameter(s) {sorted(unknown)} for drise")
-            results[key] = drise(detector, photo, target, seed=seed, batch_size=batch_size or 16,
-                                 progress=progress, **p)
-        else:
-            unknown = set(p) - {"min_iou"}
-            if unknown:
-                raise SaliencyError(f"unknown parameter(s) {sorted(unknown)} for gradcam on a detector")
-            if isinstance(target, (list, tuple)):
-                if len(target) != 1:
-                    raise SaliencyError("Grad-CAM on a detector explains one Box at a time")
-                target = target[0]
-            results[key] = detector_gradcam(detector, photo, target, layer=layer, **p)
-    return results[keys[0]] if isinstance(method, str) else results

@@ -12,17 +12,24 @@ their own preprocessing), so maps come back at photo size.
 * `Box(i)`: the i-th detection of the unperturbed photo (by decreasing score); `Box(label=c)`: the
   best detection of class c; `Box(box=(x1,y1,x2,y2), label=c)`: an explicit box with a one-hot class
   vector (to explain a miss).
-* `drise(detector, photo, targets)`: D-RISE (Petsiuk et al. 2021). N random masks (s x s grid cells
-  kept with probability p, upsampled to `(s+1) * cell size` and randomly shifted), the detector
-  run on every masked photo `M ⊙ I`, and for each target `w_i = max_j IoU(L_t, L_j) · cos(P_t, P_j)
-  · O_t O_j`; `S_t = Σ_i w_i M_i / (N p)`. One set of masked passes serves every target (one
-  `[T, N] @ [N, H·W]` product per chunk).
+* `sk.explain(detector, photo, "drise", target=Box(i))` (or `drise(detector, photo, targets)`):
+  D-RISE (Petsiuk et al. 2021). N random masks (s x s grid cells kept with probability p,
+  upsampled to `(s+1) * cell size` and randomly shifted), the detector run on every masked photo
+  `M ⊙ I` through the shared perturbation runner, and for each target `w_i = max_j IoU(L_t, L_j) ·
+  cos(P_t, P_j) · O_t O_j`; `S_t = Σ_i w_i M_i / (N p)`. One set of masked passes serves every
+  target (one `[T, N] @ [N, H·W]` product per chunk).
+* `sk.explain(detector, photo, "gradcam", target=Box(i))` (or `detector_gradcam`): Grad-CAM of
+  one detection of a torchvision detector.
+
+A `Detector` is a subject of kind "detector" for `sk.explain`: its input is the photo itself
+(`check_input` turns it into a `[1, 3, H, W]` float tensor of its pixel values, `forward` turns
+masked copies back into uint8 photos and detects), its targets are `Box`es, and the methods
+registered for that kind (`DRISE`, `DetectorGradCAM`) run on the same `Context` as every other.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -30,8 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine import generator
-from ..errors import SaliencyError
+from ..engine import generator, perturbed_scores
+from ..errors import SaliencyError, positive_int
+from ..methods.base import Method, explain, register
+from ..subject import LayerCapture
 from ..targets import Target
 
 
@@ -76,7 +85,7 @@ def detection_similarity(t: Detections, d: Detections) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ adapters
 def _as_photo(photo) -> np.ndarray:
-    from ..subject import load_image
+    from ..images import load_image
 
     if isinstance(photo, np.ndarray) and photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 3:
         return photo
@@ -108,8 +117,41 @@ class Detector:
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.calls = 0
 
+    # a subject for `sk.explain`: which methods run on it, no faster model forms (it is a black
+    # box), and the rows of one chunk of masked photos (it cannot be probed for memory)
+    kind = "detector"
+    fast = False
+    chunk_rows = 16
+
     def __repr__(self):
         return f"Detector({self.name})"
+
+    def check_input(self, photo) -> torch.Tensor:
+        """The photo (PIL image, path or uint8 HxWx3 array) as a `[1, 3, H, W]` float tensor of its
+        pixel values 0..255: masking blends it like any input, `forward` rounds it back."""
+        return torch.from_numpy(_as_photo(photo).astype(np.float32)).permute(2, 0, 1)[None].contiguous()
+
+    def forward(self, x: torch.Tensor) -> list[Detections]:
+        """Detections of each row of `x` (`[k, 3, H, W]` pixel values, rounded to uint8)."""
+        photos = x.detach().round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return self.detect(list(photos))
+
+    def explaining(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def target_for(self, target) -> "Boxes":
+        """None (every detection of the clean photo), a `Box`, or a list of `Box`."""
+        if target is None:
+            return Boxes(None)
+        if isinstance(target, Boxes):
+            return target
+        if isinstance(target, Box):
+            return Boxes([target])
+        if isinstance(target, (list, tuple)) and target and all(isinstance(t, Box) for t in target):
+            return Boxes(list(target))
+        raise SaliencyError(f"a detector is explained for sk.Box targets (a detection), got {target!r}")
 
     def class_index(self, label) -> int:
         if isinstance(label, (int, np.integer)):
@@ -362,6 +404,66 @@ class Box(Target):
                           clean.probs[i:i + 1], clean.objectness[i:i + 1])
 
 
+class Boxes(Target):
+    """The detections a detector is explained for: a list of `Box`, or None for every detection
+    of the clean photo (by decreasing score). What `Detector.target_for` makes of a target."""
+
+    def __init__(self, boxes: list | None):
+        self.boxes = boxes
+
+    def __repr__(self):
+        return "Boxes(every detection)" if self.boxes is None else f"Boxes({self.boxes!r})"
+
+    def resolve(self, detector, clean) -> "ResolvedBoxes":
+        if not isinstance(detector, Detector):
+            raise SaliencyError("a Box target explains a detector: sk.explain(detector, photo, 'drise', "
+                                "target=Box(...)) with a detector from sk.load_detector / sk.Detector")
+        (found,) = clean
+        if self.boxes is None:
+            if len(found) == 0:
+                raise SaliencyError(f"{detector.name} found no objects in the photo: nothing to explain")
+            boxes = [Box(i) for i in range(len(found))]
+        else:
+            boxes = self.boxes
+        chosen = [b.select(detector, found) for b in boxes]
+        tgt = Detections(*(torch.cat([getattr(c, f) for c in chosen])
+                           for f in ("boxes", "scores", "classes", "probs", "objectness")))
+        return ResolvedBoxes(detections=tgt, clean=found, every=self.boxes is None, names=detector.class_names)
+
+
+@dataclass
+class ResolvedBoxes:
+    """The target detections of one photo; `score` rates a detector's detections of perturbed
+    copies against them (D-RISE's weights)."""
+
+    detections: Detections
+    clean: Detections
+    every: bool
+    names: list | None = None
+
+    def __len__(self):  # one photo, however many detections
+        return 1
+
+    def key(self):
+        return ("boxes", tuple(map(tuple, self.detections.boxes.tolist())), tuple(self.detections.classes.tolist()))
+
+    def score(self, found: list[Detections], rows=None, output=None) -> torch.Tensor:
+        """`[k, T]`: for each of the k detections sets, max_j of the D-RISE similarity to each target."""
+        out = torch.zeros(len(found), len(self.detections), dtype=torch.float64)
+        for j, d in enumerate(found):
+            sim = detection_similarity(self.detections, d)
+            if sim.shape[1]:
+                out[j] = sim.amax(1)
+        return out
+
+    def describe(self) -> list[dict]:
+        d, names = self.detections, self.names
+        return [{"kind": "box", "box": [float(v) for v in d.boxes[i]], "indices": [int(d.classes[i])],
+                 "name": (names[int(d.classes[i])] if names and int(d.classes[i]) < len(names)
+                          else f"class {int(d.classes[i])}"), "score": float(d.scores[i])}
+                for i in range(len(d))]
+
+
 # --------------------------------------------------------------------------------------- D-RISE
 def drise_masks(n: int, size, cell: int = 16, p: float = 0.5, seed: int | None = 0,
                 upsample: str = "bilinear", start: int = 0) -> torch.Tensor:
@@ -385,82 +487,78 @@ def drise_masks(n: int, size, cell: int = 16, p: float = 0.5, seed: int | None =
     return out
 
 
+@register
+class DRISE(Method):
+    """D-RISE on a `Detector`: the masked photos `M ⊙ I` go through the shared perturbation runner
+    (`engine.perturbed_scores`: chunks, pass counts, progress), the detector's detections of each
+    are scored against every target detection (`ResolvedBoxes.score`), and the masks are summed
+    with those weights. One set of masked passes serves every target."""
+
+    name = "drise"
+    kinds = ("detector",)
+    family = "detection"
+    cost = "n_masks F (1000)"
+    randomized = True
+    defaults = {"n_masks": 1000, "cell": 16, "p": 0.5, "upsample": "bilinear", "center": False}
+    description = "D-RISE: random masks weighted by detection similarity (Petsiuk et al. 2021); detectors only."
+
+    @classmethod
+    def wrong_subject(cls, kind: str) -> str:
+        return ("drise explains object detectors: sk.explain(sk.load_detector(NAME) or sk.Detector(fn), "
+                "photo, 'drise', target=sk.Box(i))")
+
+    def run(self, ctx, target, layer, n_masks=1000, cell=16, p=0.5, upsample="bilinear", center=False):
+        n_masks, cell = positive_int(n_masks, "n_masks"), positive_int(cell, "cell")
+        if not 0 < p < 1:
+            raise SaliencyError(f"p must be in (0, 1), got {p}")
+        if upsample not in ("bilinear", "nearest"):
+            raise SaliencyError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
+        x = ctx.x  # [1, 3, H, W]: the photo's pixels as floats
+        H, W = x.shape[-2:]
+        T = len(target.detections)
+        acc = torch.zeros(T, H * W, dtype=torch.float64)
+        mask_sum = torch.zeros(H * W, dtype=torch.float64)
+        pending = {}
+
+        def masks(start, stop):
+            m = drise_masks(stop - start, (H, W), cell, p, ctx.seed, upsample, start=start)
+            pending[start] = m
+            return torch.zeros(stop - start, dtype=torch.long), m[:, None]
+
+        def accumulate(start, stop, found):
+            nonlocal acc, mask_sum
+            mflat = pending.pop(start).reshape(stop - start, -1).double()
+            acc += target.score(found).t() @ mflat
+            mask_sum += mflat.sum(0)
+
+        weights = perturbed_scores(ctx.subject, x, torch.zeros_like(x), target, masks, n_masks,
+                                   batch_size=ctx.batch_size or ctx.subject.chunk_rows, counter=ctx.counter,
+                                   progress=ctx.progress, desc="drise", on_chunk=accumulate)
+        if center:
+            acc = acc - weights.mean(0)[:, None] * mask_sum[None]
+        maps = (acc / (n_masks * p)).float().view(T, H, W)
+        clean = target.clean
+        return {"maps": maps, "signed": bool(center),
+                "extras": {"boxes": target.detections.boxes.tolist(), "classes": target.detections.classes.tolist(),
+                           "clean_boxes": clean.boxes.tolist(), "clean_scores": clean.scores.tolist(),
+                           "weights": weights.float()}}
+
+
 def drise(detector: Detector, photo, targets=None, n_masks: int = 1000, cell: int = 16, p: float = 0.5,
           seed: int | None = 0, batch_size: int = 16, upsample: str = "bilinear", center: bool = False,
           progress: bool = False):
-    """D-RISE maps for one photo: one map per target detection (default: every clean detection).
+    """D-RISE maps for one photo: one map per target detection (default: every clean detection);
+    the same as `sk.explain(detector, photo, "drise", target=targets, ...)`.
 
     `targets`: None (all detections), a `Box`, or a list of `Box`. `center=True` subtracts the mean
     weight (the Microsoft implementation's variant). Returns an `Explanation` with maps
-    `[T, H, W]` at photo size; `extras` holds the target boxes, classes, scores, the clean
-    detections and the per-mask weights.
+    `[T, H, W]` at photo size; `extras` holds the target boxes, classes, the clean detections and
+    the per-mask weights.
     """
-    from ..explanation import Explanation
-
     if not isinstance(detector, Detector):
         raise SaliencyError(f"drise needs a Detector (sk.load_detector / sk.Detector), got {type(detector).__name__}")
-    for value, what in ((n_masks, "n_masks"), (cell, "cell"), (batch_size, "batch_size")):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise SaliencyError(f"{what} must be a positive integer, got {value!r}")
-    if not 0 < p < 1:
-        raise SaliencyError(f"p must be in (0, 1), got {p}")
-    if upsample not in ("bilinear", "nearest"):
-        raise SaliencyError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-    t0 = time.perf_counter()
-    img = _as_photo(photo)
-    H, W = img.shape[:2]
-    calls0 = detector.calls
-    clean = detector.detect([img])[0]
-    if targets is None:
-        if len(clean) == 0:
-            raise SaliencyError(f"{detector.name} found no objects in the photo: nothing to explain")
-        targets = [Box(i) for i in range(len(clean))]
-    elif isinstance(targets, Box):
-        targets = [targets]
-    elif not all(isinstance(t, Box) for t in targets):
-        raise SaliencyError("drise targets must be Box targets")
-    chosen = [t.select(detector, clean) for t in targets]
-    tgt = Detections(torch.cat([c.boxes for c in chosen]), torch.cat([c.scores for c in chosen]),
-                     torch.cat([c.classes for c in chosen]), torch.cat([c.probs for c in chosen]),
-                     torch.cat([c.objectness for c in chosen]))
-    T = len(tgt)
-    acc = torch.zeros(T, H * W, dtype=torch.float64)
-    mask_sum = torch.zeros(H * W, dtype=torch.float64)
-    weights = torch.zeros(n_masks, T, dtype=torch.float64)
-    pixels = torch.from_numpy(img.astype(np.float32))
-    it = range(0, n_masks, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="drise", leave=False)
-    for start in it:
-        k = min(batch_size, n_masks - start)
-        m = drise_masks(k, (H, W), cell, p, seed, upsample, start=start)
-        masked = (pixels[None] * m[..., None]).round().clamp(0, 255).to(torch.uint8).numpy()
-        found = detector.detect(list(masked))
-        for j, d in enumerate(found):
-            sim = detection_similarity(tgt, d)
-            weights[start + j] = sim.amax(1) if sim.shape[1] else 0.0
-        mflat = m.reshape(k, -1).double()
-        acc += weights[start:start + k].t() @ mflat
-        mask_sum += mflat.sum(0)
-    if center:
-        acc = acc - weights.mean(0)[:, None] * mask_sum[None]
-    maps = (acc / (n_masks * p)).float().view(T, H, W)
-    names = detector.class_names
-    target_desc = [{"kind": "box", "box": [float(v) for v in tgt.boxes[i]], "indices": [int(tgt.classes[i])],
-                    "name": (names[int(tgt.classes[i])] if names and int(tgt.classes[i]) < len(names)
-                             else f"class {int(tgt.classes[i])}"), "score": float(tgt.scores[i])}
-                   for i in range(T)]
-    return Explanation(maps=maps, method="drise", signed=center, target=target_desc, layer=None,
-                       params={"n_masks": n_masks, "cell": cell, "p": p, "upsample": upsample, "center": center,
-                               "batch_size": batch_size},
-                       seed=seed, passes={"forward": float(detector.calls - calls0), "backward": 0.0,
-                                          "model_calls": detector.calls - calls0},
-                       seconds=time.perf_counter() - t0, model=detector.name,
-                       extras={"boxes": tgt.boxes.tolist(), "classes": tgt.classes.tolist(),
-                               "clean_boxes": clean.boxes.tolist(), "clean_scores": clean.scores.tolist(),
-                               "weights": weights.float()})
+    return explain(detector, photo, "drise", target=targets, seed=seed, batch_size=positive_int(batch_size, "batch_size"),
+                   progress=progress, n_masks=n_masks, cell=cell, p=p, upsample=upsample, center=center)
 
 
 # ------------------------------------------------------------------ gradient CAMs (torchvision)
@@ -485,27 +583,20 @@ def _auto_detector_layer(model, probe: torch.Tensor) -> str:
     return finished[-1]
 
 
-def detector_gradcam(detector: Detector, photo, target: Box | None = None, layer: str = "auto",
-                     min_iou: float = 0.5):
-    """Grad-CAM of one detection of a torchvision detector (`load_detector("torchvision:...")`).
-
-    The score is the detection's post-NMS class score, found again in a differentiable forward as
-    the output box of the same class with the highest IoU with the target (at least `min_iou`).
-    The layer's map (computed on the detector's resized, padded input) is cropped to the image part
-    and upsampled to photo size. Returns an `Explanation` with one map.
-    """
-    from ..explanation import Explanation
-    from ..subject import LayerCapture
-
+def _require_torchvision_model(detector):
     model = getattr(detector, "model", None)
     if model is None or not hasattr(model, "transform"):
         raise SaliencyError("detector_gradcam needs a torchvision detection model (load_detector('torchvision:...')); "
                             "use drise for black-box detectors")
-    t0 = time.perf_counter()
-    img = _as_photo(photo)
+    return model
+
+
+def detection_gradcam(detector: Detector, img: np.ndarray, tgt: Detections, layer: str = "auto",
+                      min_iou: float = 0.5) -> dict:
+    """Grad-CAM of the detection `tgt` (one box) on the uint8 photo `img`: one differentiable
+    forward and one backward. Returns the map at photo size, the layer map, the layer, the score."""
+    model = _require_torchvision_model(detector)
     H, W = img.shape[:2]
-    clean = detector.detect([img])[0]
-    tgt = (target or Box(0)).select(detector, clean)
     x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 255.0
     training = {m: m.training for m in model.modules()}
     model.eval()
@@ -540,13 +631,45 @@ def detector_gradcam(detector: Detector, photo, target: Box | None = None, layer
     h, w = cam.shape
     cam = cam[:max(1, round(h * rh / ph)), :max(1, round(w * rw / pw))]
     maps = F.interpolate(cam[None, None], size=(H, W), mode="bilinear", align_corners=False)[0]
-    return Explanation(maps=maps, method="gradcam", signed=False,
-                       target=[{"kind": "box", "box": tgt.boxes[0].tolist(), "indices": [int(tgt.classes[0])],
-                                "name": f"class {int(tgt.classes[0])}", "score": score_value}],
-                       layer=name, params={"min_iou": min_iou}, passes={"forward": 2.0, "backward": 1.0},
-                       seconds=time.perf_counter() - t0, model=detector.name, raw=cam[None].clone(),
-                       extras={"gradient_norm": float(G.norm())})
+    return {"maps": maps, "raw": cam[None].clone(), "layer": name, "signed": False,
+            "extras": {"gradient_norm": float(G.norm()), "output_score": score_value}}
 
 
-__all__ = ["Box", "Detector", "Detections", "load_detector", "drise", "drise_masks", "box_iou",
+@register
+class DetectorGradCAM(Method):
+    """Grad-CAM on a torchvision detector: the score is the detection's post-NMS class score,
+    found again in a differentiable forward as the output box of the same class with the highest
+    IoU with the target (at least `min_iou`); the layer map (on the detector's resized, padded
+    input) is cropped to the image part and upsampled to photo size."""
+
+    name = "gradcam"
+    kinds = ("detector",)
+    family = "cam"
+    cost = "2F+1B"
+    uses_layer = True
+    defaults = {"min_iou": 0.5}
+    description = "Grad-CAM of one detection of a torchvision detector."
+
+    def run(self, ctx, target, layer, min_iou=0.5):
+        _require_torchvision_model(ctx.subject)
+        if not target.every and len(target.detections) != 1:
+            raise SaliencyError("Grad-CAM on a detector explains one Box at a time")
+        first = Detections(*(getattr(target.detections, f)[:1]
+                             for f in ("boxes", "scores", "classes", "probs", "objectness")))
+        img = ctx.x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+        out = detection_gradcam(ctx.subject, img, first, layer=layer, min_iou=min_iou)
+        ctx.counter.add(forward=1, backward=1)
+        return out
+
+
+def detector_gradcam(detector: Detector, photo, target: Box | None = None, layer: str = "auto",
+                     min_iou: float = 0.5):
+    """Grad-CAM of one detection of a torchvision detector (`load_detector("torchvision:...")`),
+    the same as `sk.explain(detector, photo, "gradcam", target=target or Box(0))`. Returns an
+    `Explanation` with one map."""
+    _require_torchvision_model(detector)
+    return explain(detector, photo, "gradcam", target=target or Box(0), layer=layer, min_iou=min_iou)
+
+
+__all__ = ["Box", "Boxes", "Detector", "DRISE", "DetectorGradCAM", "detection_gradcam", "Detections", "load_detector", "drise", "drise_masks", "box_iou",
            "detection_similarity", "detector_gradcam"]
