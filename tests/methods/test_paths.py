@@ -9,9 +9,9 @@ import saliencykit as sk
 from saliencykit import data, methods
 from saliencykit.errors import SaliencyError
 from saliencykit.methods.base import Context
-from saliencykit.methods.paths import cf_cam_map
 from saliencykit.filters import gaussian_blur, gaussian_kernels, separable
-from saliencykit.methods.gradient import integrated_gradients, make_baseline
+from saliencykit.methods.gradient import make_baseline
+from saliencykit.methods.paths import integrated_gradients
 from saliencykit.targets import Class
 
 from tests.conftest import TinyCNN
@@ -107,50 +107,6 @@ def test_guided_ig_completeness_and_path_differs_from_ig():
     # and the guided path is not the straight one: the attribution differs from IG's
     e_ig = sk.explain(s, x, "guided_ig", target=cls.tolist(), steps=60, max_dist=0.0)
     assert (e.attributions - e_ig.attributions).abs().max() > 1e-3 * e_ig.attributions.abs().max()
-
-
-# --------------------------------------------------------------------------- CF-CAM
-def toy_clusters(seed=0):
-    """24 channels on a 6x6 map: 6 high-norm channels and three tight, well-separated clusters of 6."""
-    g = torch.Generator().manual_seed(seed)
-    high = 10 + torch.rand(6, 6, 6, generator=g)
-    centers = 3 * torch.randn(3, 6, 6, generator=g)
-    low = torch.cat([c + 0.01 * torch.randn(6, 6, 6, generator=g) for c in centers]) * 0.3
-    A = torch.cat([high, low])
-    G = torch.randn(24, 6, 6, generator=g)
-    return A, G
-
-
-def test_cf_cam_permutation_invariance_on_separated_clusters():
-    # Relabelling channels (the same permutation in A and G) cannot change the map: clusters of
-    # well-separated channels are found whatever their order (no DBSCAN border points here).
-    A, G = toy_clusters()
-    m1, info = cf_cam_map(A, G)
-    assert info["clusters"] == 3 and info["important"] == 6 and info["noise"] == 0
-    perm = torch.randperm(24, generator=torch.Generator().manual_seed(5))
-    m2, _ = cf_cam_map(A[perm], G[perm])
-    torch.testing.assert_close(m1, m2, rtol=1e-12, atol=1e-12)
-
-
-def test_cf_cam_all_important_is_softmax_of_mean_gradients():
-    # With the importance percentile at 0 every channel is "important": the weights are exactly
-    # softmax(mean gradient), no clustering involved (closed form, float64).
-    A, G = toy_clusters(1)
-    m, info = cf_cam_map(A, G, importance_percentile=0.0)
-    w = torch.softmax(G.double().mean((1, 2)), 0)
-    expected = torch.relu((w.view(-1, 1, 1) * A.double()).sum(0))
-    assert info["clusters"] == 0
-    torch.testing.assert_close(m, expected)
-
-
-def test_cf_cam_range_and_determinism(tiny, tiny_x):
-    e1 = sk.explain(tiny, tiny_x, "cf_cam", layer="act2")
-    e2 = sk.explain(tiny, tiny_x, "cf_cam", layer="act2")
-    assert e1.maps.shape == (2, 32, 32) and e1.raw.shape == (2, 16, 16)
-    assert e1.maps.min() >= 0 and e1.maps.max() <= 1 + 1e-6
-    for i in range(2):  # divided by its maximum: peak exactly 1 (unless the map is all zero)
-        assert e1.maps[i].max() == pytest.approx(1.0, abs=1e-6) or e1.maps[i].max() == 0
-    assert torch.equal(e1.maps, e2.maps)
 
 
 # --------------------------------------------------------------------------- IIA / DIX

@@ -94,6 +94,36 @@ def test_report_shows_what_was_computed(tiny):
     assert "<tr><th>seed</th><td>3</td></tr>" in html
 
 
+def test_a_photo_is_decoded_once_per_section(tiny, tmp_path, monkeypatch):
+    # what: photo_section on a file opens (decodes) it once and converts it once: the display copy
+    # and the overlays of every method reuse the decoded image; why: a 4000x3000 JPEG decoded per
+    # method and per picture was most of a report's time outside the model
+    import saliencykit.images as images
+    import saliencykit.maps as maps
+
+    path = tmp_path / "cat.png"
+    data.image("chelsea").save(path)
+    opened, converted = [], []
+    real_open, real_load = Image.open, images.load_image
+
+    def counting_open(*a, **k):
+        opened.append(a[0])
+        return real_open(*a, **k)
+
+    def counting_load(source):
+        out = real_load(source)
+        if out is not source:
+            converted.append(source)
+        return out
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    monkeypatch.setattr(images, "load_image", counting_load)
+    monkeypatch.setattr(maps, "load_image", counting_load)
+    section = report.photo_section(tiny, path, "cat", methods=["gradcam", "gradxinput", "saliency"], verbalize=False)
+    assert len(section["cells"]) == 3
+    assert len(opened) == 1 and len(converted) == 1, (opened, converted)
+
+
 def test_colour_bars_are_the_maps_colour_scale():
     import matplotlib
 

@@ -39,7 +39,7 @@ def run_evaluate(photos, methods, metrics, out: Path, model="efficientnet_lite0"
     from .common import photo_source, unique_stems
     from ..metrics import evaluate, get
     from ..metrics.localisation import load_regions
-    from ..subject import load_image
+    from ..images import load_image
     from ..targets import as_target
 
     for m in methods:

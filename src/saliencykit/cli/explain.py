@@ -22,7 +22,7 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     from ..models import load_model
     from ..present import viz
     from ..methods import explain
-    from ..subject import load_image
+    from ..images import load_image
     from ..targets import as_target
 
     for m in methods:

@@ -36,7 +36,7 @@ class Method:
 
     name: str = ""
     aliases: tuple = ()
-    kinds: tuple = ("classifier",)  # the subjects it runs on (`Subject.kind`, `Detector.kind`)
+    kinds: tuple = ("classifier",)  # the subjects it runs on (`Subject.subject_kind`, `Detector.subject_kind`)
     family: str = ""
     cost: str = ""          # passes per image at defaults, e.g. "1F+1B", "50F+50B"
     signed: bool = False
@@ -329,7 +329,7 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
 
     if isinstance(subject, torch.nn.Module) and not isinstance(subject, Subject):
         subject = Subject(subject)
-    kind = getattr(subject, "kind", None)  # Subject (and its task subclasses), Detector
+    kind = getattr(subject, "subject_kind", None)  # Subject (and its task subclasses), Detector
     if not isinstance(kind, str):
         raise SaliencyError(f"explain needs a Subject, an nn.Module or a Detector, got {type(subject).__name__}")
     names = [method] if isinstance(method, str) else list(method)

@@ -1,5 +1,6 @@
 """CAM family: CAM, Grad-CAM, Grad-CAM++, Smooth Grad-CAM++, HiResCAM,
-XGrad-CAM, LayerCAM, Score-CAM, Eigen-CAM.
+XGrad-CAM, LayerCAM, Score-CAM, Eigen-CAM, CF-CAM (channel clustering with scikit-learn DBSCAN and
+filtered cluster gradients).
 
 Every gradient CAM is a function of one capture (activations A and gradients G of the target
 layer from one forward + one backward). The capture is cached in the call's Context, so asking
@@ -12,7 +13,7 @@ is scaled by tanh(2 M / max M), then the element-wise max is taken).
 """
 from __future__ import annotations
 
-import difflib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -367,3 +368,101 @@ def eigen_projection(A: torch.Tensor, sign_correction: bool = True) -> torch.Ten
         sign = torch.sign((proj * ref).sum(1))
         proj = proj * torch.where(sign == 0, torch.ones_like(sign), sign).view(b, 1)
     return proj.float().view(b, h, w)
+
+
+# =========================================================================== CF-CAM
+def _cluster_filter(gbar: torch.Tensor, spatial_sigma: float, range_sigma: float | None) -> torch.Tensor:
+    """Filter a cluster's mean gradient map [h,w] with a normalised h x w kernel: a spatial Gaussian
+    centred on the map times (unless range_sigma is None) a range term exp(-(g - mean g)^2 / 2 rs^2);
+    2-D convolution with 'same' padding."""
+    h, w = gbar.shape
+    yy = torch.arange(h, dtype=gbar.dtype) - h // 2
+    xx = torch.arange(w, dtype=gbar.dtype) - w // 2
+    r2 = yy.view(-1, 1) ** 2 + xx.view(1, -1) ** 2
+    k = torch.exp(-r2 / (2 * spatial_sigma ** 2))
+    if range_sigma is not None:
+        k = k * torch.exp(-(gbar - gbar.mean()) ** 2 / (2 * range_sigma ** 2))
+    k = k / k.sum().clamp_min(1e-30)
+    # 'same' zero padding, the extra row/column of an even kernel on the far side
+    pad = ((w - 1) // 2, (w - 1) - (w - 1) // 2, (h - 1) // 2, (h - 1) - (h - 1) // 2)
+    return F.conv2d(F.pad(gbar.view(1, 1, h, w), pad), k.view(1, 1, h, w))[0, 0]
+
+
+def cf_cam_map(A: torch.Tensor, G: torch.Tensor, spatial_sigma: float = 5.0, range_sigma: float | None = 0.1,
+               importance_percentile: float = 75.0, eps_percentile: float = 25.0,
+               min_samples_fraction: float = 0.05) -> tuple[torch.Tensor, dict]:
+    """CF-CAM of one example from activations and gradients [C,h,w] -> ReLU map [h,w] and info.
+
+    Important channels (activation norm >= the 75th percentile) keep the mean gradient as weight;
+    the others are clustered with scikit-learn's DBSCAN (Euclidean, eps = 25th percentile of the
+    off-diagonal pairwise distances, min_samples = max(2, floor(0.05 n))); noise channels are dropped;
+    each cluster member gets the mean of the filtered cluster-mean gradient. Weights are softmaxed
+    over the valid channels.
+    """
+    from sklearn.cluster import DBSCAN
+
+    A = A.detach().double().cpu()
+    G = G.detach().double().cpu()
+    c = A.shape[0]
+    vec = A.reshape(c, -1)
+    norms = vec.norm(dim=1)
+    important = norms >= torch.quantile(norms, importance_percentile / 100.0)
+    weights = torch.full((c,), float("nan"), dtype=torch.float64)
+    weights[important] = G[important].mean((1, 2))
+    rest = torch.nonzero(~important).flatten()
+    n_clusters = 0
+    if rest.numel() >= 2:
+        d = torch.cdist(vec[rest], vec[rest])
+        off = d[~torch.eye(len(rest), dtype=torch.bool)]
+        eps = max(float(torch.quantile(off, eps_percentile / 100.0)), 1e-5)
+        min_samples = max(2, int(math.floor(min_samples_fraction * len(rest))))
+        labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(d.numpy())
+        labels = torch.from_numpy(labels)
+        for lab in sorted(set(labels.tolist()) - {-1}):
+            members = rest[labels == lab]
+            gbar = G[members].mean(0)
+            weights[members] = _cluster_filter(gbar, spatial_sigma, range_sigma).mean()
+            n_clusters += 1
+    valid = ~torch.isnan(weights)
+    w = torch.softmax(weights[valid], 0)
+    cam = torch.relu((w.view(-1, 1, 1) * A[valid]).sum(0))
+    info = {"clusters": n_clusters, "important": int(important.sum()), "noise": int(c - valid.sum())}
+    return cam, info
+
+
+@register
+class CFCAM(Method):
+    name = "cf_cam"
+    aliases = ("cfcam",)
+    family = "cam"
+    cost = "1F+1B"
+    uses_layer = True
+    description = ("CF-CAM: high-norm channels weighted by mean gradient, the rest clustered with DBSCAN "
+                   "(scikit-learn) and weighted by filtered cluster gradients; softmax weights; map / max.")
+    defaults = {"spatial_sigma": 5.0, "range_sigma": 0.1, "importance_percentile": 75.0,
+                "eps_percentile": 25.0, "min_samples_fraction": 0.05}
+
+    def run(self, ctx, target, layer, spatial_sigma=5.0, range_sigma=0.1, importance_percentile=75.0,
+            eps_percentile=25.0, min_samples_fraction=0.05):
+        if spatial_sigma <= 0 or (range_sigma is not None and range_sigma <= 0):
+            raise SaliencyError("spatial_sigma and range_sigma must be > 0 (range_sigma=None: spatial filter only)")
+        for nm, p in (("importance_percentile", importance_percentile), ("eps_percentile", eps_percentile)):
+            if not 0 <= p <= 100:
+                raise SaliencyError(f"{nm} must be in [0, 100], got {p!r}")
+        names = resolve_layers(ctx, layer)
+        if len(names) != 1:
+            raise SaliencyError("cf_cam takes one layer")
+        res = ctx.capture(names, target)
+        A = as_grid(ctx, names[0], res.activations[names[0]]).float()
+        G = as_grid(ctx, names[0], res.gradients[names[0]]).float()
+        raws, infos = [], []
+        for i in range(A.shape[0]):
+            m, info = cf_cam_map(A[i], G[i], spatial_sigma, range_sigma, importance_percentile, eps_percentile,
+                                 min_samples_fraction)
+            raws.append(m.float().to(A.device))
+            infos.append(info)
+        raw = torch.stack(raws)
+        maps = upsample(raw, ctx.x.shape[-2:])
+        peak = maps.reshape(maps.shape[0], -1).amax(1).view(-1, 1, 1)
+        maps = torch.where(peak > 0, maps / peak.clamp_min(1e-30), maps)
+        return {"maps": maps, "raw": raw, "layer": names[0], "extras": {"clusters": infos}}

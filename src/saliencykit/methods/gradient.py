@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import auto_batch, chunked_gradient, forward_logits, generator, gradient_pass, reduce_channels
+from ..engine import chunked_gradient, generator, reduce_channels
 from ..errors import SaliencyError, positive_float, positive_int
 from ..filters import gaussian_blur
 from .base import Method, register
@@ -69,29 +69,6 @@ def make_baseline(subject, x: torch.Tensor, baseline, seed=0) -> torch.Tensor:
         return subject.normalize_pixels(torch.rand(x.shape, generator=g).to(x))
     raise SaliencyError(f"unknown baseline {baseline!r}; use 'black' ('zero'), 'white', 'mean', 'blur', "
                         "'noise', a pixel value or a tensor")
-
-
-def quadrature(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes alpha_k in [0,1] and weights w_k of the path integral."""
-    steps = positive_int(steps, "steps")
-    if rule == "gausslegendre":
-        t, w = np.polynomial.legendre.leggauss(steps)
-        return torch.tensor((t + 1) / 2), torch.tensor(w / 2)
-    k = torch.arange(steps, dtype=torch.float64)
-    if rule == "riemann_left":
-        return k / steps, torch.full((steps,), 1 / steps, dtype=torch.float64)
-    if rule == "riemann_right":
-        return (k + 1) / steps, torch.full((steps,), 1 / steps, dtype=torch.float64)
-    if rule == "riemann_middle":
-        return (k + 0.5) / steps, torch.full((steps,), 1 / steps, dtype=torch.float64)
-    if rule == "riemann_trapezoid":
-        if steps < 2:
-            raise SaliencyError("the trapezoid rule needs steps >= 2")
-        a = k / (steps - 1)
-        w = torch.full((steps,), 1 / (steps - 1), dtype=torch.float64)
-        w[0] = w[-1] = 0.5 / (steps - 1)
-        return a, w
-    raise SaliencyError(f"unknown integration rule {rule!r}; use gausslegendre or riemann_left/right/middle/trapezoid")
 
 
 def _input_gradient(ctx, target, reuse_primed: bool = True) -> torch.Tensor:
@@ -228,85 +205,6 @@ class VarGrad(_SmoothGradFamily):
     kind = "vargrad"
 
 
-def integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, steps: int, rule: str,
-                         batch_size=None) -> torch.Tensor:
-    """(x - x') * sum_k w_k grad s(x' + a_k (x - x')), all interpolants batched (step-major rows)."""
-    steps = positive_int(steps, "steps")
-    alphas, weights = quadrature(steps, rule)
-    alphas = alphas.to(x.device, x.dtype)
-    weights = weights.to(x.device, torch.float64)
-    b = x.shape[0]
-    diff = x - baseline
-    rows = torch.arange(b, device=x.device).repeat(steps)
-    total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
-    # interpolants are made chunk by chunk: [steps*B] images never all in memory at once
-    n = steps * b
-    for start in range(0, n, bs):
-        idx = torch.arange(start, min(n, start + bs), device=x.device)
-        a = alphas[idx // b].view(-1, 1, 1, 1)
-        ex = idx % b
-        inputs = baseline[ex] + a * diff[ex]
-        g = gradient_pass(ctx.subject, inputs, target, rows=rows[idx], counter=ctx.counter).input_grad
-        total.index_add_(0, ex, g.double() * weights[idx // b].view(-1, 1, 1, 1))
-    return (diff.double() * total).to(x.dtype)
-
-
-@register
-class IntegratedGradients(Method):
-    name = "integrated_gradients"
-    aliases = ("ig",)
-    family = "gradient"
-    cost = "50F+50B"
-    signed = True
-    description = ("Path integral of gradients from a baseline (Sundararajan et al. 2017); Gauss-Legendre "
-                   "quadrature; a list of baselines averages their maps; "
-                   "extras['completeness_error'] = sum(attr) - (s(x) - mean s(baseline)).")
-    defaults = {"steps": 50, "baseline": "black", "rule": "gausslegendre", "reduce": "sum", "batch_size": None}
-
-    def run(self, ctx, target, layer, steps=50, baseline="black", rule="gausslegendre", reduce="sum",
-            batch_size=None):
-        _check_reduce(reduce)
-        steps = positive_int(steps, "steps")
-        quadrature(steps, rule)  # checks the rule before any pass
-        x = ctx.x.detach()
-        # several baselines (a list, e.g. ["black", "white"]) => the mean of their IG maps
-        specs = list(baseline) if isinstance(baseline, list) else [baseline]
-        if not specs:
-            raise SaliencyError("baseline list is empty")
-        bases = [make_baseline(ctx.subject, x, spec, ctx.seed) for spec in specs]
-        attr = sum(integrated_gradients(ctx, target, x, base, steps, rule, batch_size).double()
-                   for base in bases) / len(bases)
-        attr = attr.to(x.dtype)
-        # completeness check: sum(attr) vs s(x) - mean s(baseline). The shared clean logits are
-        # float32; a float64 input is re-scored in its own precision so the check can reach 1e-12.
-        if x.dtype == torch.float32:
-            s_x = target.score(ctx.logits()).double()
-            s_b = [target.score(forward_logits(ctx.subject, base, batch_size, ctx.counter)).double() for base in bases]
-        else:
-            s_x = target.score(_native_logits(ctx, x, batch_size)).double()
-            s_b = [target.score(_native_logits(ctx, base, batch_size)).double() for base in bases]
-        diff = s_x - sum(s_b) / len(s_b)
-        err = attr.double().reshape(x.shape[0], -1).sum(1) - diff
-        rel = err.abs() / diff.abs().clamp_min(1e-12)
-        return {**_maps(attr, reduce), "extras": {"completeness_error": err.tolist(),
-                                                  "relative_completeness_error": rel.tolist(),
-                                                  "score_difference": diff.tolist()}}
-
-
-def _native_logits(ctx, x: torch.Tensor, batch_size=None) -> torch.Tensor:
-    """Logits in the input's own floating-point precision (forward only, counted)."""
-    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
-    outs = []
-    with torch.inference_mode():
-        for start in range(0, x.shape[0], bs):
-            chunk = x[start:start + bs]
-            outs.append(ctx.subject.forward(chunk))
-            ctx.counter.add(forward=chunk.shape[0])
-    return torch.cat(outs)
-
-
-# --------------------------------------------------------------------------- modified backprop
 class _ModifiedReLUBackward(torch.autograd.Function):
     """Identity on the activation's output; backward replaces the ReLU rule.
 

@@ -1,8 +1,9 @@
-"""Path-integral variants and newer layer methods:
+"""Path integrals of gradients, one file for the family:
 
+- `integrated_gradients` Integrated Gradients (Sundararajan et al. 2017), with the quadrature rules
+              every path method here uses (`quadrature`).
 - `blur_ig`   Blur IG: integrated gradients along the Gaussian scale-space path (Xu et al. 2020).
 - `guided_ig` Guided IG: adaptive path that moves low-|gradient| features first (Kapishnikov et al. 2021).
-- `cf_cam`    CF-CAM: channel clustering (scikit-learn DBSCAN) and filtered cluster gradients.
 - `iia`       Iterated Integrated Attributions (Barkan et al. 2023): iterated integration over the
               input path and, for each input step, over a path of the internal representation.
 - `dix`       Deep Integrated Explanations: integration of a layer representation with its
@@ -14,16 +15,118 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..engine import auto_batch, forward_logits, gradient_pass, upsample
 from ..errors import SaliencyError, positive_int
 from .base import Method, register
 from .cam import as_grid, resolve_layers
 from ..filters import gaussian_blur, gaussian_kernels, separable
-from .gradient import _check_reduce, _maps, make_baseline, quadrature
+from .gradient import _check_reduce, _maps, make_baseline
 
 
+# =========================================================================== IG
+def quadrature(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes alpha_k in [0,1] and weights w_k of the path integral."""
+    steps = positive_int(steps, "steps")
+    if rule == "gausslegendre":
+        t, w = np.polynomial.legendre.leggauss(steps)
+        return torch.tensor((t + 1) / 2), torch.tensor(w / 2)
+    k = torch.arange(steps, dtype=torch.float64)
+    if rule == "riemann_left":
+        return k / steps, torch.full((steps,), 1 / steps, dtype=torch.float64)
+    if rule == "riemann_right":
+        return (k + 1) / steps, torch.full((steps,), 1 / steps, dtype=torch.float64)
+    if rule == "riemann_middle":
+        return (k + 0.5) / steps, torch.full((steps,), 1 / steps, dtype=torch.float64)
+    if rule == "riemann_trapezoid":
+        if steps < 2:
+            raise SaliencyError("the trapezoid rule needs steps >= 2")
+        a = k / (steps - 1)
+        w = torch.full((steps,), 1 / (steps - 1), dtype=torch.float64)
+        w[0] = w[-1] = 0.5 / (steps - 1)
+        return a, w
+    raise SaliencyError(f"unknown integration rule {rule!r}; use gausslegendre or riemann_left/right/middle/trapezoid")
+
+
+def integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, steps: int, rule: str,
+                         batch_size=None) -> torch.Tensor:
+    """(x - x') * sum_k w_k grad s(x' + a_k (x - x')), all interpolants batched (step-major rows)."""
+    steps = positive_int(steps, "steps")
+    alphas, weights = quadrature(steps, rule)
+    alphas = alphas.to(x.device, x.dtype)
+    weights = weights.to(x.device, torch.float64)
+    b = x.shape[0]
+    diff = x - baseline
+    rows = torch.arange(b, device=x.device).repeat(steps)
+    total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
+    # interpolants are made chunk by chunk: [steps*B] images never all in memory at once
+    n = steps * b
+    for start in range(0, n, bs):
+        idx = torch.arange(start, min(n, start + bs), device=x.device)
+        a = alphas[idx // b].view(-1, 1, 1, 1)
+        ex = idx % b
+        inputs = baseline[ex] + a * diff[ex]
+        g = gradient_pass(ctx.subject, inputs, target, rows=rows[idx], counter=ctx.counter).input_grad
+        total.index_add_(0, ex, g.double() * weights[idx // b].view(-1, 1, 1, 1))
+    return (diff.double() * total).to(x.dtype)
+
+
+@register
+class IntegratedGradients(Method):
+    name = "integrated_gradients"
+    aliases = ("ig",)
+    family = "gradient"
+    cost = "50F+50B"
+    signed = True
+    description = ("Path integral of gradients from a baseline (Sundararajan et al. 2017); Gauss-Legendre "
+                   "quadrature; a list of baselines averages their maps; "
+                   "extras['completeness_error'] = sum(attr) - (s(x) - mean s(baseline)).")
+    defaults = {"steps": 50, "baseline": "black", "rule": "gausslegendre", "reduce": "sum", "batch_size": None}
+
+    def run(self, ctx, target, layer, steps=50, baseline="black", rule="gausslegendre", reduce="sum",
+            batch_size=None):
+        _check_reduce(reduce)
+        steps = positive_int(steps, "steps")
+        quadrature(steps, rule)  # checks the rule before any pass
+        x = ctx.x.detach()
+        # several baselines (a list, e.g. ["black", "white"]) => the mean of their IG maps
+        specs = list(baseline) if isinstance(baseline, list) else [baseline]
+        if not specs:
+            raise SaliencyError("baseline list is empty")
+        bases = [make_baseline(ctx.subject, x, spec, ctx.seed) for spec in specs]
+        attr = sum(integrated_gradients(ctx, target, x, base, steps, rule, batch_size).double()
+                   for base in bases) / len(bases)
+        attr = attr.to(x.dtype)
+        # completeness check: sum(attr) vs s(x) - mean s(baseline). The shared clean logits are
+        # float32; a float64 input is re-scored in its own precision so the check can reach 1e-12.
+        if x.dtype == torch.float32:
+            s_x = target.score(ctx.logits()).double()
+            s_b = [target.score(forward_logits(ctx.subject, base, batch_size, ctx.counter)).double() for base in bases]
+        else:
+            s_x = target.score(_native_logits(ctx, x, batch_size)).double()
+            s_b = [target.score(_native_logits(ctx, base, batch_size)).double() for base in bases]
+        diff = s_x - sum(s_b) / len(s_b)
+        err = attr.double().reshape(x.shape[0], -1).sum(1) - diff
+        rel = err.abs() / diff.abs().clamp_min(1e-12)
+        return {**_maps(attr, reduce), "extras": {"completeness_error": err.tolist(),
+                                                  "relative_completeness_error": rel.tolist(),
+                                                  "score_difference": diff.tolist()}}
+
+
+def _native_logits(ctx, x: torch.Tensor, batch_size=None) -> torch.Tensor:
+    """Logits in the input's own floating-point precision (forward only, counted)."""
+    bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, x.shape[0], bs):
+            chunk = x[start:start + bs]
+            outs.append(ctx.subject.forward(chunk))
+            ctx.counter.add(forward=chunk.shape[0])
+    return torch.cat(outs)
+
+
+# --------------------------------------------------------------------------- modified backprop
 def _completeness(ctx, target, attr, start, batch_size):
     """sum(attr) - (s(x) - s(start)): one extra forward of the path's start point."""
     s_x = target.score(ctx.logits())
@@ -207,104 +310,6 @@ class GuidedIG(Method):
         base = make_baseline(ctx.subject, x, baseline, ctx.seed)
         attr = guided_integrated_gradients(ctx, target, x, base, steps, float(fraction), float(max_dist))
         return {**_maps(attr, reduce), "extras": _completeness(ctx, target, attr, base, batch_size)}
-
-
-# =========================================================================== CF-CAM
-def _cluster_filter(gbar: torch.Tensor, spatial_sigma: float, range_sigma: float | None) -> torch.Tensor:
-    """Filter a cluster's mean gradient map [h,w] with a normalised h x w kernel: a spatial Gaussian
-    centred on the map times (unless range_sigma is None) a range term exp(-(g - mean g)^2 / 2 rs^2);
-    2-D convolution with 'same' padding."""
-    h, w = gbar.shape
-    yy = torch.arange(h, dtype=gbar.dtype) - h // 2
-    xx = torch.arange(w, dtype=gbar.dtype) - w // 2
-    r2 = yy.view(-1, 1) ** 2 + xx.view(1, -1) ** 2
-    k = torch.exp(-r2 / (2 * spatial_sigma ** 2))
-    if range_sigma is not None:
-        k = k * torch.exp(-(gbar - gbar.mean()) ** 2 / (2 * range_sigma ** 2))
-    k = k / k.sum().clamp_min(1e-30)
-    # 'same' zero padding, the extra row/column of an even kernel on the far side
-    pad = ((w - 1) // 2, (w - 1) - (w - 1) // 2, (h - 1) // 2, (h - 1) - (h - 1) // 2)
-    return F.conv2d(F.pad(gbar.view(1, 1, h, w), pad), k.view(1, 1, h, w))[0, 0]
-
-
-def cf_cam_map(A: torch.Tensor, G: torch.Tensor, spatial_sigma: float = 5.0, range_sigma: float | None = 0.1,
-               importance_percentile: float = 75.0, eps_percentile: float = 25.0,
-               min_samples_fraction: float = 0.05) -> tuple[torch.Tensor, dict]:
-    """CF-CAM of one example from activations and gradients [C,h,w] -> ReLU map [h,w] and info.
-
-    Important channels (activation norm >= the 75th percentile) keep the mean gradient as weight;
-    the others are clustered with scikit-learn's DBSCAN (Euclidean, eps = 25th percentile of the
-    off-diagonal pairwise distances, min_samples = max(2, floor(0.05 n))); noise channels are dropped;
-    each cluster member gets the mean of the filtered cluster-mean gradient. Weights are softmaxed
-    over the valid channels.
-    """
-    from sklearn.cluster import DBSCAN
-
-    A = A.detach().double().cpu()
-    G = G.detach().double().cpu()
-    c = A.shape[0]
-    vec = A.reshape(c, -1)
-    norms = vec.norm(dim=1)
-    important = norms >= torch.quantile(norms, importance_percentile / 100.0)
-    weights = torch.full((c,), float("nan"), dtype=torch.float64)
-    weights[important] = G[important].mean((1, 2))
-    rest = torch.nonzero(~important).flatten()
-    n_clusters = 0
-    if rest.numel() >= 2:
-        d = torch.cdist(vec[rest], vec[rest])
-        off = d[~torch.eye(len(rest), dtype=torch.bool)]
-        eps = max(float(torch.quantile(off, eps_percentile / 100.0)), 1e-5)
-        min_samples = max(2, int(math.floor(min_samples_fraction * len(rest))))
-        labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(d.numpy())
-        labels = torch.from_numpy(labels)
-        for lab in sorted(set(labels.tolist()) - {-1}):
-            members = rest[labels == lab]
-            gbar = G[members].mean(0)
-            weights[members] = _cluster_filter(gbar, spatial_sigma, range_sigma).mean()
-            n_clusters += 1
-    valid = ~torch.isnan(weights)
-    w = torch.softmax(weights[valid], 0)
-    cam = torch.relu((w.view(-1, 1, 1) * A[valid]).sum(0))
-    info = {"clusters": n_clusters, "important": int(important.sum()), "noise": int(c - valid.sum())}
-    return cam, info
-
-
-@register
-class CFCAM(Method):
-    name = "cf_cam"
-    aliases = ("cfcam",)
-    family = "cam"
-    cost = "1F+1B"
-    uses_layer = True
-    description = ("CF-CAM: high-norm channels weighted by mean gradient, the rest clustered with DBSCAN "
-                   "(scikit-learn) and weighted by filtered cluster gradients; softmax weights; map / max.")
-    defaults = {"spatial_sigma": 5.0, "range_sigma": 0.1, "importance_percentile": 75.0,
-                "eps_percentile": 25.0, "min_samples_fraction": 0.05}
-
-    def run(self, ctx, target, layer, spatial_sigma=5.0, range_sigma=0.1, importance_percentile=75.0,
-            eps_percentile=25.0, min_samples_fraction=0.05):
-        if spatial_sigma <= 0 or (range_sigma is not None and range_sigma <= 0):
-            raise SaliencyError("spatial_sigma and range_sigma must be > 0 (range_sigma=None: spatial filter only)")
-        for nm, p in (("importance_percentile", importance_percentile), ("eps_percentile", eps_percentile)):
-            if not 0 <= p <= 100:
-                raise SaliencyError(f"{nm} must be in [0, 100], got {p!r}")
-        names = resolve_layers(ctx, layer)
-        if len(names) != 1:
-            raise SaliencyError("cf_cam takes one layer")
-        res = ctx.capture(names, target)
-        A = as_grid(ctx, names[0], res.activations[names[0]]).float()
-        G = as_grid(ctx, names[0], res.gradients[names[0]]).float()
-        raws, infos = [], []
-        for i in range(A.shape[0]):
-            m, info = cf_cam_map(A[i], G[i], spatial_sigma, range_sigma, importance_percentile, eps_percentile,
-                                 min_samples_fraction)
-            raws.append(m.float().to(A.device))
-            infos.append(info)
-        raw = torch.stack(raws)
-        maps = upsample(raw, ctx.x.shape[-2:])
-        peak = maps.reshape(maps.shape[0], -1).amax(1).view(-1, 1, 1)
-        maps = torch.where(peak > 0, maps / peak.clamp_min(1e-30), maps)
-        return {"maps": maps, "raw": raw, "layer": names[0], "extras": {"clusters": infos}}
 
 
 # =========================================================================== IIA / DIX

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ..errors import SaliencyError
 from .base import Method, register
-from .gradient import integrated_gradients, make_baseline
+from .gradient import make_baseline
+from .paths import integrated_gradients
 
 SCALES = (50, 100, 150, 250, 500, 1200)
 

@@ -119,7 +119,7 @@ class Detector:
 
     # a subject for `sk.explain`: which methods run on it, no faster model forms (it is a black
     # box), and the rows of one chunk of masked photos (it cannot be probed for memory)
-    kind = "detector"
+    subject_kind = "detector"
     fast = False
     chunk_rows = 16
 

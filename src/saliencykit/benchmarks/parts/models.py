@@ -1,7 +1,7 @@
-"""Small classifiers for the procedural parts dataset (`saliencykit.data.parts`): a CNN and a ViT,
+"""Small classifiers for the procedural parts dataset (`saliencykit.benchmarks.parts.dataset`): a CNN and a ViT,
 their seeded training loop, and `load_parts_model(arch)` returning a ready `Subject`.
 
-The shipped weights (`data/weights/parts_cnn.pt`, `parts_vit.pt`) were made by
+The shipped weights (`weights/parts_cnn.pt`, `parts_vit.pt` beside this file) were made by
 
     saliencykit train-parts --arch cnn --out parts_cnn.pt --seed 0
     saliencykit train-parts --arch vit --out parts_vit.pt --seed 0

@@ -43,10 +43,8 @@ def _data_uri(pil_image, fmt: str = "JPEG") -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def _display_copy(image):
-    from ...subject import load_image
-
-    img = load_image(image)
+def _display_copy(img):
+    """The decoded photo (an RGB PIL image) for display: itself, or a copy resized to DISPLAY_SIZE."""
     scale = DISPLAY_SIZE / max(img.size)
     if scale < 1:
         img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))))
@@ -156,7 +154,7 @@ def photo_section(subject, image, name: str, methods: Sequence[str] | None = Non
                   predictions: list | None = None, verbalize: bool = True, metric_params: dict | None = None) -> dict:
     """Everything the report shows for one photo (explanations are computed unless given)."""
     from ...methods import explain
-    from ...subject import load_image
+    from ...images import load_image
     from ...targets import as_target
     from ..verbalize import method_title, verbalize as verbalize_fn
 
