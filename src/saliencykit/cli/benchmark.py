@@ -16,25 +16,11 @@ import time
 from pathlib import Path
 
 from ..errors import SaliencyError
+from .common import parse_params
 
 COLUMNS = ["rank", "method", "family", "completeness", "correctness", "contrastivity", "mean", "csdc", "pc", "dc",
            "d", "threshold", "ts_images", "seconds", "passes_per_image", "note"]
 REFERENCE = {"random": "baseline", "edge": "baseline", "oracle": "reference"}
-
-
-def _parse_params(items) -> dict:
-    out: dict = {}
-    for item in items or []:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise SaliencyError(f"--param expects METHOD.NAME=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        method, name = key.split(".", 1)
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(method, {})[name] = parsed
-    return out
 
 
 def run_benchmark(arch: str, methods, out: Path, n: int = 100, seed: int = 0, params: dict | None = None,
@@ -202,7 +188,7 @@ def cmd_benchmark(args):
     else:
         methods = args.method or ["saliency", "gradxinput", "integrated_gradients", "gradcam", "rise"]
     rows = run_benchmark(args.arch, methods, Path(args.out), n=args.n, seed=args.seed,
-                         params=_parse_params(args.param), weights=args.weights, batch_size=args.batch_size,
+                         params=parse_params(args.param, "METHOD"), weights=args.weights, batch_size=args.batch_size,
                          quiet=args.quiet)
     print(_markdown(rows, json.loads((Path(args.out) / "leaderboard.json").read_text())["meta"]))
     print(f"wrote {args.out}/ (leaderboard.csv, leaderboard.md, leaderboard.json, examples.png)")

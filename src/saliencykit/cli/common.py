@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -59,6 +60,23 @@ def add_model_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def parse_params(items, what: str = "METHOD") -> dict:
+    """`--param` values: `deletion.step=448` -> {"deletion": {"step": 448}} (values parsed as JSON
+    when possible); `what` names the part before the dot in the error."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise SaliencyError(f"--param expects {what}.NAME=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        owner, name = key.split(".", 1)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(owner, {})[name] = parsed
+    return out
 
 
 def unique_stems(stems):

@@ -11,25 +11,10 @@ import sys
 from pathlib import Path
 
 from ..errors import SaliencyError
+from .common import parse_params
 
 DEFAULT_METHODS = ["gradcam", "integrated_gradients"]
 DEFAULT_METRICS = ["deletion", "insertion", "saco"]
-
-
-def _parse_params(items) -> dict:
-    """`deletion.step=448` -> {"deletion": {"step": 448}} (values parsed as JSON when possible)."""
-    out: dict = {}
-    for item in items or []:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise SaliencyError(f"--param expects METRIC.NAME=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        metric, name = key.split(".", 1)
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(metric, {})[name] = parsed
-    return out
 
 
 def run_evaluate(photos, methods, metrics, out: Path, model="efficientnet_lite0", target=None, layer="auto",
@@ -97,7 +82,7 @@ def cmd_evaluate(args):
     ev, curves = run_evaluate(args.photos, args.method or DEFAULT_METHODS, args.metric or DEFAULT_METRICS, out,
                               model=args.model, target=target_from_args(args), layer=args.layer, seed=args.seed,
                               batch_size=args.batch_size, quiet=args.quiet, regions=args.regions,
-                              params=_parse_params(args.param), random_baseline=not args.no_random)
+                              params=parse_params(args.param, "METRIC"), random_baseline=not args.no_random)
     print(ev.summary())
     print("(↑ higher is better, ↓ lower is better; mean over photos, best first by the first metric)")
     written = ["scores.csv", "scores.json"] + (["curves.png"] if curves is not None else [])
