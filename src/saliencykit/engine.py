@@ -199,11 +199,12 @@ def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: 
                    rows_of: Callable[[int, int], torch.Tensor], batch_size: int | None = None,
                    counter: PassCounter | None = None, output: str | None = None,
                    progress: bool = False, desc: str = "",
-                   on_chunk: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                   on_chunk: Callable[..., None] | None = None) -> torch.Tensor:
     """Scores of `n` inputs produced lazily by `make_inputs(start, stop)`, in chunks, no grad.
 
-    `on_chunk(start, stop, logits)`, when given, also receives each chunk's full `[k,K]` logits
-    (float), so a caller can keep the scores of every class from the same passes (RISE)."""
+    `on_chunk(start, stop, logits, scores)`, when given, also receives each chunk's full outputs
+    (`[k,K]` float logits, or a black box's per-row outputs) and the chunk's scores, so a caller can
+    weight its masks as they go and keep the scores of every class from the same passes (RISE)."""
     bs = batch_size or DEFAULT_BATCH
     scores = []
     it = range(0, n, bs)
@@ -221,7 +222,7 @@ def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: 
             logits = _as_scores_input(inference.run(subject, plan, chunk))
             scores.append(target.score(logits, rows=rows_of(start, stop), output=output))
             if on_chunk is not None:
-                on_chunk(start, stop, logits)
+                on_chunk(start, stop, logits, scores[-1])
             if counter is not None:
                 counter.add(forward=stop - start)
     return torch.cat(scores) if scores else torch.zeros(0)
@@ -262,14 +263,14 @@ def perturbed_scores(subject, x: torch.Tensor, baseline: torch.Tensor, target: R
                      masks: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], n: int,
                      batch_size: int | None = None, counter: PassCounter | None = None,
                      output: str | None = None, progress: bool = False, desc: str = "",
-                     on_chunk: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                     on_chunk: Callable[..., None] | None = None) -> torch.Tensor:
     """The one perturbation runner: scores of `n` blends `x*m + baseline*(1-m)`.
 
     `masks(start, stop)` returns `(rows, m)`: for each of the rows start..stop-1 the example index
     it perturbs ([k] long) and its keep-mask ([k,1|C,H,W] in [0,1]; 1 keeps the input). Masks are
     made per chunk, so N masks are never all in memory. Used by occlusion, RISE, LIME,
     KernelSHAP, Score-CAM-like methods and the deletion/insertion-type metrics.
-    `on_chunk(start, stop, logits)` receives every chunk's full logits (see `forward_scores`).
+    `on_chunk(start, stop, logits, scores)` receives every chunk's outputs and scores (see `forward_scores`).
     """
     batch_size = batch_size or auto_batch(subject, x.shape, grad=False, rows=n)
     cache: dict = {}

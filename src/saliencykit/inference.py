@@ -273,6 +273,6 @@ def plans(subject) -> dict:
 
 def run(subject, plan: Plan | None, x: torch.Tensor) -> torch.Tensor:
     """Logits of `x` under `plan` (eager when None, or when a hook appeared since it was built)."""
-    if plan is None or plan.form == "eager" or _has_hooks(subject.model):  # None first: no model needed
+    if plan is None or plan.form == "eager" or _has_hooks(subject.model):
         return subject.forward(x)
     return plan.run(subject, x)

@@ -226,10 +226,9 @@ class Rise(Method):
             current["rows"], current["m"] = ex, m
             return ex, m
 
-        def on_chunk(start, stop, logits):
+        def on_chunk(start, stop, logits, scores):
             ex, m = current["rows"], current["m"].flatten(1).double()
-            s = target.score(logits, rows=ex, output=out).double()
-            acc.index_add_(0, ex, s.view(-1, 1) * m)
+            acc.index_add_(0, ex, scores.double().view(-1, 1) * m)
             if acc_cls is not None:
                 per_class = target.transform(logits, out)[:, cls_idx.to(logits.device)]   # [k, C]
                 acc_cls.index_add_(0, ex, per_class.unsqueeze(2) * m.float().unsqueeze(1))

@@ -525,11 +525,10 @@ class DRISE(Method):
             pending[start] = m
             return torch.zeros(stop - start, dtype=torch.long), m[:, None]
 
-        def accumulate(start, stop, found):
-            nonlocal acc, mask_sum
+        def accumulate(start, stop, found, weights):  # weights: [k, T] of this chunk (ResolvedBoxes.score)
             mflat = pending.pop(start).reshape(stop - start, -1).double()
-            acc += target.score(found).t() @ mflat
-            mask_sum += mflat.sum(0)
+            acc.add_(weights.t() @ mflat)
+            mask_sum.add_(mflat.sum(0))
 
         weights = perturbed_scores(ctx.subject, x, torch.zeros_like(x), target, masks, n_masks,
                                    batch_size=ctx.batch_size or ctx.subject.chunk_rows, counter=ctx.counter,
@@ -651,7 +650,6 @@ class DetectorGradCAM(Method):
     description = "Grad-CAM of one detection of a torchvision detector."
 
     def run(self, ctx, target, layer, min_iou=0.5):
-        _require_torchvision_model(ctx.subject)
         if not target.every and len(target.detections) != 1:
             raise SaliencyError("Grad-CAM on a detector explains one Box at a time")
         first = Detections(*(getattr(target.detections, f)[:1]
