@@ -2,8 +2,8 @@
 are, and say in plain words what they show.
 
 The rooms (docs/architecture.md), lowest first: the core (subject, targets, explanation, engine,
-inference, models, data), methods and metrics, tasks (CLIP, detection, similarity), datasets and
-concepts and benchmarks, present (pictures, words, report, app), cli.
+inference, models, data), methods and metrics, tasks (CLIP, detection, similarity), datasets (runs
+over many images: `run`, `load_run`) and concepts and benchmarks, present (pictures, words, report, app), cli.
 """
 from .version import __version__  # noqa: F401
 
@@ -21,8 +21,10 @@ from .tasks.detection import Box, Detector, drise, load_detector  # noqa: E402
 from .present import viz  # noqa: E402
 from .present.verbalize import Verbalization, verbalize  # noqa: E402
 from .models import available_models, load_model  # noqa: E402
+from . import datasets  # noqa: E402
+from .datasets import load_run, run  # noqa: E402
 
 __all__ = ["load_model", "explain", "evaluate", "verbalize", "Verbalization", "Subject", "Explanation", "Target",
            "Class", "Contrast", "Group", "TopK", "SaliencyError", "methods", "metrics", "data", "viz",
            "available_models", "load_image", "Similarity", "Text", "CLIPSubject", "load_clip", "Box", "Detector",
-           "drise", "load_detector", "__version__"]
+           "drise", "load_detector", "datasets", "run", "load_run", "__version__"]

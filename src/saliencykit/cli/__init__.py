@@ -1,5 +1,5 @@
-"""Command line: `saliencykit explain | methods | models | demo | evaluate | report | serve |
-benchmark | train-parts`. One module per command (or pair of commands); each defines
+"""Command line: `saliencykit explain | methods | models | demo | evaluate | report | run |
+summarize | serve | benchmark | train-parts`. One module per command (or pair of commands); each defines
 `register(subparsers)`, and may define `demo_step(out_dir, summary, args)` to add to what
 `saliencykit demo` writes. `common` holds what they share."""
 from __future__ import annotations
@@ -26,11 +26,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except SaliencyError as err:
         print(f"saliencykit: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -22,8 +22,12 @@ def cmd_methods(args):
 def cmd_models(args):
     from ..models import available_models
 
+    from ..datasets.runner import PARTS_MODELS
+
     for name, desc in available_models().items():
         print(f"{name:28} {desc}")
+    for name, arch in PARTS_MODELS.items():
+        print(f"{name:28} the parts-benchmark {arch.upper()} (64 px, shipped weights; with the parts:N source)")
 
 
 def register(sub):

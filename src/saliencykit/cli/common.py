@@ -28,6 +28,51 @@ def photo_source(spec: str):
     raise SaliencyError(f"no such file or bundled photo: {spec!r} (bundled: {', '.join(data.names())})")
 
 
+def photo_sources(specs, quiet: bool = False) -> list:
+    """Every photo the arguments name, as (path or decoded image, unique name): an image file, a
+    bundled photo name, or any source `saliencykit run` reads (a folder, a .csv/.jsonl list,
+    parts:N, hf:DIR, bundled). A file of a folder or list that cannot be read is skipped with a
+    line on stderr naming it; no readable photo at all is an error."""
+    from ..datasets.sources import IMAGE_EXTENSIONS, open_source
+
+    out, skipped = [], []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_file() and p.suffix.lower() not in (".csv", ".jsonl"):
+            out.append(photo_source(spec))
+            continue
+        if not p.exists() and ":" not in str(spec) and spec != "bundled" and p.suffix.lower() not in IMAGE_EXTENSIONS:
+            out.append(photo_source(spec))    # a bundled photo name, or the error naming the choices
+            continue
+        if not p.exists() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            out.append(photo_source(spec))    # a missing image file: the usual error
+            continue
+        source = open_source(spec)
+        for item in source.items():
+            if item.problem:
+                skipped.append(f"{item.id}: {item.problem}")
+                continue
+            try:
+                out.append((source.decode(item).image, _name(item.id)))
+            except SaliencyError as err:
+                skipped.append(f"{item.id}: {err}")
+    if skipped:   # said even with --quiet: these inputs are not in the results
+        print(f"skipped {len(skipped)} input(s) that cannot be explained:", file=sys.stderr)
+        for line in skipped[:10]:
+            print(f"  {line}", file=sys.stderr)
+    if not out:
+        raise SaliencyError("no readable photo in " + ", ".join(map(str, specs)))
+    if len(out) > 50 and not quiet:
+        print(f"{len(out)} photos: for many images `saliencykit run` is resumable and writes one table",
+              file=sys.stderr)
+    return out
+
+
+def _name(item_id: str) -> str:
+    stem = item_id.rsplit(".", 1)[0] if "." in item_id.rsplit("/", 1)[-1] else item_id
+    return stem.replace("/", "_").replace("\\", "_")
+
+
 def target_from_args(args):
     from ..targets import Class, Contrast, Group
 
@@ -88,7 +133,7 @@ def unique_stems(stems):
 
 
 # in the order `saliencykit --help` lists them
-COMMANDS = ("explain", "catalog", "evaluate", "report", "serve", "benchmark", "train_parts")
+COMMANDS = ("explain", "catalog", "evaluate", "report", "run", "serve", "benchmark", "train_parts")
 
 
 def command_modules():

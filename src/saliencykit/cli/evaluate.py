@@ -1,8 +1,9 @@
 """`saliencykit evaluate PHOTO... --method M --metric K --out DIR`: score methods with metrics.
 
 Writes `scores.csv` (one row per photo and method), `scores.json` (scores, curves, passes,
-settings) and `curves.png` (deletion/insertion/ROAD curves), and prints the methods ranked with
-each metric's better direction marked (↑ higher is better, ↓ lower is better).
+settings), `curves.png` (deletion/insertion/ROAD curves) and with `--save-maps` the maps, and
+prints the methods ranked with each metric's better direction marked (↑ higher is better, ↓ lower
+is better), then the spread over photos: bootstrap intervals, paired tests and per-photo wins.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ DEFAULT_METRICS = ["deletion", "insertion", "saco"]
 
 
 def run_evaluate(photos, methods, metrics, out: Path, model="efficientnet_lite0", target=None, layer="auto",
-                 seed=0, batch_size=None, quiet=False, regions=None, params=None, random_baseline=True):
-    from ..models import load_model
+                 seed=0, batch_size=None, quiet=False, regions=None, params=None, random_baseline=True,
+                 save_maps=False):
+    from ..datasets.runner import load_subject as load_model
     from .. import methods as method_registry
-    from .common import photo_source, unique_stems
+    from .common import photo_sources, unique_stems
     from ..metrics import evaluate, get
     from ..metrics.localisation import load_regions
     from ..images import load_image
@@ -33,13 +35,13 @@ def run_evaluate(photos, methods, metrics, out: Path, model="efficientnet_lite0"
         get(k)
     params = params or {}
     subject = load_model(model)
-    sources = [photo_source(p) for p in photos]
+    sources = photo_sources(photos, quiet)
     stems = unique_stems([stem for _, stem in sources])
     images = [load_image(src) for src, _ in sources]
     x = subject.preprocess(images)
     masks = None
     if regions is not None:
-        keys = [p if Path(p).exists() else stem for p, stem in zip(photos, stems)]
+        keys = [src if isinstance(src, str) and Path(src).exists() else stem for (src, _), stem in zip(sources, stems)]
         masks = load_regions(regions, keys, tuple(x.shape[-2:]), [im.size for im in images])
     elif any("masks" in get(k).needs for k in metrics):
         from .. import data
@@ -72,7 +74,33 @@ def run_evaluate(photos, methods, metrics, out: Path, model="efficientnet_lite0"
 
     atomic_write(out / "scores.json", lambda p: Path(p).write_text(json.dumps(payload, indent=2)))
     curves = ev.plot_curves(out / "curves.png")
+    if save_maps:
+        for name, e in exps.items():
+            e.save(out / "maps" / name)     # maps.npz ([B,H,W] "maps") + explanation.json, photos in order
     return ev, curves
+
+
+def spread(ev, seed: int = 0) -> str:
+    """The spread over photos: per metric each method's mean with a bootstrap 95 % interval, and
+    the share of photos on which it beats every other method and the random map."""
+    import pandas as pd
+
+    from ..datasets.summary import summarize
+
+    rows = pd.DataFrame(list(ev.table()))
+    if rows["image"].nunique() < 2:
+        return ""
+    s = summarize(rows, metrics=[m for m in ev.metrics if ev.directions[m] is not None], seed=seed)
+    lines = [s.text()]
+    wins = []
+    for _, r in s.pairs.iterrows():
+        d = s.directions[r["metric"]]
+        a_share, b_share = (r["a_wins"], r["b_wins"]) if d == "higher" else (r["b_wins"], r["a_wins"])
+        wins.append(f"  {r['metric']}: {r['a']} better than {r['b']} on {a_share:.0%} of the photos, "
+                    f"worse on {b_share:.0%} (Holm p = {r['p_holm']:.2g})")
+    if wins:
+        lines += ["per-photo wins:"] + wins
+    return "\n".join(lines)
 
 
 def cmd_evaluate(args):
@@ -82,16 +110,23 @@ def cmd_evaluate(args):
     ev, curves = run_evaluate(args.photos, args.method or DEFAULT_METHODS, args.metric or DEFAULT_METRICS, out,
                               model=args.model, target=target_from_args(args), layer=args.layer, seed=args.seed,
                               batch_size=args.batch_size, quiet=args.quiet, regions=args.regions,
-                              params=parse_params(args.param, "METRIC"), random_baseline=not args.no_random)
+                              params=parse_params(args.param, "METRIC"), random_baseline=not args.no_random,
+                              save_maps=args.save_maps)
     print(ev.summary())
     print("(↑ higher is better, ↓ lower is better; mean over photos, best first by the first metric)")
+    text = spread(ev, seed=args.seed)
+    if text:
+        print()
+        print(text)
     written = ["scores.csv", "scores.json"] + (["curves.png"] if curves is not None else [])
+    written += ["maps/"] if args.save_maps else []
     print(f"wrote {out}/ ({', '.join(written)})")
 
 
 def register(subparsers):
     p = subparsers.add_parser("evaluate", help="score explanation methods with evaluation metrics")
-    p.add_argument("photos", nargs="+", help="image files or bundled photo names (chelsea, coffee, ...)")
+    p.add_argument("photos", nargs="+", help="image files, bundled photo names (chelsea, coffee, ...), or "
+                                              "sources: a folder, a .csv/.jsonl list, parts:N, hf:DIR, bundled")
     p.add_argument("--method", action="append", help="method to evaluate (repeat); default gradcam and "
                                                      "integrated_gradients; a random-map baseline is always added")
     p.add_argument("--metric", action="append", help="metric name (repeat); default deletion, insertion, saco")
@@ -99,6 +134,8 @@ def register(subparsers):
     p.add_argument("--regions", help="JSON or CSV file with object boxes/masks per photo (localisation metrics)")
     p.add_argument("--param", action="append", help="metric parameter METRIC.NAME=VALUE, e.g. deletion.step=448")
     p.add_argument("--no-random", action="store_true", help="do not add the random-map baseline")
+    p.add_argument("--save-maps", action="store_true", help="keep the maps: OUT/maps/METHOD/ (maps.npz + "
+                                                            "explanation.json, one map per photo in order)")
     from .common import add_model_args
 
     add_model_args(p)

@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import add_model_args, demo_steps, photo_source, progress, target_from_args, unique_stems
+from .common import add_model_args, demo_steps, photo_sources, progress, target_from_args, unique_stems
 
 DEMO_METHODS = ["gradcam", "gradcam_pp", "hirescam", "layercam", "eigencam", "saliency", "integrated_gradients",
                 "smoothgrad", "guided_backprop"]
@@ -19,7 +19,7 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     partial output behind.
     """
     from .. import methods as registry
-    from ..models import load_model
+    from ..datasets.runner import load_subject as load_model
     from ..present import viz
     from ..methods import explain
     from ..images import load_image
@@ -28,7 +28,7 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     for m in methods:
         registry.get(m)  # fail on an unknown method before any work
     subject = load_model(model)
-    sources = [photo_source(p) for p in photos]
+    sources = photo_sources(photos, quiet)
     stems = unique_stems([stem for _, stem in sources])
     results = []
     for (src, _), stem in progress(list(zip(sources, stems)), quiet, "explaining"):
@@ -94,7 +94,8 @@ def cmd_demo(args):
 
 def register(sub):
     p = sub.add_parser("explain", help="explain photos with one or more methods")
-    p.add_argument("photos", nargs="+", help="image files or bundled photo names (chelsea, coffee, ...)")
+    p.add_argument("photos", nargs="+", help="image files, bundled photo names (chelsea, coffee, ...), or "
+                                              "sources: a folder, a .csv/.jsonl list, parts:N, hf:DIR, bundled")
     p.add_argument("--method", action="append", help="method name (repeat for several); default gradcam")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--grid", action="store_true", help="also write grid.png")

@@ -11,7 +11,8 @@ def register(subparsers):
     from .common import add_model_args
 
     p = subparsers.add_parser("report", help="write a self-contained HTML report (maps, words, metrics)")
-    p.add_argument("photos", nargs="+", help="image files or bundled photo names (chelsea, coffee, ...)")
+    p.add_argument("photos", nargs="+", help="image files, bundled photo names (chelsea, coffee, ...), or "
+                                              "sources: a folder, a .csv/.jsonl list, parts:N, hf:DIR, bundled")
     p.add_argument("--method", action="append", help="method name (repeat for several); default gradcam")
     p.add_argument("--metric", action="append", help="metric name (repeat for several); default none")
     p.add_argument("--steps", type=int, default=None,
@@ -23,9 +24,9 @@ def register(subparsers):
 
 
 def cmd_report(args):
-    from ..models import load_model
+    from ..datasets.runner import load_subject as load_model
     from ..present import report
-    from .common import photo_source, progress, target_from_args
+    from .common import photo_sources, progress, target_from_args
 
     out = Path(args.out)
     if out.exists() and out.is_dir():
@@ -33,7 +34,7 @@ def cmd_report(args):
     methods = args.method or ["gradcam"]
     metrics = args.metric or []
     target = target_from_args(args)
-    sources = [photo_source(p) for p in args.photos]  # unknown photos fail before the model loads
+    sources = photo_sources(args.photos, args.quiet)  # unknown photos fail before the model loads
     subject = load_model(args.model)
     metric_params = None
     if args.steps is not None:
@@ -62,7 +63,7 @@ def demo_step(out_dir, summary, args):
     import torch
 
     from .. import data
-    from ..models import load_model
+    from ..datasets.runner import load_subject as load_model
     from ..present import report
     from ..explanation import Explanation
 

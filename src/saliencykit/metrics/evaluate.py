@@ -319,5 +319,7 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
             p = {**cls.defaults, **params.get(m, {})}
             results[m] = inst.compute(ctx, exps, **p)
             seconds[m] = time.perf_counter() - t0
-    return EvaluationResult(results, names, resolved.describe(), shared.per_image(B), seconds, seed,
-                            {m: {**classes[m].defaults, **params.get(m, {})} for m in classes})
+    out = EvaluationResult(results, names, resolved.describe(), shared.per_image(B), seconds, seed,
+                           {m: {**classes[m].defaults, **params.get(m, {})} for m in classes})
+    out.logits = logits.detach().cpu()   # the clean pass: predictions without another forward
+    return out

@@ -313,7 +313,10 @@ def to_tensor(images: np.ndarray):
     """uint8 `[N,H,W,3]` -> float `[N,3,H,W]` normalised with mean = std = 0.5."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    arr = np.ascontiguousarray(images)
+    if not arr.flags.writeable:   # a PIL image's buffer: torch wants memory it may write
+        arr = arr.copy()
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
     return (x - 0.5) / 0.5
 
 
