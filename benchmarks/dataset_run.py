@@ -143,10 +143,18 @@ def compare(label, source, images_for_loop, model, n_images, args, step):
     t0 = time.perf_counter()
     plain_loop(subject, images_for_loop, layer, args.ig_steps, args.rise_masks, step)
     t_loop = time.perf_counter() - t0
-    return [(label, "saliencykit run", n_images / t_run, f"{t_run:.1f} s; overhead {100 * (t_run - compute) / t_run:.1f} %"),
+    rows = [(label, "saliencykit run", n_images / t_run, f"{t_run:.1f} s; overhead {100 * (t_run - compute) / t_run:.1f} %"),
             (label, "plain loop (Captum + pytorch-grad-cam + hand-written RISE, deletion, insertion)",
              n_images / t_loop, f"{t_loop:.1f} s"),
             (label, "ratio run / loop", t_loop / t_run, "")]
+    for r in rows:
+        print_row(r)
+    return rows
+
+
+def print_row(r):
+    label, who, v, note = r
+    print(f"| {label} | {who} | {v:.3f} | {note} |", flush=True)
 
 
 def ray_section(n: int, args) -> list:
@@ -225,6 +233,9 @@ def main(argv=None):
     ap.add_argument("--resume-images", type=int, default=0, help="parts images for the resume timings (0 to skip)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}; methods gradcam, integrated_gradients ({args.ig_steps} steps), rise "
+          f"({args.rise_masks} masks); metrics deletion + insertion\n")
+    print("| workload | who | images/s | notes |\n|---|---|---|---|", flush=True)
     rows = []
     if args.parts:
         from saliencykit.datasets import open_source
@@ -240,14 +251,11 @@ def main(argv=None):
             rows += compare(f"{args.photos} photos (224 px, EfficientNet-Lite0)", str(folder), paths,
                             "efficientnet_lite0", args.photos, args, step=224)
     if args.ray_images:
-        rows += ray_section(args.ray_images, args)
+        for r in ray_section(args.ray_images, args):
+            print_row(r)
     if args.resume_images:
-        rows += resume_section(args.resume_images, args)
-    print(f"threads {args.threads}; methods gradcam, integrated_gradients ({args.ig_steps} steps), rise "
-          f"({args.rise_masks} masks); metrics deletion + insertion\n")
-    print("| workload | who | images/s | notes |\n|---|---|---|---|")
-    for label, who, v, note in rows:
-        print(f"| {label} | {who} | {v:.3f} | {note} |")
+        for r in resume_section(args.resume_images, args):
+            print_row(r)
 
 
 if __name__ == "__main__":

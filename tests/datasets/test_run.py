@@ -260,3 +260,25 @@ def test_ray_local_cluster_gives_the_same_bytes(reference, tmp_path):
         ray.shutdown()
     _same_bytes(reference.root, out)
     assert r.complete
+
+
+def test_target_label_needs_a_labelled_source(tmp_path):
+    with pytest.raises(SaliencyError, match="source has no labels"):
+        run("bundled:chelsea", out=tmp_path / "r", target="label", **{**KW, "method": ["gradcam"], "params": {}})
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_imagenet_folder_named_by_wordnet_ids_gives_labels_the_model_knows(tmp_path):
+    """An ImageNet-style ImageFolder (folders named n01440764, ...) explains the labelled class."""
+    d = tmp_path / "val"
+    (d / "n02123045").mkdir(parents=True)     # tabby cat, class 281
+    (d / "n07920052").mkdir()                 # espresso, class 967
+    sk.data.image("chelsea").save(d / "n02123045" / "chelsea.jpg")
+    sk.data.image("coffee").save(d / "n07920052" / "coffee.jpg")
+    r = run(str(d), model="efficientnet_lite0", method="gradcam", out=tmp_path / "r", target="label",
+            progress=False, workers=0, threads=1)
+    assert r.errors.empty
+    assert dict(zip(r.rows["image"], r.rows["target_index"])) == {"n02123045/chelsea.jpg": 281,
+                                                                  "n07920052/coffee.jpg": 967}
+    assert dict(zip(r.rows["image"], r.rows["prediction_index"]))["n07920052/coffee.jpg"] == 967

@@ -2,6 +2,7 @@
 (`ray_runner.run_on_ray`); both share the plan, the batch code and the shard writer."""
 from __future__ import annotations
 
+from ..errors import SaliencyError
 from .runner import build_config, prepare, run_local
 from .sources import open_source
 from .store import load_run
@@ -19,6 +20,10 @@ def run(source, model="efficientnet_lite0", method="gradcam", metric=(), out="ru
     cfg = build_config(subject.name if subject is not None else model, method, metric, params, target, layer,
                        seed, batch, batch_size, shard_size, maps, limit, shuffle, random_baseline)
     src = open_source(source)
+    if cfg.target == "label" and not src.has_labels:
+        raise SaliencyError(f"--target label explains each image's labelled class, but this {src.kind} source has "
+                            "no labels (an ImageFolder layout, a list with a label column, or a labelled dataset "
+                            "has them)")
     rd, manifest, plan = prepare(src, out, cfg, force=force, progress=progress)
     stats = {}
     if ray is not None and ray is not False:

