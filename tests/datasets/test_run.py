@@ -282,3 +282,12 @@ def test_imagenet_folder_named_by_wordnet_ids_gives_labels_the_model_knows(tmp_p
     assert dict(zip(r.rows["image"], r.rows["target_index"])) == {"n02123045/chelsea.jpg": 281,
                                                                   "n07920052/coffee.jpg": 967}
     assert dict(zip(r.rows["image"], r.rows["prediction_index"]))["n07920052/coffee.jpg"] == 967
+
+
+def test_a_local_run_never_imports_ray(tmp_path):
+    code = ("import sys, saliencykit as sk; sk.run('parts:4', model='parts_cnn', method='gradcam', out=sys.argv[1], "
+            "progress=False, workers=0); print('ray' in sys.modules, 'datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]     # neither Ray nor Hugging Face datasets was loaded
