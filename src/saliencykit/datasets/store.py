@@ -5,8 +5,10 @@
                                     one column per metric (named as the metric), passes, seed
     RUN/errors/shard-00000.parquet  one row per input that failed: image, path, stage, reason
     RUN/maps/shard-00000.parquet    the maps as float16 (layer resolution, and/or input resolution)
-    RUN/timing/shard-00000.parquet  seconds per row (kept apart so the rows are byte-identical
-                                    between two runs of the same command)
+    RUN/timing/shard-00000.parquet  seconds per row: the method's own (`seconds`), its share of the
+                                    metrics (`metric_seconds`) and of the batch's whole explain +
+                                    evaluate wall time (`compute_seconds`); kept apart so the rows
+                                    are byte-identical between two runs of the same command
 
 A shard is committed by its rows file: maps, errors and timing are written first, each through a
 temporary file and a rename, and the rows file last. A shard without a rows file is not done and
@@ -79,7 +81,8 @@ def timing_schema():
     import pyarrow as pa
 
     return pa.schema([("image", pa.string()), ("index", pa.int64()), ("method", pa.string()),
-                      ("seconds", pa.float64()), ("metric_seconds", pa.float64())])
+                      ("seconds", pa.float64()), ("metric_seconds", pa.float64()),
+                      ("compute_seconds", pa.float64())])
 
 
 def table(records: list[dict], schema):
@@ -297,7 +300,8 @@ def load_run(path) -> Run:
         rows["versions"] = rows["versions"].astype(str)
     timing = _read_parts(root, "timing", timing_schema()).to_pandas()
     if len(rows) and len(timing):
-        rows = rows.merge(timing[["index", "method", "seconds", "metric_seconds"]], on=["index", "method"],
+        rows = rows.merge(timing[["index", "method", "seconds", "metric_seconds", "compute_seconds"]],
+                          on=["index", "method"],
                           how="left")
     errors = _read_parts(root, "errors", error_schema()).to_pandas()
     return Run(root, manifest, rows, errors)
