@@ -1,3 +1,9 @@
-"""Concept explanations (the roadmap's step after datasets): concept banks (CRAFT, ACE), concept
-importance, CRP, prototypes, counterfactuals, feature visualisation and class summaries. Empty
-until that work lands; it may import the core, methods, metrics, tasks and datasets."""
+"""Concept explanations: what the model saw, not only where. Today: CRAFT concept banks
+(`extract`), where each concept sits in an image (`concept_maps`) and the `Concept(bank, k)`
+target that every method explains. Planned here: ACE/TCAV, concept importance, CRP, prototypes,
+counterfactuals, feature visualisation and class summaries. This room may import the core,
+methods, metrics, tasks and datasets. See docs/concepts.md."""
+from .bank import ConceptBank, ConceptMaps, concept_maps, extract  # noqa: F401
+from .target import Concept, ConceptSubject  # noqa: F401
+
+__all__ = ["extract", "ConceptBank", "ConceptMaps", "concept_maps", "Concept", "ConceptSubject"]

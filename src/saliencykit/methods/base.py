@@ -329,6 +329,9 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
 
     if isinstance(subject, torch.nn.Module) and not isinstance(subject, Subject):
         subject = Subject(subject)
+    view = getattr(target, "subject_view", None)   # a target explained on a view of the model (a Concept)
+    if callable(view):
+        subject, target = view(subject)
     kind = getattr(subject, "subject_kind", None)  # Subject (and its task subclasses), Detector
     if not isinstance(kind, str):
         raise SaliencyError(f"explain needs a Subject, an nn.Module or a Detector, got {type(subject).__name__}")

@@ -261,6 +261,9 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
             subject = Subject(subject)
         else:
             raise SaliencyError(f"evaluate needs a Subject or nn.Module, got {type(subject).__name__}")
+    view = getattr(target, "subject_view", None)   # a target scored on a view of the model (a Concept)
+    if callable(view):
+        subject, target = view(subject)
     x = subject.check_input(x)
     if isinstance(explanations, Explanation):
         exps = {explanations.method: explanations}
