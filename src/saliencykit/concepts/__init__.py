@@ -1,9 +1,11 @@
 """Concept explanations: what the model saw, not only where. Today: CRAFT concept banks
-(`extract`), where each concept sits in an image (`concept_maps`) and the `Concept(bank, k)`
+(`extract`), where each concept sits in an image (`concept_maps`), how much each matters
+(`importance`: Sobol total-order indices beside gradient x coefficient) and the `Concept(bank, k)`
 target that every method explains. Planned here: ACE/TCAV, concept importance, CRP, prototypes,
 counterfactuals, feature visualisation and class summaries. This room may import the core,
 methods, metrics, tasks and datasets. See docs/concepts.md."""
 from .bank import ConceptBank, ConceptMaps, concept_maps, extract  # noqa: F401
+from .importance import ConceptImportance, importance  # noqa: F401
 from .target import Concept, ConceptSubject  # noqa: F401
 
-__all__ = ["extract", "ConceptBank", "ConceptMaps", "concept_maps", "Concept", "ConceptSubject"]
+__all__ = ["importance", "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps", "Concept", "ConceptSubject"]
