@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import inference
 from .errors import SaliencyError
+from .hooks import this_thread_only
 from .targets import ResolvedTarget
 
 DEFAULT_BATCH = 32      # the most rows per chunk: more does not pay on a CPU and rarely on a GPU
@@ -68,7 +69,7 @@ def row_cost_bytes(subject, shape) -> tuple[int, int]:
             if isinstance(out, torch.Tensor):
                 sizes.append(out.numel() * out.element_size())
 
-        handles = [m.register_forward_hook(hook) for m in subject.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(this_thread_only(hook)) for m in subject.model.modules() if not list(m.children())]
         try:
             with torch.inference_mode():
                 subject.forward(torch.zeros((1, *shape[1:]), device=subject.device, dtype=dtype))

@@ -32,3 +32,17 @@ def positive_float(value, what: str, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise SaliencyError(f"{what} must be a finite number {bound}, got {value!r}")
     return float(value)
+
+
+def resolve_seed(seed) -> int:
+    """The seed a call runs with: an int >= 0 as given; None draws a fresh one from the operating
+    system's entropy (recorded like a given one, so the run can be repeated); anything else is refused."""
+    import secrets
+
+    import numpy as np
+
+    if seed is None:
+        return secrets.randbits(31)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise SaliencyError(f"seed must be an integer >= 0 or None (a fresh seed), got {seed!r}")
+    return int(seed)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import SaliencyError
+from .hooks import model_lock, this_thread_only
 
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, load_image  # noqa: F401  (re-exported)
 
@@ -48,6 +51,13 @@ def extract_logits(output) -> torch.Tensor:
     return logits
 
 
+# model -> [calls inside `Subject.explaining()`, training flags, in-place flags] as the first call
+# found them: the last call to leave restores them, so overlapping calls from several threads
+# never restore a state another one is still running under
+_EXPLAINING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_EXPLAINING_LOCK = threading.Lock()
+
+
 @dataclass
 class _Recording:
     outputs: list = field(default_factory=list)
@@ -75,7 +85,7 @@ class LayerCapture:
             def hook(_mod, _inp, out, rec=rec):
                 rec.outputs.append(out)
 
-            self._handles.append(module.register_forward_hook(hook))
+            self._handles.append(module.register_forward_hook(this_thread_only(hook)))
         return self
 
     def __exit__(self, *exc):
@@ -333,7 +343,7 @@ class Subject:
             # adaptive pooling resamples to a fixed grid (VGG's 7x7 `avgpool` copies a 2x2 map at
             # 64 px): its output is spatial but adds no location evidence, so it is never the layer
             if name and not isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-                handles.append(mod.register_forward_hook(make_hook(name)))
+                handles.append(mod.register_forward_hook(this_thread_only(make_hook(name))))
         try:
             with self.explaining(), torch.no_grad():
                 self.forward(probe)
@@ -378,22 +388,36 @@ class Subject:
     # ------------------------------------------------------------------- state handling
     @contextlib.contextmanager
     def explaining(self) -> Iterator["Subject"]:
-        """Eval mode and no in-place activations for the duration; everything restored after."""
+        """Eval mode and no in-place activations for the duration; everything restored after.
+
+        Calls may overlap (several threads explaining with one model): the first to enter records
+        the flags, the last to leave restores them.
+        """
         model = self.model
-        training = {m: m.training for m in model.modules()}
-        inplace = {}
-        for m in model.modules():
-            if isinstance(getattr(m, "inplace", None), bool) and m.inplace:
-                inplace[m] = True
-                m.inplace = False
-        model.eval()
+        lock = model_lock(model)
+        lock.acquire(exclusive=False)  # a method changing the weights waits until this call is done
+        with _EXPLAINING_LOCK:
+            state = _EXPLAINING.get(model)
+            if state is None:
+                training = {m: m.training for m in model.modules()}
+                inplace = [m for m in model.modules() if isinstance(getattr(m, "inplace", None), bool) and m.inplace]
+                for m in inplace:
+                    m.inplace = False
+                model.eval()
+                state = _EXPLAINING[model] = [0, training, inplace]
+            state[0] += 1
         try:
             yield self
         finally:
-            for m, was in training.items():
-                m.training = was
-            for m in inplace:
-                m.inplace = True
+            with _EXPLAINING_LOCK:
+                state[0] -= 1
+                if state[0] == 0:
+                    del _EXPLAINING[model]
+                    for m, was in state[1].items():
+                        m.training = was
+                    for m in state[2]:
+                        m.inplace = True
+            lock.release()
 
     def state_fingerprint(self) -> dict:
         """What must be identical before and after an explanation (used by tests)."""

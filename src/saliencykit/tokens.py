@@ -21,6 +21,8 @@ DeiT, DINOv2, CLIP) and timm `Attention` modules (`fused_attn` + `attn_drop`).
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from typing import Callable
 
 import torch
@@ -28,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SaliencyError
+from .hooks import shared_setting, this_thread_only
 
-_MISSING = object()
 MAX_PREFIX = 16
 
 
@@ -175,8 +177,8 @@ def _check_token_layer(subject, name: str):
     [B, h, w, C] (Swin-style models) would be misread as [B, C, h, w], so they are refused."""
     module = dict(subject.model.named_modules())[name]
     shapes = []
-    handle = module.register_forward_hook(
-        lambda _m, _i, out: shapes.append(tuple((out[0] if isinstance(out, (tuple, list)) else out).shape)))
+    handle = module.register_forward_hook(this_thread_only(
+        lambda _m, _i, out: shapes.append(tuple((out[0] if isinstance(out, (tuple, list)) else out).shape))))
     probe = torch.zeros(1, subject.in_channels, *subject.input_size, device=subject.device)
     try:
         with subject.explaining(), torch.no_grad():
@@ -273,51 +275,68 @@ class AttentionTap:
             self.block_out.append(t)
             return None
 
-        h1 = block.register_forward_pre_hook(pre, with_kwargs=True)
-        h2 = block.register_forward_hook(post, with_kwargs=True)
+        h1 = block.register_forward_pre_hook(this_thread_only(pre), with_kwargs=True)
+        h2 = block.register_forward_hook(this_thread_only(post), with_kwargs=True)
         self._undo.append(h1.remove)
         self._undo.append(h2.remove)
 
     def _install_hf(self, mod):
         cfg = mod.config
-        old = cfg._attn_implementation
-        if old != "eager":
-            cfg._attn_implementation = "eager"
-            self._undo.append(lambda: setattr(cfg, "_attn_implementation", old))
+        self._undo.append(shared_setting(cfg, "_attn_implementation", "eager"))
 
         def hook(_m, _i, out):
             if not (isinstance(out, (tuple, list)) and len(out) > 1 and isinstance(out[1], torch.Tensor)):
                 raise SaliencyError(f"{type(mod).__name__} did not return its attention probabilities")
             self._record(out[1])
 
-        self._undo.append(mod.register_forward_hook(hook).remove)
+        self._undo.append(mod.register_forward_hook(this_thread_only(hook)).remove)
 
     def _install_timm(self, mod):
-        old = mod.fused_attn
-        mod.fused_attn = False
-        self._undo.append(lambda: setattr(mod, "fused_attn", old))
+        self._undo.append(shared_setting(mod, "fused_attn", False))
         # in eval mode attn_drop returns its input itself: the recorded tensor is the one used next
-        self._undo.append(mod.attn_drop.register_forward_hook(lambda _m, _i, out: self._record(out)).remove)
+        self._undo.append(mod.attn_drop.register_forward_hook(this_thread_only(lambda _m, _i, out: self._record(out))).remove)
 
     def _install_mha(self, mod):
-        previous = mod.__dict__.get("forward", _MISSING)
-        tap = self
+        # one explicit forward per module, shared by the overlapping calls of several threads; each
+        # thread's forwards record into that thread's tap, other forwards run the module's own
+        owner = threading.get_ident()
+        with _MHA_LOCK:
+            taps = _MHA_TAPS.setdefault(mod, {})
+            taps.setdefault(owner, []).append(self)
+        try:
+            self._undo.append(shared_setting(mod, "forward", _tapped_mha_forward(mod)))
+        finally:
+            self._undo.append(lambda: _drop_mha_tap(mod, owner, self))
 
-        def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                    average_attn_weights=True, is_causal=False):
-            return _explicit_mha(mod, tap, query, key, value, key_padding_mask, need_weights, attn_mask,
-                                 average_attn_weights, is_causal)
 
-        mod.forward = forward
+_MHA_LOCK = threading.Lock()
+# MultiheadAttention module -> {thread id: [taps of that thread's calls, innermost last]}
+_MHA_TAPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-        def undo():
-            if previous is _MISSING:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = previous
 
-        self._undo.append(undo)
+def _drop_mha_tap(mod, owner, tap):
+    with _MHA_LOCK:
+        taps = _MHA_TAPS.get(mod, {})
+        mine = taps.get(owner, [])
+        if tap in mine:
+            mine.remove(tap)
+        if not mine:
+            taps.pop(owner, None)
 
+
+def _tapped_mha_forward(mod: nn.MultiheadAttention):
+    own_forward = type(mod).forward.__get__(mod)
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        mine = _MHA_TAPS.get(mod, {}).get(threading.get_ident())
+        if not mine:
+            return own_forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                               attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return _explicit_mha(mod, mine[-1], query, key, value, key_padding_mask, need_weights, attn_mask,
+                             average_attn_weights, is_causal)
+
+    return forward
 
 
 def mha_projections(mod: nn.MultiheadAttention):

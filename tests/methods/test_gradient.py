@@ -320,12 +320,14 @@ def test_guided_backprop_without_relus_is_the_gradient():
     s = subject_of(SmallNet(act=None))
     x = make(18, (2, 3, 16, 16))
     sal = attributions(s, x, "saliency")
-    assert torch.equal(attributions(s, x, "guided_backprop"), sal)
-    assert torch.equal(attributions(s, x, "deconvnet"), sal)
+    # a rule that reached nothing is said, never silent (the map is the gradient)
+    for method in ("guided_backprop", "deconvnet"):
+        with pytest.warns(UserWarning, match="reached no ReLU-family activation"):
+            assert torch.equal(attributions(s, x, method), sal)
     # a smooth activation passes ordinary gradients; the library says so with a warning
     torch.manual_seed(17)
     sp = subject_of(SmallNet(nn.Tanh))
-    with pytest.warns(UserWarning, match="Tanh"):
+    with pytest.warns(UserWarning, match="tanh x2"):
         gbp = attributions(sp, x, "guided_backprop")
     assert torch.equal(gbp, attributions(sp, x, "saliency"))
 
@@ -704,3 +706,93 @@ def test_last_user_of_the_clean_pass_frees_its_graph(tiny, tiny_x):
         kept.input_gradient(target)
         kept.capture(["act2"], target)
         assert not kept._graph_freed and kept.counter.forward == 2
+
+
+# ------------------------------------------------ every spelling of a ReLU gets the modified rule
+RELU_SPELLINGS = {
+    "torch.relu": torch.relu,
+    "Tensor.relu": lambda t: t.relu(),
+    "F.relu_": lambda t: F.relu_(t.clone()),
+    "Tensor.relu_ (result unused)": lambda t: (lambda c: (c.relu_(), c)[1])(t.clone()),
+    "F.relu(inplace=True)": lambda t: F.relu(t.clone(), inplace=True),
+    "clamp(min=0)": lambda t: t.clamp(min=0),
+    "torch.clamp(t, 0)": lambda t: torch.clamp(t, 0),
+    "clamp_min(0)": lambda t: t.clamp_min(0),
+    "clamp_min_(0)": lambda t: t.clone().clamp_min_(0),
+    "F.threshold(t, 0, 0)": lambda t: F.threshold(t, 0.0, 0.0),
+}
+
+
+class SpelledReLUNet(SmallNet):
+    """SmallNet's layout with its ReLUs written as `act` (a function of the tensor)."""
+
+    def __init__(self, act):
+        super().__init__(nn.ReLU)
+        self.spelled = act
+
+    def forward(self, x):
+        x = self.spelled(self.conv2(self.spelled(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("spelling", list(RELU_SPELLINGS))
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet"])
+def test_every_relu_spelling_is_reached(method, spelling):
+    # Before, only nn.ReLU modules and F.relu were reached: a model writing torch.relu, x.relu(),
+    # F.relu_ or clamp(min=0) got the plain gradient under the guided backprop name, silently. The
+    # same weights with nn.ReLU modules give the reference; float64, so 1e-12 is rounding only.
+    torch.manual_seed(21)
+    ref_model = SmallNet(nn.ReLU)
+    spelled = SpelledReLUNet(RELU_SPELLINGS[spelling])
+    spelled.load_state_dict(ref_model.state_dict(), strict=False)
+    sm, ss = subject_of(ref_model), subject_of(spelled)
+    x = make(22, (2, 3, 16, 16))
+    ref = explain(sm, x, method)
+    got = explain(ss, x, method)
+    assert torch.allclose(got.attributions, ref.attributions, rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(got.attributions, explain(ss, x, "saliency").attributions, atol=1e-6)
+    assert got.extras["relu_rule"]["modified_calls"] == 2  # both activations reached, once each
+
+
+def test_relu_rule_reports_other_activations_and_what_it_reached():
+    # part reached: SiLU calls pass ordinary gradients; the Explanation says how many of each
+    class Mixed(SmallNet):
+        def forward(self, x):
+            x = F.silu(self.conv2(torch.relu(self.conv1(x))))
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(3)
+    s = subject_of(Mixed(nn.ReLU))
+    with pytest.warns(UserWarning, match="silu x1"):
+        e = explain(s, make(4, (1, 3, 16, 16)), "guided_backprop")
+    assert e.extras["relu_rule"] == {"modified_calls": 1, "other_activation_calls": {"silu": 1}}
+
+
+def test_relu_rule_on_torchscript_says_it_reached_nothing():
+    # a scripted model's graph is not seen by torch functions: the map would be the plain gradient,
+    # so the call says so instead of returning it under the guided name silently
+    torch.manual_seed(5)
+    scripted = torch.jit.script(SmallNet(nn.ReLU).double().eval())
+    s = Subject(scripted, input_size=(16, 16), name="scripted")
+    x = make(6, (1, 3, 16, 16))
+    with pytest.warns(UserWarning, match="reached no ReLU-family activation"):
+        e = explain(s, x, "guided_backprop")
+    assert e.extras["relu_rule"]["modified_calls"] == 0
+    assert torch.equal(e.attributions, explain(s, x, "saliency").attributions)
+
+
+def test_relu_rule_is_not_applied_to_other_clamps():
+    # clamp(min=-1), clamp(max=0) and a tensor floor are no ReLU: the rule leaves them, the map is the gradient
+    class Clamps(SmallNet):
+        def forward(self, x):
+            h = self.conv1(x).clamp(min=-1.0)
+            h = torch.clamp(self.conv2(h), max=0.5)
+            h = h.clamp_min(torch.zeros(()).to(h))
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(7)
+    s = subject_of(Clamps(nn.ReLU))
+    x = make(8, (1, 3, 16, 16))
+    with pytest.warns(UserWarning, match="reached no ReLU-family"):
+        e = explain(s, x, "guided_backprop")
+    assert torch.equal(e.attributions, explain(s, x, "saliency").attributions)

@@ -1,6 +1,7 @@
 """Method registry, the per-call context that lets methods share passes, and `explain()`."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from typing import Any, Sequence
@@ -8,7 +9,8 @@ from typing import Any, Sequence
 import torch
 
 from ..engine import DEFAULT_BATCH, GradResult, PassCounter, auto_batch, forward_logits, gradient_pass
-from ..errors import SaliencyError
+from ..errors import SaliencyError, positive_int, resolve_seed
+from ..hooks import model_lock
 from ..explanation import Explanation
 from ..targets import ResolvedTarget, Target
 
@@ -44,6 +46,9 @@ class Method:
     experimental: bool = False
     uses_layer: bool = False
     clean_pass: bool = False  # uses gradients/activations of the clean input (shares `Context.prime`)
+    # changes the model's weights for a moment (and restores them): its call has the model to
+    # itself, other threads' calls on that model wait (`hooks.model_lock`)
+    changes_model: bool = False
     # a classmethod `prime(ctx)` when the method, run first, can make the clean forward that fixes
     # the target itself (under its own rules: `Context.prime_under`); None otherwise
     prime = None
@@ -73,21 +78,31 @@ def available(include_experimental: bool = True) -> dict[str, dict]:
             if name == cls.name and (include_experimental or not cls.experimental)}
 
 
+def method_key(name: str) -> str:
+    """The spelling-free form of a method name: case, '-', '_', '.' and spaces do not count and
+    '+' reads as 'p' ("Grad-CAM", "GradCAM", "grad_cam" -> "gradcam"; "gradcam++" -> "gradcampp")."""
+    return "".join("p" if ch == "+" else ch for ch in name.lower() if ch not in "-_. ")
+
+
 def get(name: str, kind: str = "classifier") -> type[Method]:
-    """The method registered under `name` (or an alias) for subjects of `kind`."""
+    """The method registered under `name` (or an alias, in any spelling: `method_key`) for subjects
+    of `kind`. Every entry point resolves names here, before any computation, and reports results
+    under the canonical `Method.name`."""
     if not isinstance(name, str):
         raise SaliencyError(f"method must be given by name, got {type(name).__name__}")
-    key = name.lower().replace("-", "_")
-    if key not in REGISTRY:
+    key = method_key(name)
+    spelled = {method_key(n): n for n in REGISTRY}
+    if key not in spelled:
         import difflib
 
         names = sorted(n for n, c in REGISTRY.items() if n == c.name)
-        close = difflib.get_close_matches(key, names, n=3)
+        close = difflib.get_close_matches(name.lower().replace("-", "_"), names, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise SaliencyError(f"unknown method {name!r}.{hint} Available: {', '.join(names)}")
-    cls = BY_KIND.get((kind, key))
+    registered = spelled[key]
+    cls = BY_KIND.get((kind, registered))
     if cls is None:
-        raise SaliencyError(REGISTRY[key].wrong_subject(kind))
+        raise SaliencyError(REGISTRY[registered].wrong_subject(kind))
     return cls
 
 
@@ -199,16 +214,17 @@ class Context:
         handed over once (None if there was no such pass)."""
         return self._own_primed.pop(key, None)
 
-    def own_input_gradient(self, key, target: ResolvedTarget) -> torch.Tensor | None:
-        """Input gradient through the graph `prime_under(key, ...)` kept (used once, then freed)."""
+    def own_input_gradient(self, key, target: ResolvedTarget):
+        """`(input gradient, what the rules' context manager returned)` through the graph
+        `prime_under(key, ...)` kept (used once, then freed); None if there was no such pass."""
         primed = self.take_own_primed(key)
         if primed is None:
             return None
-        xin, logits, _ = primed
+        xin, logits, recorded = primed
         with torch.enable_grad():
             (g,) = torch.autograd.grad(target.score(logits).sum(), xin, allow_unused=True)
         self.counter.add(backward=self.batch)
-        return torch.zeros_like(xin) if g is None else g.detach()
+        return (torch.zeros_like(xin) if g is None else g.detach()), recorded
 
     def input_gradient(self, target: ResolvedTarget) -> torch.Tensor | None:
         """Gradient of the target w.r.t. the clean input from the primed pass (None if not primed)."""
@@ -230,7 +246,9 @@ class Context:
         return self._logits
 
     def resolve(self, target: Target) -> ResolvedTarget:
-        resolved = target.resolve(self.subject, self.logits())
+        logits = self.logits()
+        check_finite_output(logits, self.subject)
+        resolved = target.resolve(self.subject, logits)
         if len(resolved) != self.batch:
             raise SaliencyError(f"target resolved to {len(resolved)} examples for a batch of {self.batch}")
         return resolved
@@ -272,6 +290,28 @@ class Context:
                                                 input_grad=input_grad, counter=self.counter)
             self._logits = self._captures[key].logits if self._logits is None else self._logits
         return self._captures[key]
+
+
+def check_finite_output(logits, subject=None) -> None:
+    """Refuse a clean pass whose scores are not all finite, naming the rows and classes: a NaN
+    would become the top-1 class (argmax) and every map would be NaN or zero."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        return
+    bad = ~torch.isfinite(logits)
+    if not bad.any():
+        return
+    rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist()
+    where = []
+    for r in rows[:4]:
+        cols = bad[r].reshape(-1).nonzero().flatten().tolist() if bad.dim() > 1 else []
+        label = getattr(subject, "label", None)
+        shown = ", ".join(label(c) if callable(label) else str(c) for c in cols[:5])
+        more = f" and {len(cols) - 5} more" if len(cols) > 5 else ""
+        where.append(f"row {r}: {len(cols)} class(es) ({shown}{more})")
+    more_rows = f"; and {len(rows) - 4} more rows" if len(rows) > 4 else ""
+    raise SaliencyError(f"the model's output on the input is not finite (NaN or infinite) in "
+                        f"{len(rows)} of {bad.shape[0]} rows: {'; '.join(where)}{more_rows}. No map can be made "
+                        "from it: check the model (weights, numerics) and the input's scale")
 
 
 def _prime_layers(ctx, layer) -> list[str]:
@@ -327,6 +367,7 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
     """
     from ..subject import Subject
 
+    t_call = time.perf_counter()
     if isinstance(subject, torch.nn.Module) and not isinstance(subject, Subject):
         subject = Subject(subject)
     view = getattr(target, "subject_view", None)   # a target explained on a view of the model (a Concept)
@@ -338,53 +379,100 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
     names = [method] if isinstance(method, str) else list(method)
     if not names:
         raise SaliencyError("no method given")
-    classes = [get(n, kind) for n in names]
+    classes = [get(n, kind) for n in names]  # every name resolved (and refused) before any pass runs
+    for cls in classes:
+        if sum(c is cls for c in classes) > 1:
+            same = [n for n, c in zip(names, classes) if c is cls]
+            raise SaliencyError(f"method {cls.name} is asked for more than once ({', '.join(map(repr, same))})")
     all_params = _split_params(classes, kwargs, params)
-    x = subject.check_input(x)
-    # the subject reads the target (a detector: Box targets); e.g. Text expands the batch to one
-    # row per prompt explained for one image
-    x, tgt = subject.target_for(target).expand_batch(x)
-    results: dict[str, Explanation] = {}
-    with subject.explaining():
-        ctx = Context(subject, x, seed=seed, batch_size=batch_size, progress=progress)
-        one_pass = x.shape[0] <= (batch_size or DEFAULT_BATCH)  # the clean batch fits one model call
-        if one_pass and any(cls.clean_pass for cls in classes):
-            layered = [cls for cls in classes if cls.clean_pass and cls.uses_layer]
-            layers = _prime_layers(ctx, layer) if layered else []
-            # cache-sized chunks (one probe forward per model and shape sizes them); a batch of
-            # fewer than 4 rows runs whole
-            chunk = batch_size or (auto_batch(subject, x.shape, grad=True, rows=x.shape[0])
-                                   if x.shape[0] >= 4 else None)
-            ctx.prime(layers, chunk=chunk)
-            ctx.primed_users = sum(1 for cls in classes if cls.clean_pass)
-        elif one_pass and classes[0].prime is not None:
-            classes[0].prime(ctx)  # its own clean forward also fixes the target
-        resolved = ctx.resolve(tgt)
-        first = True
-        for cls in classes:
-            # the clean forward that fixed the target is charged to the first method
-            before = (0, 0, 0) if first else (ctx.counter.forward, ctx.counter.backward, ctx.counter.batches)
-            first = False
-            shared_before = len(ctx._captures)
-            t0 = time.perf_counter()
-            inst = cls()
-            out = inst.run(ctx, resolved, layer, **all_params[cls.name])
-            seconds = time.perf_counter() - t0
-            if cls.clean_pass and ctx.primed_users is not None:
-                ctx.primed_users -= 1
-            fwd = ctx.counter.forward - before[0]
-            bwd = ctx.counter.backward - before[1]
-            b = ctx.batch
-            passes = {"forward": fwd / b, "backward": bwd / b, "model_calls": ctx.counter.batches - before[2]}
-            extras = dict(out.get("extras", {}))
-            if cls.uses_layer and len(ctx._captures) == shared_before and fwd == 0 and "layer" in out:
-                extras["shared_capture"] = True  # reused the pass another method of this call made
-            results[cls.name] = Explanation(
-                maps=out["maps"], method=cls.name, signed=out.get("signed", cls.signed),
-                target=resolved.describe(), layer=out.get("layer"),
-                params={k: v for k, v in all_params[cls.name].items()},
-                seed=seed if cls.randomized else None, passes=passes, seconds=seconds,
-                raw=out.get("raw"), attributions=out.get("attributions"), model=subject.name, extras=extras)
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "batch_size")
+    seed = resolve_seed(seed)
+    model = getattr(subject, "model", None)
+    exclusive = any(cls.changes_model for cls in classes)
+    lock = model_lock(model)(exclusive) if isinstance(model, torch.nn.Module) else contextlib.nullcontext()
+    # gradients cannot be taken under torch.inference_mode(): the call leaves it (as it leaves
+    # torch.no_grad()), and an input made under it is copied into an ordinary tensor
+    with torch.inference_mode(False), lock:
+        if isinstance(x, torch.Tensor) and x.is_inference():
+            x = x.clone()
+        x = subject.check_input(x)
+        # the subject reads the target (a detector: Box targets); e.g. Text expands the batch to one
+        # row per prompt explained for one image
+        x, tgt = subject.target_for(target).expand_batch(x)
+        with subject.explaining():
+            results = _run(subject, x, classes, tgt, layer, seed, batch_size, progress, all_params, t_call)
     if isinstance(method, str):
-        return results[names[0]]
+        return results[classes[0].name]
+    return results
+
+
+def _auto_layer_note(ctx, layer, classes) -> dict:
+    """For layer="auto": which layer was picked and why (`extras["layer_choice"]`), and a warning
+    when it is not the one the model's own input size gives (a small input ends the spatial maps early)."""
+    subject = ctx.subject
+    if not any(cls.uses_layer for cls in classes) or layer not in (None, "auto") or not hasattr(subject, "auto_layer"):
+        return {}
+    if getattr(subject, "default_layer", "auto") not in (None, "auto"):
+        return {"layer_choice": f"the subject's default layer {subject.default_layer!r}"}
+    picked = subject.auto_layer(ctx.x)
+    size = tuple(ctx.x.shape[-2:])
+    note = {"layer_choice": f"layer='auto' picked {picked!r}: the last layer whose output is a spatial map "
+                            f"(height and width > 1) at input {size[0]}x{size[1]}"}
+    if size != tuple(subject.input_size):
+        usual = subject.auto_layer(None)
+        if usual != picked:
+            import warnings
+
+            warnings.warn(f"layer='auto' picked {picked!r}, not {usual!r} (the last spatial layer at the model's input "
+                          f"size {subject.input_size[0]}x{subject.input_size[1]}): at {size[0]}x{size[1]} the later "
+                          f"layers' maps are 1x1; pass layer= to choose", stacklevel=4)
+            note["layer_choice"] += f"; at the model's input size it would be {usual!r}"
+    return note
+
+
+def _run(subject, x, classes, tgt, layer, seed, batch_size, progress, all_params, t_call) -> dict:
+    results: dict[str, Explanation] = {}
+    ctx = Context(subject, x, seed=seed, batch_size=batch_size, progress=progress)
+    one_pass = x.shape[0] <= (batch_size or DEFAULT_BATCH)  # the clean batch fits one model call
+    if one_pass and any(cls.clean_pass for cls in classes):
+        layered = [cls for cls in classes if cls.clean_pass and cls.uses_layer]
+        layers = _prime_layers(ctx, layer) if layered else []
+        # cache-sized chunks (one probe forward per model and shape sizes them); a batch of
+        # fewer than 4 rows runs whole
+        chunk = batch_size or (auto_batch(subject, x.shape, grad=True, rows=x.shape[0])
+                               if x.shape[0] >= 4 else None)
+        ctx.prime(layers, chunk=chunk)
+        ctx.primed_users = sum(1 for cls in classes if cls.clean_pass)
+    elif one_pass and classes[0].prime is not None:
+        classes[0].prime(ctx)  # its own clean forward also fixes the target
+    resolved = ctx.resolve(tgt)
+    layer_note = _auto_layer_note(ctx, layer, classes)
+    first = True
+    for cls in classes:
+        # the clean forward that fixed the target is charged to the first method, passes and time
+        before = (0, 0, 0) if first else (ctx.counter.forward, ctx.counter.backward, ctx.counter.batches)
+        shared_before = len(ctx._captures)
+        t0 = t_call if first else time.perf_counter()
+        first = False
+        inst = cls()
+        out = inst.run(ctx, resolved, layer, **all_params[cls.name])
+        seconds = time.perf_counter() - t0
+        if cls.clean_pass and ctx.primed_users is not None:
+            ctx.primed_users -= 1
+        fwd = ctx.counter.forward - before[0]
+        bwd = ctx.counter.backward - before[1]
+        b = ctx.batch
+        passes = {"forward": fwd / b, "backward": bwd / b, "model_calls": ctx.counter.batches - before[2]}
+        extras = dict(out.get("extras", {}))
+        if cls.uses_layer and len(ctx._captures) == shared_before and fwd == 0 and "layer" in out:
+            extras["shared_capture"] = True  # reused the pass another method of this call made
+        if cls.uses_layer and layer_note:
+            extras.update(layer_note)
+        results[cls.name] = Explanation(
+            maps=out["maps"], method=cls.name, signed=out.get("signed", cls.signed),
+            target=resolved.describe(), layer=out.get("layer"),
+            params={k: v for k, v in all_params[cls.name].items()},
+            seed=seed if cls.randomized else None, passes=passes, seconds=seconds,
+            raw=out.get("raw"), attributions=out.get("attributions"), model=subject.name, extras=extras)
     return results

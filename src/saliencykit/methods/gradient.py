@@ -6,7 +6,6 @@ and reduce channels for the map (`reduce=`).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..engine import chunked_gradient, generator, reduce_channels
 from ..errors import SaliencyError, positive_float, positive_int
@@ -205,100 +205,151 @@ class VarGrad(_SmoothGradFamily):
     kind = "vargrad"
 
 
-class _ModifiedReLUBackward(torch.autograd.Function):
-    """Identity on the activation's output; backward replaces the ReLU rule.
+class _DeconvReLUBackward(torch.autograd.Function):
+    """Identity on the activation's output; backward passes ReLU(grad_out) to the activation's
+    input, whatever that input was: DeconvNet's rule (Zeiler & Fergus).
 
-    guided:   grad_in = ReLU(grad_out) * 1[lo < x < hi]     (Springenberg et al.)
-    deconv:   grad_in = ReLU(grad_out)                       (Zeiler & Fergus)
-
-    `modified_relu_backward` uses it for DeconvNet only: the guided rule is the activation's own
-    backward applied to ReLU(grad_out), which a gradient hook on the output gives for free.
+    The guided rule needs no such function: it is the activation's own backward applied to
+    ReLU(grad_out), which a gradient hook on the output gives for free.
     """
 
     @staticmethod
-    def forward(ctx, inp, out, lo, hi, guided):
-        ctx.save_for_backward(inp)
-        ctx.lo, ctx.hi, ctx.guided = lo, hi, guided
+    def forward(ctx, inp, out):
         return out.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        (inp,) = ctx.saved_tensors
-        grad_in = grad_out.clamp_min(0)
-        if ctx.guided:
-            mask = inp > ctx.lo
-            if ctx.hi is not None:
-                mask = mask & (inp < ctx.hi)
-            grad_in = grad_in * mask
-        return grad_in, None, None, None, None
+        return grad_out.clamp_min(0), None
 
 
 def _clamp_min_zero(grad: torch.Tensor) -> torch.Tensor:
     return grad.clamp_min(0)
 
 
-def _relu_range(module: nn.Module):
-    if isinstance(module, nn.ReLU):
+def _number(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _relu_calls() -> dict:
+    """How each ReLU-family call is read: function -> (parameter names, defaults, in place
+    (None: its `inplace` argument says), arguments -> (lo, hi) or None when the call is no ReLU)."""
+    def plain(_b):
         return 0.0, None
-    if isinstance(module, nn.ReLU6):
-        return 0.0, 6.0
-    if isinstance(module, nn.Hardtanh) and module.min_val == 0:
-        return 0.0, float(module.max_val)
-    return None
+
+    def hardtanh(b):
+        lo, hi = _number(b["min_val"]), _number(b["max_val"])
+        return (0.0, float(hi)) if lo == 0 and hi is not None and hi > 0 else None
+
+    def clamp(b):
+        lo, hi = _number(b.get("min")), b.get("max")
+        if lo != 0 or (hi is not None and (_number(hi) is None or hi <= 0)):
+            return None  # a tensor bound, another floor or no floor: not a ReLU
+        return 0.0, None if hi is None else float(hi)
+
+    def threshold(b):
+        return (0.0, None) if _number(b["threshold"]) == 0 and _number(b["value"]) == 0 else None
+
+    T = torch.Tensor
+    calls = {
+        F.relu: (("input", "inplace"), {"inplace": False}, None, plain),
+        F.relu6: (("input", "inplace"), {"inplace": False}, None, lambda _b: (0.0, 6.0)),
+        F.hardtanh: (("input", "min_val", "max_val", "inplace"), {"min_val": -1.0, "max_val": 1.0, "inplace": False},
+                     None, hardtanh),
+        F.threshold: (("input", "threshold", "value", "inplace"), {"inplace": False}, None, threshold),
+    }
+    for fn, inplace in ((torch.relu, False), (T.relu, False), (torch.relu_, True), (T.relu_, True)):
+        calls[fn] = (("input",), {}, inplace, plain)
+    for fn, inplace in ((torch.clamp, False), (T.clamp, False), (torch.clip, False), (T.clip, False),
+                        (torch.clamp_, True), (T.clamp_, True), (T.clip_, True)):
+        calls[fn] = (("input", "min", "max"), {"min": None, "max": None}, inplace, clamp)
+    for fn, inplace in ((torch.clamp_min, False), (T.clamp_min, False), (torch.clamp_min_, True), (T.clamp_min_, True)):
+        calls[fn] = (("input", "min"), {"min": None}, inplace, clamp)
+    for fn, inplace in ((torch.threshold, False), (torch.threshold_, True)):
+        calls[fn] = (("input", "threshold", "value"), {}, inplace, threshold)
+    return calls
 
 
-NON_RELU = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
+RELU_CALLS = _relu_calls()
+# activations the ReLU rules do not define: reached, they pass ordinary gradients (said in extras)
+OTHER_ACTIVATIONS = {"silu", "gelu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "mish", "elu", "selu", "celu",
+                     "leaky_relu", "softplus", "prelu", "rrelu", "logsigmoid", "softsign", "glu"}
 
 
-@contextlib.contextmanager
-def modified_relu_backward(model: nn.Module, guided: bool):
-    """Swap the backward rule of every ReLU-family activation: `nn.ReLU`, `nn.ReLU6`,
-    `nn.Hardtanh(0, t)` modules (forward hooks) and the functional `F.relu` / `F.relu6`
-    (patched for the duration; restored on exit, also after an exception)."""
-    others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, NON_RELU)})
-    if others:
-        warnings.warn(f"{'guided backprop' if guided else 'DeconvNet'} is defined for ReLU-family activations; "
-                      f"this model also has {', '.join(others)}, which pass ordinary gradients", stacklevel=4)
-    handles = []
-    original_relu, original_relu6 = F.relu, F.relu6
+class ModifiedReLURule(TorchFunctionMode):
+    """The guided backprop or DeconvNet rule on every ReLU-family call of the forwards run inside it.
 
-    def modify(inp, out, lo, hi):
-        if not isinstance(out, torch.Tensor) or not out.requires_grad:
-            return None
-        if guided:
+    A torch-function mode sees each call of `F.relu`, `torch.relu`, `Tensor.relu`, `F.relu_`,
+    `F.relu6`, `F.hardtanh(x, 0, t)`, `clamp(min=0)` / `clamp(0, t)`, `clamp_min(0)` and
+    `F.threshold(x, 0, 0)` (and so the `nn.ReLU`, `nn.ReLU6` and `nn.Hardtanh(0, t)` modules,
+    which call them), computes it as usual and attaches the modified backward to its output.
+    Torch keeps its stack of such modes per thread, so the rule reaches the forwards of this
+    thread only: another thread's call on the same model meanwhile keeps the ordinary rule.
+    Nothing is patched and no module is hooked. Code torch functions do not see (a TorchScript
+    module's graph) is not reached; `modified` says how much was.
+
+    `modified` counts the ReLU-family calls reached; `others` the calls of other activations
+    (SiLU, GELU, sigmoid, ...) by name, which pass ordinary gradients.
+    """
+
+    def __init__(self, guided: bool):
+        super().__init__()
+        self.guided = guided
+        self.modified = 0
+        self.others: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        spec = RELU_CALLS.get(func)
+        if spec is None:
+            out = func(*args, **kwargs)
+            name = getattr(func, "__name__", "").rstrip("_")
+            if name in OTHER_ACTIVATIONS and isinstance(out, torch.Tensor) and out.requires_grad:
+                self.others[name] = self.others.get(name, 0) + 1
+            return out
+        names, defaults, inplace, read = spec
+        bound = dict(defaults)
+        bound.update(zip(names, args))
+        bound.update(kwargs)
+        inp = bound.get("input")
+        limits = read(bound)
+        if not isinstance(inp, torch.Tensor) or not inp.requires_grad or limits is None:
+            return func(*args, **kwargs)
+        self.modified += 1
+        inplace = bool(bound.get("inplace")) if inplace is None else inplace
+        if self.guided:
             # The activation's own backward already multiplies by 1[lo < x < hi]; clipping the
-            # gradient that reaches its output makes that the guided rule, with no extra copy
-            # of the activation and no Python function in the graph.
+            # gradient that reaches its output makes that the guided rule, with no extra copy of
+            # the activation and no Python function in the graph. A hook on a tensor changed in
+            # place attaches to its new value, so in-place calls are reached as well.
+            out = func(*args, **kwargs)
             out.register_hook(_clamp_min_zero)
-            return None
-        return _ModifiedReLUBackward.apply(inp, out, lo, hi, guided)
+            return out
+        if not inplace:
+            return _DeconvReLUBackward.apply(inp, func(*args, **kwargs))
+        # in place: the caller's tensor must hold the output, and its new value must backpropagate
+        # by the DeconvNet rule to its old one (kept by the clone) rather than by the ReLU's own
+        before = inp.clone()
+        with torch.no_grad():
+            out = func(*args, **kwargs)
+        return out.copy_(_DeconvReLUBackward.apply(before, out.detach()))
 
-    def relu(input, inplace=False):  # functional ReLUs (e.g. DenseNet's last) are invisible to hooks
-        out = original_relu(input, inplace=False)
-        new = modify(input, out, 0.0, None)
-        return out if new is None else new
 
-    def relu6(input, inplace=False):
-        out = original_relu6(input, inplace=False)
-        new = modify(input, out, 0.0, 6.0)
-        return out if new is None else new
+def modified_relu_backward(guided: bool) -> ModifiedReLURule:
+    """The rule for one call's forwards: `with modified_relu_backward(True): ...` (per thread)."""
+    return ModifiedReLURule(guided)
 
-    try:
-        for m in model.modules():
-            rng = _relu_range(m)
-            if rng is None:
-                continue
 
-            def hook(_mod, inp, out, lo=rng[0], hi=rng[1]):
-                return modify(inp[0], out, lo, hi)
-
-            handles.append(m.register_forward_hook(hook))
-        F.relu, F.relu6 = relu, relu6
-        yield
-    finally:
-        F.relu, F.relu6 = original_relu, original_relu6
-        for h in handles:
-            h.remove()
+def _rule_report(rule: ModifiedReLURule, method: str) -> dict:
+    """What the rule reached, for `extras`; a warning when it reached nothing or not every activation."""
+    others = ", ".join(f"{name} x{n}" for name, n in sorted(rule.others.items()))
+    if rule.modified == 0:
+        warnings.warn(f"{method} reached no ReLU-family activation of this model (none, or none that torch "
+                      f"functions see, as in a TorchScript module): the map is the plain gradient"
+                      + (f"; its activations ({others}) pass ordinary gradients" if others else ""), stacklevel=4)
+    elif others:
+        warnings.warn(f"{method} is defined for ReLU-family activations; this model also has {others}, "
+                      "which pass ordinary gradients", stacklevel=4)
+    return {"relu_rule": {"modified_calls": rule.modified, "other_activation_calls": dict(sorted(rule.others.items()))}}
 
 
 class _ModifiedBackprop(Method):
@@ -311,15 +362,19 @@ class _ModifiedBackprop(Method):
     def prime(cls, ctx):
         """When this method runs first and alone needs the clean forward, record that forward
         under the modified rule, so the target forward is also this method's forward."""
-        ctx.prime_under(("modified_relu", cls.guided), modified_relu_backward(ctx.subject.model, cls.guided))
+        ctx.prime_under(("modified_relu", cls.guided), modified_relu_backward(cls.guided))
 
     def run(self, ctx, target, layer, reduce="max_abs"):
         _check_reduce(reduce)
-        g = ctx.own_input_gradient(("modified_relu", self.guided), target)
-        if g is None:
-            with modified_relu_backward(ctx.subject.model, self.guided):
+        primed = ctx.own_input_gradient(("modified_relu", self.guided), target)
+        if primed is not None:
+            g, rule = primed
+        else:
+            with modified_relu_backward(self.guided) as rule:
                 g = _input_gradient(ctx, target, reuse_primed=False)
-        return _maps(g, reduce)
+        out = _maps(g, reduce)
+        out["extras"] = _rule_report(rule, self.name)
+        return out
 
 
 @register

@@ -18,6 +18,7 @@ import torch
 
 from ..engine import auto_batch, forward_logits, gradient_pass, upsample
 from ..errors import SaliencyError, positive_int
+from ..hooks import this_thread_only
 from .base import Method, register
 from .cam import as_grid, resolve_layers
 from ..filters import gaussian_blur, gaussian_kernels, separable
@@ -340,7 +341,7 @@ class _ReplaceOutput:
         return self.tensor
 
     def __enter__(self):
-        self.handle = self.module.register_forward_hook(self.hook)
+        self.handle = self.module.register_forward_hook(this_thread_only(self.hook))
         return self
 
     def __exit__(self, *exc):
@@ -438,7 +439,7 @@ def iia_attention(ctx, target, inputs: torch.Tensor, rows: torch.Tensor, betas: 
             return out * beta.to(out.device, out.dtype).view(-1, 1, 1, 1)
 
         with AttentionTap(ctx.subject.model) as tap, torch.enable_grad():
-            handle = last.attn_drop.register_forward_hook(scale)  # runs after the tap's recording hook
+            handle = last.attn_drop.register_forward_hook(this_thread_only(scale))  # runs after the tap's recording hook
             try:
                 logits = ctx.subject.forward(inputs[sl].detach().clone().requires_grad_(True))
             finally:

@@ -63,6 +63,7 @@ from torch import nn
 
 from ..engine import gradient_pass, upsample
 from ..errors import SaliencyError
+from ..hooks import model_lock, this_thread_only
 from .base import Method, register
 from .cam import as_grid, normalize01, resolve_layers
 
@@ -122,10 +123,10 @@ def full_gradient(subject, x: torch.Tensor, target, counter=None) -> dict:
     handles = []
     for m in subject.model.modules():
         if isinstance(m, RULE_LAYERS) and m.bias is not None:
-            handles.append(m.register_forward_hook(hook))
+            handles.append(m.register_forward_hook(this_thread_only(hook)))
         elif isinstance(m, BATCHNORMS):
             batchnorm_affine(m)  # raises for BN without running stats
-            handles.append(m.register_forward_hook(hook))
+            handles.append(m.register_forward_hook(this_thread_only(hook)))
     try:
         with torch.enable_grad():
             xin = x.detach().clone().requires_grad_(True)
@@ -230,6 +231,11 @@ def normgrad_map(A: torch.Tensor, G: torch.Tensor, variant: str = "norm") -> tor
 
 @contextlib.contextmanager
 def _sgd_step(model: nn.Module, grads: list, params: list, lr: float) -> Iterator[None]:
+    with model_lock(model)(exclusive=True):  # no other thread's call may run on the stepped weights
+        yield from _sgd_step_held(grads, params, lr)
+
+
+def _sgd_step_held(grads: list, params: list, lr: float) -> Iterator[None]:
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
@@ -248,6 +254,7 @@ class NormGrad(Method):
     name = "normgrad"
     aliases = ("norm_grad",)
     family = "gradient"
+    changes_model = True  # meta=True steps the weights for a moment
     cost = "1F+1B (meta: +1F+1B)"
     signed = False
     uses_layer = True
@@ -367,6 +374,11 @@ def merged_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[list[tup
     beta 0, eps 0). Everything, including a missing bias, is restored bit-exactly on exit.
     Yields the merged (layer, batchnorm) name pairs.
     """
+    with model_lock(model)(exclusive=True):  # no other thread's call may run on the merged weights
+        yield from _merged_batchnorm_held(model, probe)
+
+
+def _merged_batchnorm_held(model: nn.Module, probe: torch.Tensor) -> Iterator[list[tuple[str, str]]]:
     names = {m: n for n, m in model.named_modules()}
     outputs: dict[int, list] = {}
     calls: dict[nn.Module, int] = {}
@@ -382,8 +394,8 @@ def merged_batchnorm(model: nn.Module, probe: torch.Tensor) -> Iterator[list[tup
         if src is not None and src[1] is inp[0]:
             pairs.append((src[0], m, inp[0].dim()))
 
-    handles = [m.register_forward_hook(lin_hook) for m in model.modules() if isinstance(m, RULE_LAYERS)]
-    handles += [m.register_forward_hook(bn_hook) for m in model.modules()
+    handles = [m.register_forward_hook(this_thread_only(lin_hook)) for m in model.modules() if isinstance(m, RULE_LAYERS)]
+    handles += [m.register_forward_hook(this_thread_only(bn_hook)) for m in model.modules()
                 if isinstance(m, BATCHNORMS) and m.running_var is not None]
     try:
         with torch.no_grad():
@@ -465,7 +477,7 @@ class _RuleHooks:
 
     def __enter__(self):
         for m in self.assign:
-            self.handles.append(m.register_forward_hook(self.hook))
+            self.handles.append(m.register_forward_hook(this_thread_only(self.hook)))
         return self
 
     def __exit__(self, *exc):
@@ -626,6 +638,7 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
 class LRP(Method):
     name = "lrp"
     family = "propagation"
+    changes_model = True  # canonize=True merges batch norm into the weights for the call
     cost = "1F+1B (modified)"
     signed = True
     defaults = {"composite": "epsilon_plus_flat", "rules": None, "epsilon": 1e-6, "gamma": 0.25, "alpha": 2.0,

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..engine import generator, perturbed_scores
 from ..errors import SaliencyError, positive_int
+from ..hooks import this_thread_only
 from ..methods.base import Method, explain, register
 from ..subject import LayerCapture
 from ..targets import Target
@@ -570,7 +571,7 @@ def _auto_detector_layer(model, probe: torch.Tensor) -> str:
             def hook(_m, _i, out, name=name):
                 if isinstance(out, torch.Tensor) and out.dim() == 4 and min(out.shape[-2:]) > 1:
                     finished.append(name)
-            handles.append(mod.register_forward_hook(hook))
+            handles.append(mod.register_forward_hook(this_thread_only(hook)))
     try:
         with torch.no_grad():
             model([probe])

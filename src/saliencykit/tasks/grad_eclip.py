@@ -9,6 +9,7 @@ from torch import nn
 
 from ..engine import upsample
 from ..errors import SaliencyError
+from ..hooks import this_thread_only
 from ..methods.base import Method, register
 from ..subject import LayerCapture
 from ..tokens import _is_vision, grid_of, mha_projections, transformer_blocks
@@ -99,7 +100,7 @@ class _AttentionRecorder(LayerCapture):
                 inputs.append(tuple(kwargs.get(n, args[i] if len(args) > i else None) for i, n in enumerate(names)))
 
         try:
-            self._handles.append(self.attn.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(self.attn.register_forward_pre_hook(this_thread_only(pre), with_kwargs=True))
         except BaseException:
             self.__exit__()
             raise

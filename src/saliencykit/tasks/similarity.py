@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..engine import upsample
 from ..errors import SaliencyError
+from ..hooks import this_thread_only
 from ..targets import Side, Target
 
 MEASURES = ("cosine", "dot")
@@ -132,7 +133,7 @@ class PooledFeatures(torch.nn.Module):
     def forward(self, x):
         module = dict(self.model.named_modules())[self.layer]
         store = []
-        handle = module.register_forward_hook(lambda _m, _i, out: store.append(out))
+        handle = module.register_forward_hook(this_thread_only(lambda _m, _i, out: store.append(out)))
         try:
             self.model(x)
         finally:
