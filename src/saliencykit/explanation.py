@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import SaliencyError
+from .files import check_writable_dir
 from .maps import normalize_maps  # noqa: F401  (re-exported: it lived here)
 
 
@@ -25,6 +27,9 @@ def package_versions() -> dict:
 
     return {"saliencykit": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
+
+
+SAVED_FILES = ("maps.npz", "explanation.json")  # what `Explanation.save` writes into its folder
 
 
 @dataclass
@@ -102,7 +107,13 @@ class Explanation:
     # ------------------------------------------------------------------------------ saving
     def save(self, path) -> Path:
         """Write `maps.npz` + `explanation.json` into the directory `path`, atomically."""
-        path = Path(path)
+        path = check_writable_dir(path, "an explanation")
+        if path.is_dir():
+            others = sorted(p.name for p in path.iterdir() if p.name not in SAVED_FILES)
+            if others:
+                raise SaliencyError(f"will not replace {path}: it is a folder holding other files "
+                                    f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}), not a saved "
+                                    "explanation; give a new or empty folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
         try:
@@ -129,9 +140,21 @@ class Explanation:
         meta_file, npz_file = path / "explanation.json", path / "maps.npz"
         if not meta_file.exists() or not npz_file.exists():
             raise SaliencyError(f"{path} is not a saved explanation (needs explanation.json and maps.npz)")
-        meta = json.loads(meta_file.read_text())
-        with np.load(npz_file) as data:
-            arrays = {k: torch.from_numpy(data[k].copy()) for k in data.files}
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (UnicodeDecodeError, ValueError) as err:
+            raise SaliencyError(f"{meta_file} is damaged: not valid JSON ({err})") from None
+        if not isinstance(meta, dict) or not {"method", "signed", "target"} <= set(meta):
+            raise SaliencyError(f"{meta_file} is not a saved explanation's metadata: it needs the keys method, "
+                                "signed and target")
+        try:
+            with np.load(npz_file, allow_pickle=False) as data:  # never unpickle: a file can carry code
+                arrays = {k: torch.from_numpy(data[k].copy()) for k in data.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, TypeError) as err:
+            raise SaliencyError(f"{npz_file} is damaged or not a saliencykit maps file "
+                                f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+        if "maps" not in arrays:
+            raise SaliencyError(f"{npz_file} holds no 'maps' array (it has {sorted(arrays) or 'nothing'})")
         return cls(maps=arrays["maps"], method=meta["method"], signed=meta["signed"], target=meta["target"],
                    layer=meta.get("layer"), params=meta.get("params", {}), seed=meta.get("seed"),
                    passes=meta.get("passes", {}), seconds=meta.get("seconds", 0.0), raw=arrays.get("raw"),

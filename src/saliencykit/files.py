@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import SaliencyError
+
 
 def atomic_write(path, write_fn) -> Path:
     """Write through a temporary file in the same folder, then rename: no partial files."""
@@ -28,3 +30,37 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_writable_dir(path, what: str = "output") -> Path:
+    """`path` as a folder that can be made or replaced: refused (SaliencyError naming it) when it is
+    an existing file, or when its nearest existing parent is not a folder a file can be written in
+    (tried with a temporary file, so a read-only mount or a pseudo file system counts too).
+    Checked before any work, so a long run never ends in an error at the save; nothing is made."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SaliencyError(f"cannot write {what} to {path}: it is an existing file (give a folder path)")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SaliencyError(f"cannot write {what} to {path}: {parent} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(prefix=".tmp-check-", dir=parent):
+            pass
+    except OSError as err:
+        raise SaliencyError(f"cannot write {what} to {path}: the folder {parent} is not writable "
+                            f"({err.strerror or err})") from None
+    return path
+
+
+def check_writable_file(path, what: str = "output") -> Path:
+    """`path` as a file that can be written: refused (SaliencyError naming it) when it is a folder,
+    a file that cannot be replaced, or under a parent that is not a writable folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise SaliencyError(f"cannot write {what} to {path}: it is a folder (give a file name)")
+    check_writable_dir(path.parent, what)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SaliencyError(f"cannot write {what} to {path}: the file exists and is not writable")
+    return path

@@ -228,9 +228,30 @@ class Subject:
             raise SaliencyError(f"input must be a floating-point tensor, got {x.dtype}")
         if x.shape[0] == 0:
             raise SaliencyError("input batch is empty")
+        if x.is_meta:
+            raise SaliencyError("input is on the meta device: it has a shape but no values; make it on a real "
+                                "device (subject.preprocess(photo) or torch.tensor(...))")
+        device = self.device
+        if device.type == "meta":
+            raise SaliencyError(f"{self.name}'s weights are on the meta device (not loaded): load them "
+                                "(model.to_empty(...) then load_state_dict, or load with weights) before explaining")
         if not torch.isfinite(x).all():
             raise SaliencyError("input contains NaN or infinite values")
-        return x.to(self.device)
+        dtype = self.param_dtype()
+        if dtype is not None and x.dtype != dtype:
+            # the model computes in its own dtype: a float16 / bfloat16 / float64 input would fail inside
+            # torch ("expected scalar type"); the input is cast, with a note when the cast loses precision
+            if torch.finfo(x.dtype).bits > torch.finfo(dtype).bits:
+                import warnings
+
+                warnings.warn(f"input of dtype {x.dtype} cast to the model's {dtype}", stacklevel=3)
+            x = x.to(dtype)
+        return x.to(device)
+
+    def param_dtype(self) -> torch.dtype | None:
+        """The dtype of the model's floating parameters, or None when it has none (or several)."""
+        found = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+        return found.pop() if len(found) == 1 else None
 
     # --------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,6 +279,9 @@ class Subject:
     def class_index(self, label, num_classes: int | None = None) -> int:
         """Resolve a class given as index or name (case-insensitive; aliases allowed)."""
         n = num_classes if num_classes is not None else (len(self.labels) if self.labels else None)
+        if isinstance(label, (bool, np.bool_)) or (isinstance(label, torch.Tensor) and label.dtype == torch.bool):
+            raise SaliencyError(f"a class must be an index or a label, got the boolean {bool(label)!r} "
+                                "(it would be read as class 0 or 1)")
         if isinstance(label, (int, np.integer)) or (isinstance(label, torch.Tensor) and label.numel() == 1):
             idx = int(label)
             if n is not None and not 0 <= idx < n:

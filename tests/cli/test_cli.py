@@ -86,3 +86,72 @@ def test_demo_writes_everything(tmp_path):
     assert all(len(p["predictions"]) == 5 for p in summary["photos"])
     assert (out / "grid.png").exists()
     assert len(list(out.glob("*_gradcam.png"))) == 5
+
+
+# ------------------------------------------------ failures: up front, one line, a non-zero code
+def _one_error_line(proc):
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saliencykit: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("where,msg", [
+    ("file", "it is an existing file"),
+    ("under_file", "is a file, not a folder"),
+    ("proc", "is not writable"),  # /proc takes no new files, even for root (chmod would not stop root)
+])
+def test_explain_refuses_an_unwritable_out_before_computing(tmp_path, where, msg):
+    # Before, --out was checked only after every map was computed: the whole run was lost and a raw
+    # traceback printed. Now the run stops before loading the model; the error names the path.
+    existing = tmp_path / "taken.txt"
+    existing.write_text("keep me")
+    out = {"file": existing, "under_file": existing / "sub", "proc": "/proc/saliencykit-test/out"}[where]
+    proc = run("explain", "chelsea", "--method", "integrated_gradients", "--out", str(out), check=False)
+    assert proc.returncode == 2
+    assert msg in _one_error_line(proc) and str(out) in proc.stderr
+    assert "explaining" not in proc.stderr  # no progress bar: no photo was explained
+    assert existing.read_text() == "keep me"
+
+
+def test_usage_mistakes_are_one_line():
+    for args in (["explain"], ["nosuchcommand"], ["explain", "chelsea", "--out", "o", "--seed", "x"]):
+        proc = run(*args, check=False)
+        assert proc.returncode == 2
+        _one_error_line(proc)
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_files(tmp_path):
+    # SIGINT while the maps are computed: exit 130, one line, no KeyboardInterrupt traceback, nothing written
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(CLI + ["explain", "chelsea", "coffee", "--method", "integrated_gradients", "--out", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.time() + 300
+    while "explaining" not in seen and time.time() < deadline:  # the progress bar: the run is computing
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=300)
+    proc.stderr = seen + rest
+    assert proc.returncode == 130
+    lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.startswith("saliencykit")]
+    assert lines == ["saliencykit: error: interrupted (Ctrl-C); nothing was written for the unfinished work"]
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unexpected_failures_are_one_line(monkeypatch, capsys):
+    # anything that is not a SaliencyError still ends as one line (its type and first line), code 1
+    from saliencykit.cli import explain as explain_cmd
+    from saliencykit.cli import main
+
+    def broken(*_a, **_k):
+        raise RuntimeError("the disk caught fire\nsecond line")
+
+    monkeypatch.setattr(explain_cmd, "run_explain", broken)
+    assert main(["explain", "chelsea", "--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert err == "saliencykit: error: RuntimeError: the disk caught fire (SALIENCYKIT_TRACEBACK=1 shows where)\n"

@@ -11,10 +11,19 @@ from ..errors import SaliencyError
 from .common import add_model_args, command_modules, photo_source, target_from_args  # noqa: F401
 from .explain import DEMO_METHODS, run_explain  # noqa: F401
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other failure: one `saliencykit: error: ...` line, code 2."""
+
+    def error(self, message):
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        see = f"saliencykit {command} --help" if command else "saliencykit --help"
+        self.exit(2, f"saliencykit: error: {message} (see {see})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..version import __version__
 
-    parser = argparse.ArgumentParser(prog="saliencykit", description="Explain PyTorch vision models with saliency maps.")
+    parser = _Parser(prog="saliencykit", description="Explain PyTorch vision models with saliency maps.")
     parser.add_argument("--version", action="version", version=f"saliencykit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in command_modules():
@@ -22,14 +31,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str, code: int) -> int:
+    print(f"saliencykit: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command. Every failure is one `saliencykit: error: ...` line on stderr and a non-zero
+    code: 2 for a bad request (SaliencyError, a usage mistake), 130 for Ctrl-C, 1 for anything else
+    (its type and first line; SALIENCYKIT_TRACEBACK=1 shows the traceback too)."""
+    import os
+
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
         code = args.func(args)
     except SaliencyError as err:
-        print(f"saliencykit: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err), 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted (Ctrl-C); nothing was written for the unfinished work", 130)
+    except SystemExit:
+        raise
+    except Exception as err:  # noqa: BLE001  the one place where every other failure becomes one line
+        if os.environ.get("SALIENCYKIT_TRACEBACK", "").strip() not in ("", "0"):
+            raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        return _fail(f"{type(err).__name__}: {first} (SALIENCYKIT_TRACEBACK=1 shows where)", 1)
     return code if isinstance(code, int) else 0
 
 

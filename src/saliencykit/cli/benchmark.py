@@ -187,6 +187,11 @@ def cmd_benchmark(args):
         methods = [k for k, v in registry.available(include_experimental=False).items()]
     else:
         methods = args.method or ["saliency", "gradxinput", "integrated_gradients", "gradcam", "rise"]
+    for m in methods:
+        registry.get(m)  # unknown names and an unwritable output fail before any work
+    from ..files import check_writable_dir
+
+    check_writable_dir(args.out, "the output")
     rows = run_benchmark(args.arch, methods, Path(args.out), n=args.n, seed=args.seed,
                          params=parse_params(args.param, "METHOD"), weights=args.weights, batch_size=args.batch_size,
                          quiet=args.quiet)

@@ -33,6 +33,9 @@ def run_evaluate(photos, methods, metrics, out: Path, model="efficientnet_lite0"
         method_registry.get(m)           # unknown names fail before any work
     for k in metrics:
         get(k)
+    from ..files import check_writable_dir
+
+    check_writable_dir(out, "the output")  # an output that could not be written fails before any work
     params = params or {}
     subject = load_model(model)
     sources = photo_sources(photos, quiet)

@@ -25,8 +25,11 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     from ..images import load_image
     from ..targets import as_target
 
+    from ..files import check_writable_dir
+
     for m in methods:
         registry.get(m)  # fail on an unknown method before any work
+    check_writable_dir(out, "the output")  # and on an output that could not be written
     subject = load_model(model)
     sources = photo_sources(photos, quiet)
     stems = unique_stems([stem for _, stem in sources])

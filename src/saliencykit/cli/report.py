@@ -31,6 +31,9 @@ def cmd_report(args):
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise SaliencyError(f"--out {out} is a directory; give a file name such as {out / 'report.html'}")
+    from ..files import check_writable_file
+
+    check_writable_file(out, "the report")
     methods = args.method or ["gradcam"]
     metrics = args.metric or []
     target = target_from_args(args)

@@ -20,6 +20,9 @@ def cmd_train_parts(args):
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise SaliencyError(f"--out {out} is a directory; give a file name such as {out / 'parts_cnn.pt'}")
+    from ..files import check_writable_file
+
+    check_writable_file(out, "the weights")
     if args.threads is not None and args.threads < 1:
         raise SaliencyError(f"--threads must be >= 1, got {args.threads}")
     model, info = parts_models.train(args.arch, seed=args.seed, threads=args.threads, n_train=args.n_train,

@@ -360,8 +360,10 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
         target: a `Target` (`Class`, `Contrast`, `Group`, `TopK`), a label or index, or a per-example
             list; None explains the top-1 class of each example.
         layer: layer name / "auto" for layer methods (CAMs).
-        seed: seed of every random draw; same seed, same maps.
-        batch_size: rows per forward/backward chunk (memory budget).
+        seed: seed of every random draw; same seed, same maps. None draws a fresh seed from the
+            system's entropy and records it in each randomised method's Explanation.
+        batch_size: rows per forward/backward chunk (memory budget), an integer >= 1; None: sized
+            automatically.
         params: per-method parameters, `{"integrated_gradients": {"steps": 128}}`.
         **kwargs: parameters passed to every method that accepts them.
     """

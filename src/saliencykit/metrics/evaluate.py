@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..engine import PassCounter, forward_logits
-from ..errors import SaliencyError
+from ..errors import SaliencyError, resolve_seed
 from ..explanation import Explanation
 from ..targets import Class, as_target
 from .base import EvalContext, MetricResult, get
@@ -248,7 +248,8 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
         metrics: registered metric names (`available()`).
         target: what the metrics score (a Target, label or index). Default: the class the
             explanations were made for (if they all say one class per image), else the top-1 class.
-        seed: seed of every random draw (tie-breaks, perturbations); same seed, same numbers.
+        seed: seed of every random draw (tie-breaks, perturbations); same seed, same numbers; None
+            draws a fresh seed and records it.
         masks: `[B,H,W]` boolean object masks at the input size, for localisation metrics.
         params: per-metric parameters, `{"deletion": {"step": 8}}`.
         random_baseline: add `Explanation.random_like` as method "random" when no explanation
@@ -265,6 +266,7 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
     if callable(view):
         subject, target = view(subject)
     x = subject.check_input(x)
+    seed = resolve_seed(seed)  # None: a fresh seed, recorded in the result so the run can be repeated
     if isinstance(explanations, Explanation):
         exps = {explanations.method: explanations}
     elif isinstance(explanations, dict) and explanations:

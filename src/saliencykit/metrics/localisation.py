@@ -51,7 +51,15 @@ class PointingGame(Metric):
         hits, pts = pointing_hits(maps.cpu(), masks.cpu(), float(tolerance))
         scores = hits.double()
         scores[empty.cpu()] = float("nan")  # no object: not scored
-        return self.result(name, scores, extras={"tolerance": tolerance, "points": pts.tolist()})
+        extras = {"tolerance": tolerance, "points": pts.tolist()}
+        if empty.any():
+            rows = empty.nonzero().flatten().tolist()
+            import warnings
+
+            warnings.warn(f"pointing_game: the mask of row(s) {rows} is empty (no object), so those rows are not "
+                          "scored (NaN) and the mean leaves them out", stacklevel=2)
+            extras["empty_masks"] = rows
+        return self.result(name, scores, extras=extras)
 
 
 @register
