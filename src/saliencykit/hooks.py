@@ -19,8 +19,13 @@ def this_thread_only(hook: Callable) -> Callable:
     A model that runs its own forward in other threads (`nn.DataParallel` over several GPUs) is
     not reached by such hooks: a layer capture then says the layer was not called.
     """
+    import torch
+
     owner = threading.get_ident()
 
+    # run as plain Python even inside a torch.compile'd model (the compiler cannot trace the thread
+    # check, and a hook traced into a compiled graph would act in every thread)
+    @torch.compiler.disable
     def hook_of_owner(*args, **kwargs):
         if threading.get_ident() != owner:
             return None

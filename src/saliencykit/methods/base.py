@@ -247,6 +247,9 @@ class Context:
 
     def resolve(self, target: Target) -> ResolvedTarget:
         logits = self.logits()
+        if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and logits.shape[0] != self.batch:
+            raise SaliencyError(f"the model returned {logits.shape[0]} row(s) of scores for a batch of {self.batch} "
+                                "inputs; its output must have one row per input, whatever the batch size")
         check_finite_output(logits, self.subject)
         resolved = target.resolve(self.subject, logits)
         if len(resolved) != self.batch:
@@ -378,6 +381,8 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
     kind = getattr(subject, "subject_kind", None)  # Subject (and its task subclasses), Detector
     if not isinstance(kind, str):
         raise SaliencyError(f"explain needs a Subject, an nn.Module or a Detector, got {type(subject).__name__}")
+    if not isinstance(method, str) and (not hasattr(method, "__iter__") or isinstance(method, (bytes, dict))):
+        raise SaliencyError(f"method must be given by name (or a list of names), got {type(method).__name__}")
     names = [method] if isinstance(method, str) else list(method)
     if not names:
         raise SaliencyError("no method given")
