@@ -23,6 +23,7 @@ from torch import nn
 import saliencykit as sk
 from saliencykit import SaliencyError
 from saliencykit.explanation import Explanation
+from saliencykit.methods.perturbation import grid_segments
 from saliencykit.targets import Contrast
 
 from conftest import TinyCNN
@@ -88,6 +89,13 @@ def nan_row(logits, _x):
     out = logits.clone()
     out[-1, 3] = float("nan")  # the last row (row 1 of the table's batch of 2)
     return out
+
+
+def slow_forward(logits, _x):
+    import time
+
+    time.sleep(0.25)  # the clean forward (which also fixes the target) is the only forward saliency makes
+    return logits
 
 
 def saved(tmp, content=None):
@@ -313,6 +321,16 @@ CASES = [
     ("load: empty folder", lambda s, x: Explanation.load(other_files(tmpdir(s) / "e")), Raises("not a saved explanation")),
     ("save and load again", lambda s, x: Explanation.load(sk.explain(s, x, "saliency").save(tmpdir(s) / "ok")),
      Holds(same())),
+    ("LIME on a noise image: the hint works", lambda s, x: sk.explain(s, x[:1], "lime", n_samples=8),
+     Raises(r"single segment in example 0 .* segments=grid_segments\(32, 32, 7\)")),
+    ("LIME on a noise image, following the hint", lambda s, x: sk.explain(s, x[:1], "lime", n_samples=8,
+                                                                          segments=grid_segments(32, 32, 7)),
+     Holds(lambda r: r.maps.shape == (1, 32, 32) and torch.isfinite(r.maps).all())),
+    ("KernelSHAP, segments with one label", lambda s, x: sk.explain(s, x[:1], "kernelshap", n_samples=8,
+                                                                    segments=torch.zeros(32, 32, dtype=torch.long)),
+     Raises("given segments make a single segment")),
+    ("seconds include the shared clean pass", lambda s, x: sk.explain(wrapped(slow_forward), x, "saliency"),
+     Holds(lambda r: r.seconds >= 0.25)),
     # --- photos and metrics
     ("image of an unknown kind", lambda s, x: sk.load_image(123), Raises("cannot use int as an image")),
     ("image file not found", lambda s, x: sk.load_image("/nonexistent/photo.png"), Raises("image file not found")),

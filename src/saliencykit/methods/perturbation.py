@@ -284,7 +284,15 @@ def superpixels(subject, x: torch.Tensor, n_segments: int = 50, compactness: flo
         out.append(inv)
         counts.append(int(inv.max()) + 1)
     if min(counts) < 2:
-        raise SaliencyError("the segmentation has a single segment; use more segments")
+        row = counts.index(min(counts))
+        if segments is not None:
+            raise SaliencyError(f"the given segments make a single segment in example {row}: there is nothing to "
+                                "switch on and off; give at least two segments")
+        # more segments do not help here: SLIC merges a region-less image (noise, a flat colour) into one
+        raise SaliencyError(f"SLIC found a single segment in example {row} (an image without regions, such as "
+                            f"noise or a flat colour), so there is nothing to switch on and off; pass "
+                            f"segments=grid_segments({h}, {w}, 7) (saliencykit.methods.perturbation) for a "
+                            "grid of cells, or your own [H,W] label map")
     return torch.stack(out), counts
 
 
