@@ -237,7 +237,7 @@ class Subject:
                                 "(model.to_empty(...) then load_state_dict, or load with weights) before explaining")
         if not torch.isfinite(x).all():
             raise SaliencyError("input contains NaN or infinite values")
-        dtype = self.param_dtype()
+        dtype = None if x.dtype == self.dtype else self.param_dtype()  # the common case costs one parameter
         if dtype is not None and x.dtype != dtype:
             # the model computes in its own dtype: a float16 / bfloat16 / float64 input would fail inside
             # torch ("expected scalar type"); the input is cast, with a note when the cast loses precision
