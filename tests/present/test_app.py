@@ -5,7 +5,6 @@ import io
 import json
 import os
 import shutil
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,47 +16,12 @@ import pytest
 from PIL import Image
 
 from saliencykit import data, explain
-from saliencykit.present.app import App, make_server
+from saliencykit.present.app import App
+
+from app_server import Running
 from saliencykit.present.verbalize import verbalize
 
 ARTIFACTS = Path(os.environ.get("SK_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "build" / "test-artifacts"))
-
-
-class Running:
-    def __init__(self, app):
-        self.server = make_server(app, "127.0.0.1", 0)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def get(self, path):
-        with urllib.request.urlopen(self.base + path, timeout=60) as r:
-            return r.status, r.headers.get("Content-Type"), r.read()
-
-    def post(self, body, raw=None):
-        req = urllib.request.Request(self.base + "/api/explain", data=raw if raw is not None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    def wait(self, job, timeout=120):
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            st = json.loads(self.get(f"/api/job/{job}")[2])
-            if st["state"] != "running":
-                return st
-            time.sleep(0.1)
-        raise AssertionError("job did not finish")
 
 
 def _png(img):

@@ -12,7 +12,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..engine import chunked_gradient, generator, reduce_channels

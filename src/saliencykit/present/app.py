@@ -5,14 +5,18 @@ class, a class, a contrast "A vs B", a group); see the overlays side by side wit
 verbalization, metrics on request, and download the maps as a zip. Runs in a background
 thread per request, reporting progress the page polls.
 
-Built on `http.server` (no web framework): the page and its script are inline, so the app
-works with no network at all and adds no dependency.
+Served by Starlette on uvicorn (`Server`): the page and its script are inline and come from the
+package, so the app works with no network at all (no CDN, no analytics). Explanations run one at a
+time (the CPU is the bottleneck); up to `max_waiting` requests queue behind the running one and a
+request beyond that gets 503 with a Retry-After estimate, never a wrong or mixed map.
 
 HTTP interface (JSON):
     GET  /                      the page
     GET  /api/options           models, methods, bundled photos, class groups
     GET  /api/photo/NAME        a bundled photo (JPEG thumbnail)
     POST /api/explain           {photo | upload (base64), model, methods, target, metrics} -> {job}
+                                (400: a bad request or not an image; 413: over the upload limit;
+                                503 + Retry-After: the queue is full)
     GET  /api/job/ID            {state: running|done|error, progress, message, result}
     GET  /api/download/ID.zip   the maps of a finished job (npz + json + overlay PNG per method)
 """
@@ -28,10 +32,8 @@ import time
 import traceback
 import uuid
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Mapping
-from urllib.parse import unquote
 
 from ..errors import SaliencyError
 
@@ -39,6 +41,7 @@ DEFAULT_METHODS = ["gradcam", "integrated_gradients"]
 MAX_UPLOAD_BYTES = 10 * 2 ** 20     # 10 MiB of file
 MAX_PIXELS = 40_000_000             # 40 megapixels
 MAX_JOBS = 32                       # finished jobs kept for download
+MAX_WAITING = 8                     # requests queued or running at once; one more gets 503 + Retry-After
 APP_METRICS = ("deletion", "insertion")
 METRIC_STEPS = 16                   # points per deletion/insertion curve in the app (fast)
 
@@ -119,6 +122,14 @@ def parse_target(spec: Mapping | None):
     raise SaliencyError(f"unknown target kind {kind!r}")
 
 
+class Busy(SaliencyError):
+    """The queue is full: try again in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Job:
     def __init__(self):
         self.id = uuid.uuid4().hex[:12]
@@ -153,7 +164,7 @@ class App:
     """
 
     def __init__(self, models=None, subjects: Mapping | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-                 max_pixels: int = MAX_PIXELS, seed: int = 0):
+                 max_pixels: int = MAX_PIXELS, seed: int = 0, max_waiting: int = MAX_WAITING):
         from ..models import available_models
 
         self.subjects = dict(subjects or {})
@@ -172,6 +183,8 @@ class App:
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._run_lock = threading.Lock()  # one explanation at a time: the CPU is the bottleneck
+        self.max_waiting = max_waiting
+        self._recent_seconds: list[float] = []  # how long the last runs took: the Retry-After estimate
 
     # ----------------------------------------------------------------------------- data
     def options(self) -> dict:
@@ -232,8 +245,15 @@ class App:
         job = Job()
         job.image = image
         with self._lock:
+            waiting = sum(1 for j in self.jobs.values() if j.state == "running")
+            if waiting >= self.max_waiting:
+                per_run = sum(self._recent_seconds) / len(self._recent_seconds) if self._recent_seconds else 5.0
+                retry = max(1, int(per_run * waiting + 0.999))
+                raise Busy(f"the app is busy ({waiting} explanations waiting or running); try again in about "
+                           f"{retry} s", retry)
             self.jobs[job.id] = job
-            for old in sorted(self.jobs.values(), key=lambda j: j.created)[:-MAX_JOBS]:
+            finished = [j for j in sorted(self.jobs.values(), key=lambda j: j.created) if j.state != "running"]
+            for old in finished[:max(0, len(self.jobs) - MAX_JOBS)]:  # running jobs are never dropped
                 self.jobs.pop(old.id, None)
         args = (job, model, image, name, list(methods), target, bool(request.get("metrics")), notes)
         threading.Thread(target=self._run, args=args, daemon=True).start()
@@ -244,7 +264,9 @@ class App:
             job.update(step="waiting for the previous run to finish")
             with self._run_lock:
                 job.result = None
+                started = time.perf_counter()
                 self._explain(job, model, image, name, methods, target, metrics, notes)
+                self._recent_seconds = (self._recent_seconds + [time.perf_counter() - started])[-8:]
             job.update(state="done", step="done", done=job.total)
         except SaliencyError as err:
             job.update(state="error", message=str(err))
@@ -325,113 +347,171 @@ def _imagenet_groups():
 
 
 # --------------------------------------------------------------------------------- HTTP
-def make_handler(app: App):
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def asgi_app(app: App):
+    """The app's HTTP interface as a Starlette application (see the module docstring)."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.routing import Route
+
     page = (Path(__file__).parent / "report" / "templates" / "app.html").read_text(encoding="utf-8")
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "saliencykit"
-        protocol_version = "HTTP/1.1"
+    def error(message: str, code: int = 400, headers: dict | None = None):
+        return JSONResponse({"error": message}, code, headers={**NO_STORE, **(headers or {})})
 
-        def log_message(self, fmt, *args):  # quiet: one line per error only
-            if args and str(args[1] if len(args) > 1 else "").startswith(("4", "5")):
-                sys.stderr.write("serve: " + fmt % args + "\n")
-
-        def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None):
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            for k, v in (extra or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, obj, code: int = 200):
-            self._send(code, json.dumps(obj).encode("utf-8"), "application/json")
-
-        def _error(self, message: str, code: int = 400):
-            self._json({"error": message}, code)
-
-        def do_GET(self):
-            path = unquote(self.path.split("?", 1)[0])
+    def guarded(fn):
+        """Run the blocking `fn(request)` in the thread pool; a SaliencyError is a 404, anything else a
+        500 with its type only (the server log keeps the traceback)."""
+        async def endpoint(request):
             try:
-                if path in ("/", "/index.html"):
-                    self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
-                elif path == "/api/options":
-                    self._json(app.options())
-                elif path.startswith("/api/photo/"):
-                    from .. import data
-                    from .report import _display_copy
-
-                    name = path.rsplit("/", 1)[-1]
-                    if name not in data.names():
-                        return self._error(f"no bundled photo {name!r}", 404)
-                    buf = io.BytesIO()
-                    _display_copy(data.image(name)).save(buf, format="JPEG", quality=85)
-                    self._send(200, buf.getvalue(), "image/jpeg")
-                elif path.startswith("/api/job/"):
-                    job = app.jobs.get(path.rsplit("/", 1)[-1])
-                    if job is None:
-                        return self._error("no such job (it may have expired)", 404)
-                    self._json(job.status())
-                elif path.startswith("/api/download/") and path.endswith(".zip"):
-                    job_id = path.rsplit("/", 1)[-1][:-4]
-                    body = app.download(job_id)
-                    self._send(200, body, "application/zip",
-                               {"Content-Disposition": f'attachment; filename="saliency-maps-{job_id}.zip"'})
-                else:
-                    self._error("not found", 404)
+                return await run_in_threadpool(fn, request)
             except SaliencyError as err:
-                self._error(str(err), 404)
+                return error(str(err), 404)
             except Exception as err:
                 traceback.print_exc(file=sys.stderr)
-                self._error(f"internal error ({type(err).__name__})", 500)
+                return error(f"internal error ({type(err).__name__})", 500)
+        return endpoint
 
-        def do_POST(self):
-            path = self.path.split("?", 1)[0]
-            if path != "/api/explain":
-                return self._error("not found", 404)
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                return self._error("bad Content-Length")
-            # base64 inflates by 4/3; leave room for the JSON around it
-            limit = app.max_upload_bytes * 4 // 3 + 64 * 1024
-            if length > limit:
-                # read (and drop) what the client sends so it gets the message rather than a broken
-                # connection; a body far beyond any sane size just gets the connection closed
-                if length <= 16 * limit:
-                    left = length
-                    while left > 0:
-                        chunk = self.rfile.read(min(left, 1 << 20))
-                        if not chunk:
-                            break
-                        left -= len(chunk)
-                self.close_connection = True
-                return self._error(f"the file is larger than the {_size(app.max_upload_bytes)} limit", 413)
-            try:
-                request = json.loads(self.rfile.read(length) or b"{}")
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return self._error("the request is not valid JSON")
-            try:
-                job = app.submit(request)
-            except SaliencyError as err:
-                return self._error(str(err))
-            except Exception as err:
-                traceback.print_exc(file=sys.stderr)
-                return self._error(f"internal error ({type(err).__name__})", 500)
-            self._json({"job": job.id})
+    async def index(_request):
+        return HTMLResponse(page, headers=NO_STORE)
 
-    return Handler
+    def options(_request):
+        return JSONResponse(app.options(), headers=NO_STORE)
+
+    def photo(request):
+        from .. import data
+        from .report import _display_copy
+
+        name = request.path_params["name"]
+        if name not in data.names():
+            return error(f"no bundled photo {name!r}", 404)
+        buf = io.BytesIO()
+        _display_copy(data.image(name)).save(buf, format="JPEG", quality=85)
+        return Response(buf.getvalue(), media_type="image/jpeg", headers=NO_STORE)
+
+    async def job(request):
+        found = app.jobs.get(request.path_params["id"])
+        if found is None:
+            return error("no such job (it may have expired)", 404)
+        return JSONResponse(found.status(), headers=NO_STORE)
+
+    def download(request):
+        name = request.path_params["file"]
+        if not name.endswith(".zip"):
+            return error("not found", 404)
+        job_id = name[:-4]
+        return Response(app.download(job_id), media_type="application/zip",
+                        headers={**NO_STORE, "Content-Disposition": f'attachment; filename="saliency-maps-{job_id}.zip"'})
+
+    async def explain(request):
+        # base64 inflates by 4/3; leave room for the JSON around it
+        limit = app.max_upload_bytes * 4 // 3 + 64 * 1024
+        too_large = error(f"the file is larger than the {_size(app.max_upload_bytes)} limit", 413)
+        declared = request.headers.get("content-length")
+        try:
+            if declared is not None and int(declared) > limit:
+                await _drain(request, 16 * limit)
+                return too_large
+        except ValueError:
+            return error("bad Content-Length")
+        body = bytearray()
+        async for chunk in request.stream():  # a body sent without a length is capped as it comes
+            body += chunk
+            if len(body) > limit:
+                await _drain(request, 16 * limit)
+                return too_large
+        try:
+            payload = json.loads(bytes(body) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error("the request is not valid JSON")
+        try:
+            submitted = await run_in_threadpool(app.submit, payload)
+        except Busy as err:
+            return error(str(err), 503, {"Retry-After": str(err.retry_after)})
+        except SaliencyError as err:
+            return error(str(err))
+        except Exception as err:
+            traceback.print_exc(file=sys.stderr)
+            return error(f"internal error ({type(err).__name__})", 500)
+        return JSONResponse({"job": submitted.id}, headers=NO_STORE)
+
+    async def http_error(_request, exc):
+        return error("not found" if exc.status_code == 404 else str(exc.detail), exc.status_code)
+
+    routes = [Route("/", index), Route("/index.html", index), Route("/api/options", guarded(options)),
+              Route("/api/photo/{name}", guarded(photo)), Route("/api/job/{id}", job),
+              Route("/api/download/{file}", guarded(download)), Route("/api/explain", explain, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
-def make_server(app: App | None = None, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
+async def _drain(request, cap: int) -> None:
+    """Read (and drop) what the client still sends, up to `cap` bytes, so that it gets the answer
+    rather than a broken connection; a body far beyond any sane size just gets the connection closed."""
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > cap:
+                break
+    except Exception:  # noqa: BLE001  the client went away: nothing left to answer
+        pass
+
+
+class Server:
+    """The app on uvicorn, listening on `host:port` (port 0: a free one, `server_address[1]`).
+
+    `serve_forever()` runs it in the calling thread until `shutdown()` (from another thread) or
+    Ctrl-C; `server_close()` releases the socket.
+    """
+
+    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 7860):
+        import socket
+
+        try:
+            import starlette  # noqa: F401
+            import uvicorn
+        except ImportError:
+            raise SaliencyError("the web app needs Starlette and uvicorn: pip install 'saliencykit[app]'") from None
+
+        self.app = app
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+        except OSError:
+            self.socket.close()
+            raise
+        self.socket.listen(2048)  # connections made before serve_forever wait in the backlog
+        self.server_address = self.socket.getsockname()[:2]
+        # log_config=None: the server leaves the process's logging as it found it; warnings and
+        # errors still reach stderr
+        config = uvicorn.Config(asgi_app(app), log_config=None, log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    def serve_forever(self):
+        try:
+            self._server.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout: float = 30):
+        self._server.should_exit = True
+        self._stopped.wait(timeout)
+
+    def server_close(self):
+        self.socket.close()
+
+
+def make_server(app: App | None = None, host: str = "127.0.0.1", port: int = 7860) -> Server:
     """The HTTP server (not started). Port 0 picks a free port (`server.server_address[1]`)."""
-    app = app or App()
-    server = ThreadingHTTPServer((host, port), make_handler(app))
-    server.daemon_threads = True
-    server.app = app
-    return server
+    return Server(app or App(), host, port)
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, app: App | None = None, quiet: bool = False):
@@ -450,4 +530,4 @@ def serve(host: str = "127.0.0.1", port: int = 7860, app: App | None = None, qui
         server.server_close()
 
 
-__all__ = ["App", "make_server", "serve", "decode_upload", "parse_target"]
+__all__ = ["App", "Busy", "make_server", "serve", "decode_upload", "parse_target"]
