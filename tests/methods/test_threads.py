@@ -99,3 +99,31 @@ def test_threads_with_methods_that_hook_or_change_the_model():
     weights = [p.detach().clone() for p in subject.model.parameters()]
     sk.explain(subject, x, "lrp", target=3)
     assert all(torch.equal(a, b) for a, b in zip(weights, subject.model.parameters()))
+
+
+@pytest.mark.slow
+def test_two_threads_evaluating_lrp_with_a_metric_that_re_explains():
+    # max_sensitivity re-runs LRP (which merges batch norm into the weights for a moment) inside the
+    # evaluation: each evaluation takes the model to itself for its whole length, so two of them in two
+    # threads neither wait for each other for ever nor see merged weights; scores equal the ones alone
+    subject = _resnet()
+    x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    exp = sk.explain(subject, x, "lrp", target=3)
+    settings = dict(metrics=["max_sensitivity"], target=3, seed=1, random_baseline=False,
+                    params={"max_sensitivity": {"n_samples": 2}})
+    alone = sk.evaluate(subject, x, exp, **settings)["max_sensitivity"]["lrp"].scores
+    got, errors = [], []
+
+    def work():
+        try:
+            got.append(sk.evaluate(subject, x, exp, **settings)["max_sensitivity"]["lrp"].scores)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert len(got) == 2 and all(torch.equal(g, alone) for g in got)

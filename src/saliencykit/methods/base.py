@@ -91,19 +91,18 @@ def get(name: str, kind: str = "classifier") -> type[Method]:
     if not isinstance(name, str):
         raise SaliencyError(f"method must be given by name, got {type(name).__name__}")
     key = method_key(name)
-    spelled = {method_key(n): n for n in REGISTRY}
-    if key not in spelled:
-        import difflib
+    for (k, registered), cls in BY_KIND.items():  # each name and alias of each kind's methods
+        if k == kind and method_key(registered) == key:
+            return cls
+    for registered, cls in REGISTRY.items():
+        if method_key(registered) == key:
+            raise SaliencyError(cls.wrong_subject(kind))
+    import difflib
 
-        names = sorted(n for n, c in REGISTRY.items() if n == c.name)
-        close = difflib.get_close_matches(name.lower().replace("-", "_"), names, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise SaliencyError(f"unknown method {name!r}.{hint} Available: {', '.join(names)}")
-    registered = spelled[key]
-    cls = BY_KIND.get((kind, registered))
-    if cls is None:
-        raise SaliencyError(REGISTRY[registered].wrong_subject(kind))
-    return cls
+    names = sorted(n for n, c in REGISTRY.items() if n == c.name)
+    close = difflib.get_close_matches(name.lower().replace("-", "_"), names, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise SaliencyError(f"unknown method {name!r}.{hint} Available: {', '.join(names)}")
 
 
 class Context:

@@ -10,6 +10,8 @@ import torch
 
 from ..engine import PassCounter, forward_logits
 from ..errors import SaliencyError, resolve_seed
+from ..hooks import model_lock
+from ..methods.base import check_finite_output, get as get_method
 from ..explanation import Explanation
 from ..targets import Class, as_target
 from .base import EvalContext, MetricResult, get
@@ -236,6 +238,13 @@ def _target_from_explanations(exps: dict[str, Explanation], batch: int):
     return Contrast([a for a, _ in picked[1]], vs=[b for _, b in picked[1]])
 
 
+def _changes_model(method: str) -> bool:
+    try:
+        return get_method(method).changes_model
+    except SaliencyError:  # an explanation made elsewhere, under a name no method has
+        return False
+
+
 def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, target=None, seed: int | None = 0,
              masks=None, batch_size: int | None = None, params: dict | None = None, progress: bool = False,
              image_names=None, random_baseline: bool = True) -> EvaluationResult:
@@ -309,8 +318,12 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
     results: dict = {}
     seconds: dict = {}
     shared = PassCounter()
-    with subject.explaining():
+    # re-explaining with a method that changes the weights for a moment (LRP) needs the model to itself:
+    # taken for the whole evaluation, as two evaluations each waiting to have it would wait for ever
+    exclusive = any(_changes_model(e.method) for e in exps.values())
+    with model_lock(subject.model)(exclusive), subject.explaining():
         logits = forward_logits(subject, x, batch_size, shared)
+        check_finite_output(logits, subject)
         resolved = tgt.resolve(subject, logits)
         if len(resolved) != B:
             raise SaliencyError(f"target resolved to {len(resolved)} examples for a batch of {B}")
