@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import SaliencyError
+from ..hooks import this_thread_only
 from ..subject import Subject
 from ..targets import Class, Target
 from .bank import ConceptBank
@@ -33,7 +34,7 @@ class ConceptHead(nn.Module):
     def forward(self, x):
         module = dict(self.model.named_modules())[self.layer]
         store = []
-        handle = module.register_forward_hook(lambda _m, _i, out: store.append(out))
+        handle = module.register_forward_hook(this_thread_only(lambda _m, _i, out: store.append(out)))
         try:
             self.model(x)
         finally:
