@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import SaliencyError, positive_int
+from ..hooks import this_thread_only
 from .bank import ConceptBank, layer_activations, nnls
 
 
@@ -49,7 +50,7 @@ class ConceptIntervention(nn.Module):
             return act.to(out.dtype)
 
         module = dict(self.model.named_modules())[self.layer]
-        handle = module.register_forward_hook(replace)
+        handle = module.register_forward_hook(this_thread_only(replace))  # another thread's forward keeps its own
         try:
             out = self.model(self.x.expand(n, *self.x.shape[1:]))
         finally:
