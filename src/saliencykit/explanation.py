@@ -30,6 +30,60 @@ def package_versions() -> dict:
 
 
 SAVED_FILES = ("maps.npz", "explanation.json")  # what `Explanation.save` writes into its folder
+COMPLETENESS_LIMIT = 0.05   # relative completeness error above which a path method's map is flagged
+UNSURE_BELOW = 0.25         # top-1 probability below which the prediction is flagged as unsure
+
+
+def _pct(v: float) -> str:
+    return f"{100 * float(v):.0f} %" if float(v) >= 0.01 else f"{100 * float(v):.1f} %"
+
+
+def map_warnings(signed: bool, maps: torch.Tensor, target: list, params: dict, extras: dict,
+                 top: list | None = None) -> list[dict]:
+    """Warnings a person can act on, one dict per example and kind: `{"code", "example", "message",
+    "short"}` (`short`: the few words a picture has room for).
+
+    - `completeness`: a path method's attributions miss the score difference by more than
+      `COMPLETENESS_LIMIT` (relative); the remedy is more integration steps.
+    - `one_signed`: a signed map of a contrast that is of one sign everywhere: nothing in the photo
+      counts for one side, so its colours show only where the other side leads most or least.
+    - `unsure`: the model's top-1 probability is below `UNSURE_BELOW` (`top`: per example
+      `(label, probability)` of the top answer).
+    Only the metadata and the maps are read; nothing is changed.
+    """
+    out = []
+    rel = extras.get("relative_completeness_error")
+    for i, r in enumerate(rel or []):
+        if r is not None and float(r) > COMPLETENESS_LIMIT:
+            steps = params.get("steps")
+            more = f"more steps (now {steps}; try {4 * steps})" if isinstance(steps, int) else "more steps"
+            out.append({"code": "completeness", "example": i,
+                        "short": f"completeness error {_pct(r)}: use {more.split(' (')[0]}",
+                        "message": f"the attributions miss the score difference by {_pct(r)} "
+                                   f"(completeness error above {_pct(COMPLETENESS_LIMIT)}); the map is a coarse "
+                                   f"estimate of the path integral: use {more}"})
+    for i, t in enumerate(target):
+        if not signed or not isinstance(t, dict) or t.get("kind") != "contrast" or i >= maps.shape[0]:
+            continue
+        m = maps[i]
+        lo, hi = float(m.min()), float(m.max())
+        if lo == hi:
+            continue
+        a, b = t.get("name", "").split(" vs ")[0], t.get("vs_name", "the other class")
+        if hi <= 0:
+            out.append({"code": "one_signed", "example": i, "short": "negative everywhere (see the words)",
+                        "message": f"the contrast map is negative everywhere: no part of the photo "
+                                   f"counts for {a} over {b}; the colours show where {b} leads most"})
+        elif lo >= 0:
+            out.append({"code": "one_signed", "example": i, "short": "positive everywhere (see the words)",
+                        "message": f"the contrast map is positive everywhere: no part of the photo "
+                                   f"counts for {b} over {a}; the colours show where {a} leads most"})
+    for i, (label, prob) in enumerate(top or []):
+        if prob < UNSURE_BELOW:
+            out.append({"code": "unsure", "example": i, "short": f"the model is unsure: {_pct(prob)}",
+                        "message": f"the model is unsure: {_pct(prob)} for its top answer, {label}; a map of an "
+                                   "unsure prediction explains a guess"})
+    return out
 
 
 @dataclass
@@ -78,7 +132,12 @@ class Explanation:
             layer=self.layer, params=dict(self.params), seed=self.seed, passes=dict(self.passes),
             seconds=self.seconds, raw=None if self.raw is None else self.raw[sl],
             attributions=None if self.attributions is None else self.attributions[sl],
-            versions=dict(self.versions), model=self.model, extras=dict(self.extras))
+            versions=dict(self.versions), model=self.model, extras=_extras_of(self.extras, i))
+
+    @property
+    def warnings(self) -> list[dict]:
+        """`extras["warnings"]`: what a person should know before reading the maps (see `map_warnings`)."""
+        return list(self.extras.get("warnings", []))
 
     def normalized(self) -> torch.Tensor:
         return normalize_maps(self.maps, self.signed)
@@ -160,6 +219,17 @@ class Explanation:
                    passes=meta.get("passes", {}), seconds=meta.get("seconds", 0.0), raw=arrays.get("raw"),
                    attributions=arrays.get("attributions"), versions=meta.get("versions", {}),
                    model=meta.get("model"), extras=meta.get("extras", {}))
+
+
+def _extras_of(extras: dict, i) -> dict:
+    """The extras of example `i` of a batch: its own warnings, renumbered from 0."""
+    out = dict(extras)
+    if "warnings" in extras:
+        start = i if isinstance(i, int) else (i.start or 0)
+        stop = start + 1 if isinstance(i, int) else i.stop
+        out["warnings"] = [dict(w, example=w["example"] - start) for w in extras["warnings"]
+                           if start <= w.get("example", 0) and (stop is None or w.get("example", 0) < stop)]
+    return out
 
 
 def _jsonable(value: Any):

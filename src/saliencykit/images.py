@@ -139,3 +139,33 @@ class ImagePreprocess:
 
     def __repr__(self):
         return f"ImagePreprocess(size={self.size}, mean={self.mean}, std={self.std})"
+
+
+def transparency_note(source) -> str | None:
+    """A sentence when `source` (a path, PIL image or array) has transparent pixels, which
+    `load_image` composites on white: the alpha channel is a real change of the input the model
+    sees, so a person should be told. None for an opaque photo or anything unreadable."""
+    from PIL import Image
+
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with Image.open(source) as im:
+                if "A" not in im.getbands() and "transparency" not in im.info:
+                    return None
+                alpha = im.convert("RGBA").getchannel("A")
+        elif isinstance(source, Image.Image):
+            if "A" not in source.getbands() and "transparency" not in source.info:
+                return None
+            alpha = source.convert("RGBA").getchannel("A")
+        elif isinstance(source, np.ndarray) and source.ndim == 3 and source.shape[2] == 4:
+            a = source[..., 3]
+            return None if a.min() >= (255 if a.dtype == np.uint8 else 1.0) else _ALPHA_NOTE
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    return _ALPHA_NOTE if alpha.getextrema()[0] < 255 else None
+
+
+_ALPHA_NOTE = ("the photo has transparent pixels: they were composited on white before the model saw them, "
+               "so the white areas are part of what was explained")

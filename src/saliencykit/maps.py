@@ -43,13 +43,28 @@ def _to_numpy_map(m) -> np.ndarray:
     return m
 
 
-def display_scale(m, signed: bool = False, clip: float | None = None) -> np.ndarray:
+def display_smooth(m, smooth: float = 0.0) -> np.ndarray:
+    """A blurred copy of a [H,W] map for display only: Gaussian of `smooth` x the longer side
+    (replicate padding, so the border does not fade). 0 returns the map as it is."""
+    m = _to_numpy_map(m)
+    if not smooth:
+        return m
+    if not 0 < smooth < 1:
+        raise SaliencyError(f"smooth must be in [0, 1), got {smooth}")
+    from .filters import gaussian_blur
+
+    return gaussian_blur(torch.from_numpy(np.ascontiguousarray(m))[None], smooth * max(m.shape),
+                         padding="replicate")[0].numpy()
+
+
+def display_scale(m, signed: bool = False, clip: float | None = None, smooth: float = 0.0) -> np.ndarray:
     """[H,W] map -> display units: [0,1] (unsigned, min..max) or [-1,1] (signed, 0 stays 0).
 
     `clip` (a percentile, e.g. 99.5) saturates the few extreme values so that pixel-level maps
     (gradients, IG), whose mass is spread thinly, stay visible; CAMs are barely affected.
+    `smooth` blurs the display copy first (see `display_smooth`).
     """
-    m = _to_numpy_map(m)
+    m = display_smooth(m, smooth)
     if clip is not None and m.size:
         if signed:
             top = float(np.percentile(np.abs(m), clip))
@@ -62,11 +77,12 @@ def display_scale(m, signed: bool = False, clip: float | None = None) -> np.ndar
     return normalize_maps(torch.from_numpy(np.ascontiguousarray(m))[None], signed)[0].numpy()
 
 
-def colorize(m, signed: bool = False, cmap: str | None = None, clip: float | None = None) -> np.ndarray:
-    """[H,W] map -> [H,W,3] uint8 RGB (see `display_scale` for `clip`)."""
+def colorize(m, signed: bool = False, cmap: str | None = None, clip: float | None = None,
+             smooth: float = 0.0) -> np.ndarray:
+    """[H,W] map -> [H,W,3] uint8 RGB (see `display_scale` for `clip` and `smooth`)."""
     import matplotlib
 
-    unit = display_scale(m, signed, clip)
+    unit = display_scale(m, signed, clip, smooth)
     if signed:
         unit = (unit + 1) / 2
     cm = matplotlib.colormaps[cmap or (SIGNED_CMAP if signed else UNSIGNED_CMAP)]
@@ -80,18 +96,20 @@ def resize_map(m, size_wh) -> np.ndarray:
     return out[0, 0].numpy()
 
 
-def overlay(image, m, signed: bool = False, alpha: float = 0.5, cmap: str | None = None, clip: float | None = 99.5):
+def overlay(image, m, signed: bool = False, alpha: float = 0.5, cmap: str | None = None, clip: float | None = 99.5,
+            smooth: float = 0.0):
     """Blend the colourised map over the photo (the map is resized to the photo).
 
     Unsigned maps cover the photo with uniform opacity `alpha`; signed maps are opaque in
     proportion to |value| (zero evidence leaves the photo as it is: red for, blue against).
+    `clip` and `smooth` change the display only (see `display_scale`).
     """
     from PIL import Image
 
     if not 0 <= alpha <= 1:
         raise SaliencyError(f"alpha must be in [0,1], got {alpha}")
     img = load_image(image)
-    resized = resize_map(m, img.size)
+    resized = resize_map(display_smooth(m, smooth), img.size)
     heat = colorize(resized, signed, cmap, clip).astype(np.float32)
     if signed:
         a = alpha * np.abs(display_scale(resized, True, clip))[..., None] ** 0.5 * 1.6

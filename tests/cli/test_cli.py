@@ -26,9 +26,12 @@ def test_explain_writes_overlays_maps_and_summary(tmp_path, chelsea):
     for stem in ("my cat", "coffee"):
         for m in ("gradcam", "saliency"):
             assert (out / f"{stem}_{m}.png").exists()
-            with np.load(out / f"{stem}_{m}.npz") as z:
-                assert z["map"].shape == (224, 224)
+            with np.load(out / f"{stem}_{m}.npz") as z:  # the key and [B,H,W] shape of Explanation.save
+                assert z["maps"].shape == (1, 224, 224) and "map" not in z.files
     summary = json.loads((out / "summary.json").read_text())
+    # one versions block per run, none per map
+    assert summary["versions"]["saliencykit"] and all("versions" not in meta for p in summary["photos"]
+                                                      for meta in p["maps"].values())
     assert summary["photos"][0]["predictions"][0]["label"] == "Egyptian cat"
     meta = summary["photos"][1]["maps"]["gradcam"]
     assert meta["method"] == "gradcam" and meta["layer"] == "_swish" and meta["passes"]["backward"] == 1
@@ -44,8 +47,9 @@ def test_explain_contrast_and_group(tmp_path):
 
 
 def test_progress_bar_shown_without_quiet(tmp_path):
-    proc = run("explain", "chelsea", "--method", "cam", "--out", str(tmp_path / "p"))
-    assert "explaining" in proc.stderr
+    # one bar per method, named by its display name, counting photos
+    proc = run("explain", "chelsea", "coffee", "--method", "cam", "--method", "saliency", "--out", str(tmp_path / "p"))
+    assert "CAM" in proc.stderr and "Gradient saliency" in proc.stderr and "2/2" in proc.stderr
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -157,3 +161,74 @@ def test_unexpected_failures_are_one_line(monkeypatch, capsys):
     assert main(["explain", "chelsea", "--out", "unused"]) == 1
     err = capsys.readouterr().err
     assert err == "saliencykit: error: RuntimeError: the disk caught fire (SALIENCYKIT_TRACEBACK=1 shows where)\n"
+def test_every_command_takes_threads():
+    # --threads is accepted everywhere (parsed, not run), and a bad count is a clear error
+    from saliencykit.cli import build_parser, main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        assert any("--threads" in a.option_strings for a in p._actions), name
+    assert main(["methods", "--threads", "0"]) == 2
+
+
+def test_busy_machine_notice(monkeypatch, capsys):
+    # a load average above the core count gets one line suggesting --threads 1; a given
+    # --threads (or --quiet) means the person has chosen, so nothing is said
+    import os
+
+    from saliencykit.cli import main
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0 * (os.cpu_count() or 1) + 1, 0.0, 0.0))
+    assert main(["methods"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("busy") == 1 and "--threads 1" in err
+    assert main(["methods", "--threads", "1"]) == 0
+    assert "busy" not in capsys.readouterr().err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert main(["methods"]) == 0
+    assert "busy" not in capsys.readouterr().err
+
+
+def test_demo_says_what_it_does(tmp_path):
+    # the plan (photos x methods, the demo's own IG budget) comes first, a bar per method, and
+    # where to look at the end
+    out = tmp_path / "demo"
+    proc = run("demo", "--out", str(out), "--method", "gradcam", "--method", "integrated_gradients",
+               "--param", "integrated_gradients.steps=4", "--threads", "1")
+    err, stdout = proc.stderr, proc.stdout
+    assert "5 photos x 2 methods = 10 maps with 1 thread(s)" in err
+    assert "Integrated Gradients at 4 steps" in err  # --param overrides the demo's budget, and it says so
+    assert "Grad-CAM" in err and "Integrated Gradients" in err and "5/5" in err
+    assert "report.html" in stdout and "where to look" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params"] == {"integrated_gradients": {"steps": 4}}
+    assert summary["photos"][0]["maps"]["integrated_gradients"]["params"]["steps"] == 4
+    # 4 steps miss the completeness check: each such map warns, with the remedy, in the summary and on stderr
+    ig = [p["maps"]["integrated_gradients"]["extras"]["warnings"] for p in summary["photos"]]
+    assert any(w["code"] == "completeness" and "more steps" in w["message"] for ws in ig for w in ws)
+    assert "warning:" in err and "more steps" in err
+    # astronaut's top answer has 14 %: one photo-level warning, not one per map
+    astro = next(p for p in summary["photos"] if p["photo"] == "astronaut")
+    assert [w["code"] for w in astro["warnings"]] == ["unsure"] and "14 %" in astro["warnings"][0]["message"]
+    assert err.count("astronaut: the model is unsure") == 1
+
+
+def test_transparent_photo_is_noted(tmp_path, chelsea):
+    # alpha composited on white changes the input: the map carries a warning that says so
+    from PIL import Image
+
+    rgba = chelsea.convert("RGBA")
+    alpha = Image.new("L", rgba.size, 255)
+    alpha.paste(0, (0, 0, 100, 100))
+    rgba.putalpha(alpha)
+    photo = tmp_path / "cut.png"
+    rgba.save(photo)
+    opaque = tmp_path / "opaque.png"
+    chelsea.convert("RGBA").save(opaque)
+    out = tmp_path / "o"
+    proc = run("explain", str(photo), str(opaque), "--out", str(out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert [w["code"] for w in summary["photos"][0]["warnings"]] == ["alpha"]
+    assert summary["photos"][1]["warnings"] == []  # an alpha channel that is opaque everywhere changes nothing
+    assert "transparent pixels" in proc.stderr

@@ -38,3 +38,23 @@ def test_small_budget_gives_the_same_maps_in_more_chunks(tiny, monkeypatch):
         assert torch.allclose(ref[name].maps, small[name].maps, atol=1e-6), name
     # 16 interpolants in chunks of 3 -> 6 backward calls (vs 1)
     assert small["integrated_gradients"].passes["model_calls"] > ref["integrated_gradients"].passes["model_calls"]
+
+
+def test_progress_rate_leaves_out_the_warm_up_step():
+    # a 1 s first step then 0.05 s steps: the rate shown is about 20/s (steps after the first
+    # only), where counting the first step would give about 3/s; before a second step there is
+    # no estimate at all. Tolerance: sleep overshoots a few ms per step on a loaded machine.
+    import time
+
+    from saliencykit.engine import Progress
+
+    with Progress(6, "t") as bar:
+        time.sleep(1.0)
+        bar.step()
+        assert bar.bar.format_dict["rate"] == 0  # tqdm shows "?" for 0
+        for _ in range(5):
+            time.sleep(0.05)
+            bar.step()
+        rate = bar.bar.format_dict["rate"]
+        assert 10 < rate < 21, rate
+        assert bar.bar.format_dict["elapsed"] >= 1.2  # the elapsed time stays the whole time

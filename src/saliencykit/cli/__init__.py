@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..errors import SaliencyError
-from .common import add_model_args, command_modules, photo_source, target_from_args  # noqa: F401
+from .common import add_model_args, add_threads_arg, apply_threads, command_modules, photo_source, target_from_args  # noqa: F401
 from .explain import DEMO_METHODS, run_explain  # noqa: F401
 
 class _Parser(argparse.ArgumentParser):
@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in command_modules():
         mod.register(sub)
+    for p in sub.choices.values():  # every command takes --threads (train-parts has its own default)
+        if not any("--threads" in a.option_strings for a in p._actions):
+            add_threads_arg(p)
     return parser
 
 
@@ -45,6 +48,7 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        apply_threads(args)
         code = args.func(args)
     except SaliencyError as err:
         return _fail(str(err), 2)

@@ -9,12 +9,39 @@ from pathlib import Path
 from ..errors import SaliencyError
 
 
-def progress(iterable, quiet: bool, desc: str, total=None):
-    if quiet:
-        return iterable
-    from tqdm.auto import tqdm
+def progress(iterable, quiet: bool, desc: str, total=None, unit: str = "it"):
+    """A bar on stderr that stays when done; its rate leaves out the first step's warm-up."""
+    from ..engine import with_progress
 
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr)
+    return with_progress(iterable, desc, enabled=not quiet, total=total, leave=True, unit=unit)
+
+
+def add_threads_arg(p):
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: the cores; 1 is faster while another job runs)")
+
+
+def apply_threads(args) -> None:
+    """Set PyTorch's thread count from --threads; with none given on a busy machine (load average
+    above the core count) say so once, since two jobs that each spin every core slow each other
+    down many times over."""
+    import os
+
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise SaliencyError(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+        return
+    if not hasattr(args, "threads") or getattr(args, "quiet", False) or not hasattr(os, "getloadavg"):
+        return
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if load > cores:
+        print(f"saliencykit: this machine is busy (load average {load:.1f} on {cores} cores); "
+              "if this runs slowly, try --threads 1", file=sys.stderr)
 
 
 def photo_source(spec: str):
@@ -95,7 +122,7 @@ def _label(s: str):
     return int(s) if s.isdigit() else s
 
 
-def add_model_args(p):
+def add_model_args(p, method_params: bool = True):
     p.add_argument("--model", default="efficientnet_lite0", help="model name (see `saliencykit models`)")
     p.add_argument("--target", help="class label or index to explain (default: the top-1 class)")
     p.add_argument("--contrast", help="explain why this class ...")
@@ -104,6 +131,9 @@ def add_model_args(p):
     p.add_argument("--layer", default="auto", help="layer for CAM methods (name, or auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
+    if method_params:
+        p.add_argument("--param", action="append", help="method parameter METHOD.NAME=VALUE, e.g. "
+                                                        "integrated_gradients.steps=200")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -141,5 +141,5 @@ def register(subparsers):
                                                             "explanation.json, one map per photo in order)")
     from .common import add_model_args
 
-    add_model_args(p)
+    add_model_args(p, method_params=False)
     p.set_defaults(func=cmd_evaluate)

@@ -1,28 +1,57 @@
-"""`saliencykit explain` and `saliencykit demo`: overlays, raw maps, summary.json and a grid."""
+"""`saliencykit explain` and `saliencykit demo`: overlays, raw maps, summary.json and a grid.
+
+The output folder is described in docs/output.md: per photo and method an annotated overlay
+(`STEM_METHOD.png`) and the map (`STEM_METHOD.npz`, key `maps` `[1,H,W]`, as `Explanation.save`
+writes), `summary.json` (the run's settings and versions once, then per photo its predictions,
+warnings and per map its metadata) and, on request, `grid.png`.
+"""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-from .common import add_model_args, demo_steps, photo_sources, progress, target_from_args, unique_stems
+from .common import add_model_args, demo_steps, parse_params, photo_sources, progress, target_from_args, unique_stems
 
 DEMO_METHODS = ["gradcam", "gradcam_pp", "hirescam", "layercam", "eigencam", "saliency", "integrated_gradients",
                 "smoothgrad", "guided_backprop"]
+# The demo's own budget for its two slow methods (their defaults: 50 steps, 25 samples), so that
+# every method runs on every photo in well under a minute on 2 cores; the demo says so when it
+# starts, and `saliencykit explain` always uses the defaults unless --param says otherwise.
+DEMO_PARAMS = {"integrated_gradients": {"steps": 25}, "smoothgrad": {"samples": 10}}
+GRID_SMOOTH = 0.006  # display-only smoothing of pixel-level maps in the grid (0.6 % of the side)
+
+
+def _target_words(described: dict, probs) -> tuple[str, float | None]:
+    """What a map explains, in words, and the target's probability where it is one number."""
+    def p(indices):
+        return float(probs[list(indices)].sum())
+
+    if described.get("kind") == "contrast":
+        a = described["name"].split(" vs ")[0]
+        return (f"{a} ({100 * p(described['indices']):.0f} %) rather than {described['vs_name']} "
+                f"({100 * p(described['vs_indices']):.0f} %)"), None
+    return described.get("name", ""), p(described.get("indices", []))
 
 
 def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=None, layer="auto", seed=0,
-                batch_size=None, quiet=False, grid_path: Path | None = None) -> dict:
+                batch_size=None, quiet=False, grid_path: Path | None = None, params: dict | None = None,
+                grid_smooth: float = 0.0) -> dict:
     """Explain each photo with each method; write overlays, raw maps and summary.json.
 
-    All files are written only after every map has been computed, so an error leaves no
-    partial output behind.
+    One progress bar per method (over the photos). All files are written only after every map
+    has been computed, so an error leaves no partial output behind.
     """
+    import torch
+
     from .. import methods as registry
+    from ..explanation import package_versions
+    from ..images import load_image, transparency_note
+    from ..methods import explain
     from ..datasets.runner import load_subject as load_model
     from ..present import viz
-    from ..methods import explain
-    from ..images import load_image
+    from ..present.names import method_title
     from ..targets import as_target
 
     from ..files import check_writable_dir
@@ -30,69 +59,129 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     for m in methods:
         registry.get(m)  # fail on an unknown method before any work
     check_writable_dir(out, "the output")  # and on an output that could not be written
+    params = params or {}
     subject = load_model(model)
     sources = photo_sources(photos, quiet)
     stems = unique_stems([stem for _, stem in sources])
-    results = []
-    for (src, _), stem in progress(list(zip(sources, stems)), quiet, "explaining"):
+    inputs = []
+    for src, _ in sources:
         image = load_image(src)
         x = subject.preprocess(image)
-        preds = subject.predict(x, k=5)[0]
-        exps = explain(subject, x, method=list(methods), target=as_target(target), layer=layer, seed=seed,
-                       batch_size=batch_size)
-        results.append((stem, image, preds, exps))
+        with torch.no_grad():
+            probs = subject.forward(x).float().softmax(-1)[0]
+        inputs.append((image, x, subject.predict(x, k=5)[0], probs, transparency_note(src)))
+    tgt = as_target(target)
+    exps: list[dict] = [{} for _ in inputs]
+    width = max(len(method_title(m)) for m in methods)
+    for m in methods:
+        for i in progress(range(len(inputs)), quiet, method_title(m).ljust(width), unit="photo"):
+            e = explain(subject, inputs[i][1], method=m, target=tgt, layer=layer, seed=seed, batch_size=batch_size,
+                        params=params)
+            if inputs[i][4]:
+                e.extras["warnings"] = e.warnings + [{"code": "alpha", "example": 0, "message": inputs[i][4],
+                                                      "short": "transparent pixels shown as white"}]
+            exps[i][m] = e
     # all computed: now write
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"model": model, "seed": seed, "methods": list(methods), "photos": []}
-    for stem, image, preds, exps in results:
-        entry = {"photo": stem, "predictions": preds, "maps": {}}
-        for name, exp in exps.items():
-            png = out / f"{stem}_{name}.png"
-            npz = out / f"{stem}_{name}.npz"
-            viz.save_png(exp.overlay(image), png)
+    summary = {"model": model, "seed": seed, "methods": list(methods), "params": params,
+               "versions": package_versions(), "photos": []}
+    for stem, (image, x, preds, probs, _), row in zip(stems, inputs, exps):
+        entry = {"photo": stem, "predictions": preds, "warnings": [], "maps": {}}
+        for name, exp in row.items():
+            png, npz = out / f"{stem}_{name}.png", out / f"{stem}_{name}.npz"
+            words, prob = _target_words(exp.target[0], probs)
+            notes = [w["message"] for w in exp.warnings if w["code"] not in ("unsure", "alpha")]
+            photo_notes = [w for w in exp.warnings if w["code"] in ("unsure", "alpha")]
+            for w in photo_notes:
+                if w["message"] not in [v["message"] for v in entry["warnings"]]:
+                    entry["warnings"].append({"code": w["code"], "message": w["message"]})
+            viz.figure(image, exp.maps[0], exp.signed, name, words, prob,
+                       notes=notes + [w["message"] for w in photo_notes], path=png)
             viz.save_map_npz(exp.maps[0], npz, signed=exp.signed)
-            entry["maps"][name] = {"overlay": png.name, "map": npz.name, **exp[0].metadata()}
+            meta = exp[0].metadata()
+            meta.pop("versions", None)  # once per run, at the top of summary.json
+            entry["maps"][name] = {"overlay": png.name, "map": npz.name, **meta}
         summary["photos"].append(entry)
-    if grid_path is not None and results:
-        titles = []
-        rows = []
-        for stem, image, preds, exps in results:
-            first = next(iter(exps.values()))
-            titles.append(f"{stem}: {first.target[0]['name']}")
-            rows.append({name: (e.maps[0], e.signed) for name, e in exps.items()})
-        viz.grid([r[1] for r in results], rows, titles, path=grid_path)
+    if grid_path is not None and inputs:
+        titles, rows = [], []
+        for stem, (image, x, preds, probs, _), row in zip(stems, inputs, exps):
+            words, prob = _target_words(next(iter(row.values())).target[0], probs)
+            titles.append(f"{stem}: {words}" + (f" ({100 * prob:.0f} %)" if prob is not None else ""))
+            rows.append({name: (e.maps[0], e.signed, "; ".join(w["short"] for w in e.warnings
+                                                            if w["code"] not in ("unsure", "alpha")))
+                         for name, e in row.items()})
+        viz.grid([i[0] for i in inputs], rows, titles, path=grid_path, smooth=grid_smooth)
         summary["grid"] = grid_path.name
     viz.atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+def print_warnings(summary) -> None:
+    """Every warning of the run once, on stderr: the photo's own, then each map's."""
+    from ..present.names import method_title
+
+    for p in summary["photos"]:
+        for w in p["warnings"]:
+            print(f"warning: {p['photo']}: {w['message']}", file=sys.stderr)
+        for name, meta in p["maps"].items():
+            for w in meta.get("extras", {}).get("warnings", []):
+                if w["code"] not in ("unsure", "alpha"):
+                    print(f"warning: {p['photo']}, {method_title(name)}: {w['message']}", file=sys.stderr)
 
 
 def cmd_explain(args):
     target = target_from_args(args)
     summary = run_explain(args.photos, args.method or ["gradcam"], Path(args.out), model=args.model, target=target,
                           layer=args.layer, seed=args.seed, batch_size=args.batch_size, quiet=args.quiet,
-                          grid_path=Path(args.out) / "grid.png" if args.grid else None)
+                          grid_path=Path(args.out) / "grid.png" if args.grid else None,
+                          params=parse_params(args.param), grid_smooth=GRID_SMOOTH)
     if not args.quiet:
+        print_warnings(summary)
         for p in summary["photos"]:
             top = p["predictions"][0]
             print(f"{p['photo']}: {top['label']} ({top['prob']:.1%}) -> {len(p['maps'])} maps")
         print(f"wrote {args.out}/summary.json")
 
 
+def demo_plan(photos, methods, params, threads) -> str:
+    from ..present.names import method_title
+
+    cut = [f"{method_title(m)} at {', '.join(f'{v} {k}' for k, v in p.items())}" for m, p in params.items()]
+    lines = [f"saliencykit demo: {len(photos)} photos x {len(methods)} methods = {len(photos) * len(methods)} maps "
+             f"with {threads} thread(s), then report.html"]
+    if cut:
+        lines.append(f"  to stay short the demo runs {' and '.join(cut)} (defaults: "
+                     "integrated_gradients 50 steps, smoothgrad 25 samples)")
+    return "\n".join(lines)
+
+
 def cmd_demo(args):
+    import torch
+
     from .. import data
 
     out = Path(args.out)
+    methods = args.method or DEMO_METHODS
+    params = {m: dict(p) for m, p in DEMO_PARAMS.items() if m in methods}
+    for m, p in parse_params(args.param).items():
+        params.setdefault(m, {}).update(p)
     t0 = time.perf_counter()
-    summary = run_explain(list(data.PHOTOS), args.method or DEMO_METHODS, out, model=args.model, seed=args.seed,
-                          quiet=args.quiet, grid_path=out / "grid.png")
+    if not args.quiet:
+        print(demo_plan(data.PHOTOS, methods, params, torch.get_num_threads()), file=sys.stderr)
+    summary = run_explain(list(data.PHOTOS), methods, out, model=args.model, seed=args.seed,
+                          quiet=args.quiet, grid_path=out / "grid.png", params=params, grid_smooth=GRID_SMOOTH)
     for step in demo_steps():
         step(out, summary, args)
     if not args.quiet:
+        print_warnings(summary)
         for p in summary["photos"]:
             preds = ", ".join(f"{q['label']} {q['prob']:.0%}" for q in p["predictions"])
             print(f"{p['photo']:16} {preds}")
-        print(f"wrote {out}/ (grid.png, summary.json, {sum(len(p['maps']) for p in summary['photos'])} overlays) "
-              f"in {time.perf_counter() - t0:.0f}s")
+        n = sum(len(p["maps"]) for p in summary["photos"])
+        print(f"wrote {out}/ in {time.perf_counter() - t0:.0f}s: report.html, grid.png, summary.json, "
+              f"{n} overlays and maps")
+        print(f"where to look: open {out / 'report.html'} in a browser (maps, words, settings); {out / 'grid.png'} "
+              "shows every map at once; docs/output.md describes every file")
 
 
 def register(sub):
@@ -109,6 +198,7 @@ def register(sub):
     p.add_argument("--out", default="demo-output")
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--method", action="append")
+    p.add_argument("--param", action="append", help="method parameter METHOD.NAME=VALUE (overrides the demo's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

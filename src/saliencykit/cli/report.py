@@ -81,12 +81,13 @@ def demo_step(out_dir, summary, args):
         exps = {}
         for method, meta in entry["maps"].items():
             with np.load(out_dir / meta["map"]) as z:
-                m = torch.from_numpy(z["map"].copy())
-            exps[method] = Explanation(maps=m[None], method=method, signed=bool(meta["signed"]),
+                m = torch.from_numpy(z["maps"].copy())
+            exps[method] = Explanation(maps=m, method=method, signed=bool(meta["signed"]),
                                        target=meta.get("target", []), layer=meta.get("layer"),
                                        params=meta.get("params", {}), seed=meta.get("seed"),
                                        passes=meta.get("passes", {}), seconds=meta.get("seconds", 0.0),
-                                       versions=meta.get("versions", {}), model=meta.get("model"))
+                                       versions=summary.get("versions", {}), model=meta.get("model"),
+                                       extras=meta.get("extras", {}))
         sections.append(report.photo_section(subject, image, name, explanations=exps,
                                              predictions=entry["predictions"], seed=summary.get("seed", 0)))
     if not sections:

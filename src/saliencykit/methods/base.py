@@ -8,10 +8,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..engine import DEFAULT_BATCH, GradResult, PassCounter, auto_batch, forward_logits, gradient_pass
+from ..engine import DEFAULT_BATCH, GradResult, PassCounter, Progress, auto_batch, forward_logits, gradient_pass
 from ..errors import SaliencyError, positive_int, resolve_seed
 from ..hooks import model_lock
-from ..explanation import Explanation
+from ..explanation import Explanation, map_warnings
 from ..targets import ResolvedTarget, Target
 
 REGISTRY: dict[str, type["Method"]] = {}
@@ -350,6 +350,21 @@ def _split_params(methods: list[type[Method]], params: dict, per_method: dict | 
     return out
 
 
+def _top_answers(ctx) -> list | None:
+    """Per example (label, probability) of a classifier's top answer, read from the clean logits
+    the call already computed to fix the target; None for other subjects."""
+    if getattr(ctx.subject, "subject_kind", None) != "classifier":
+        return None
+    logits = ctx.logits()
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] < 2:
+        return None
+    p, i = logits.detach().float().softmax(-1).max(-1)
+    try:
+        return [(ctx.subject.label(int(k)), float(v)) for k, v in zip(i, p)]
+    except (SaliencyError, IndexError, KeyError):  # a subject without class labels
+        return [(f"class {int(k)}", float(v)) for k, v in zip(i, p)]
+
+
 def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto", seed: int | None = 0,
             batch_size: int | None = None, progress: bool = False, params: dict | None = None,
             **kwargs) -> Explanation | dict[str, Explanation]:
@@ -454,13 +469,26 @@ def _run(subject, x, classes, tgt, layer, seed, batch_size, progress, all_params
         classes[0].prime(ctx)  # its own clean forward also fixes the target
     resolved = ctx.resolve(tgt)
     layer_note = _auto_layer_note(ctx, layer, classes)
-    first = True
-    for cls in classes:
+    top = _top_answers(ctx)
+    with Progress(len(classes), "explaining", enabled=progress, leave=True, unit="method") as bar:
+        for i, cls in enumerate(classes):
+            if bar.bar is not None:
+                bar.bar.set_postfix_str(cls.name)
+            _run_one(ctx, cls, resolved, layer, seed, all_params, t_call if i == 0 else None, layer_note, top,
+                     results)
+            bar.step()
+    return results
+
+
+def _run_one(ctx, cls, resolved, layer, seed, all_params, t_call, layer_note, top, results):
+    """One method of an explain call; the first (`t_call` given) is charged the shared clean pass."""
+    subject = ctx.subject
+    first = t_call is not None
+    if True:
         # the clean forward that fixed the target is charged to the first method, passes and time
         before = (0, 0, 0) if first else (ctx.counter.forward, ctx.counter.backward, ctx.counter.batches)
         shared_before = len(ctx._captures)
         t0 = t_call if first else time.perf_counter()
-        first = False
         inst = cls()
         out = inst.run(ctx, resolved, layer, **all_params[cls.name])
         seconds = time.perf_counter() - t0
@@ -475,10 +503,14 @@ def _run(subject, x, classes, tgt, layer, seed, batch_size, progress, all_params
             extras["shared_capture"] = True  # reused the pass another method of this call made
         if cls.uses_layer and layer_note:
             extras.update(layer_note)
+        described = resolved.describe()
+        if all_params[cls.name].get("output") is not None:  # the output the method scored (RISE: prob)
+            described = [dict(d, output=all_params[cls.name]["output"]) for d in described]
+        extras["warnings"] = extras.get("warnings", []) + map_warnings(
+            out.get("signed", cls.signed), out["maps"], described, all_params[cls.name], extras, top=top)
         results[cls.name] = Explanation(
             maps=out["maps"], method=cls.name, signed=out.get("signed", cls.signed),
-            target=resolved.describe(), layer=out.get("layer"),
+            target=described, layer=out.get("layer"),
             params={k: v for k, v in all_params[cls.name].items()},
             seed=seed if cls.randomized else None, passes=passes, seconds=seconds,
             raw=out.get("raw"), attributions=out.get("attributions"), model=subject.name, extras=extras)
-    return results

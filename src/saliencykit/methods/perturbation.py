@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine import generator, perturbed_scores
+from ..engine import generator, perturbed_scores, with_progress
 from ..errors import SaliencyError, positive_float, positive_int
 from ..filters import gaussian_blur
 from ..targets import OUTPUTS
@@ -75,11 +75,7 @@ def _median_blur(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _steps(ctx, steps: int, desc: str):
-    if not ctx.progress:
-        return range(steps)
-    from tqdm.auto import tqdm
-
-    return tqdm(range(steps), desc=desc, leave=False)
+    return with_progress(range(steps), desc, enabled=ctx.progress)
 
 
 def _baseline(ctx, baseline) -> torch.Tensor:

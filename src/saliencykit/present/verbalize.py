@@ -24,15 +24,7 @@ from ..engine import PassCounter, forward_logits, perturbed_scores, upsample
 from ..errors import SaliencyError
 from ..explanation import Explanation
 from ..targets import ResolvedTarget, Side, Target, as_target
-
-METHOD_NAMES = {
-    "cam": "CAM", "gradcam": "Grad-CAM", "gradcam_pp": "Grad-CAM++", "smooth_gradcam_pp": "Smooth Grad-CAM++",
-    "hirescam": "HiResCAM", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM", "scorecam": "Score-CAM",
-    "eigencam": "Eigen-CAM", "saliency": "Gradient saliency", "gradxinput": "Gradient x Input",
-    "smoothgrad": "SmoothGrad", "vargrad": "VarGrad", "integrated_gradients": "Integrated Gradients",
-    "guided_backprop": "Guided Backprop", "deconvnet": "DeconvNet", "occlusion": "Occlusion", "rise": "RISE",
-    "lime": "LIME", "kernelshap": "KernelSHAP", "random": "A random map",
-}
+from .names import METHOD_NAMES, method_title  # noqa: F401  (re-exported: they lived here)
 
 HIDE_WORDS = {
     "blur": "replacing it with a blurred copy of the photo",
@@ -46,11 +38,6 @@ _ROWS = ("upper", "middle", "lower")
 _COLS = ("left", "middle", "right")
 _ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
 _COUNTS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-
-
-def method_title(name: str) -> str:
-    """A readable method name: gradcam -> Grad-CAM."""
-    return METHOD_NAMES.get(name, name.replace("_", " ").capitalize())
 
 
 def fmt_pct(v: float) -> str:

@@ -1,5 +1,12 @@
-"""Pictures: comparison grids and map PNGs, on top of `saliencykit.maps` (normalisation, colour
-maps and the overlay, re-exported here)."""
+"""Pictures: annotated overlays, comparison grids and map files, on top of `saliencykit.maps`
+(normalisation, colour maps and the overlay, re-exported here).
+
+Every picture says what it shows: the method's display name, the target and its probability
+where known, and a colour bar (signed maps diverging and centred at zero, unsigned maps
+sequential). Pixel-level maps are clipped at a lower percentile (and optionally smoothed) for
+display only; the stored maps are never touched. Titles are wrapped to the width measured by the
+renderer, and the layout is computed from the text extents, so nothing is cut.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +18,13 @@ from ..errors import SaliencyError
 from ..files import atomic_write  # noqa: F401  (re-exported: it lived here)
 from ..images import load_image
 from ..maps import (SIGNED_CMAP, UNSIGNED_CMAP, _to_numpy_map, colorize,  # noqa: F401
-                    display_scale, normalize_maps, overlay, resize_map)
+                    display_scale, display_smooth, normalize_maps, overlay, resize_map)
+
+CLIP = 99.5            # display percentile of region maps (CAMs, perturbation): barely changes them
+SPECKLE_CLIP = 99.0    # display percentile of pixel-level maps (gradients, paths), spread thinly
+AGREE = 0.98           # rank correlation above which a grid shows two methods' maps as one column
+SCALE_WORDS = {False: "each map scaled on its own: minimum → maximum",
+               True: "signed: scaled by its largest |value|, white = 0 (red for, blue against)"}
 
 
 def save_png(pil_image, path) -> Path:
@@ -25,44 +38,269 @@ def save_map_png(m, path, signed: bool = False, cmap: str | None = None) -> Path
 
 
 def save_map_npz(m, path, **meta) -> Path:
-    arr = _to_numpy_map(m)
-    return atomic_write(path, lambda p: np.savez_compressed(p, map=arr, **{k: np.asarray(v) for k, v in meta.items()}))
+    """One map as `maps` `[1,H,W]` float32 (the key and shape of `Explanation.save`), plus `meta`."""
+    arr = _to_numpy_map(m)[None]
+    return atomic_write(path, lambda p: np.savez_compressed(p, maps=arr, **{k: np.asarray(v) for k, v in meta.items()}))
 
 
-def grid(images: Sequence, rows: Sequence[dict], row_titles: Sequence[str] | None = None,
-         path=None, alpha: float = 0.5, cell: float = 2.2):
-    """A comparison figure: one row per photo, first column the photo, then one overlay per method.
+def display_options(method: str | None, smooth: float = 0.0) -> dict:
+    """How a method's map is shown: `clip` percentile, and `smooth` for pixel-level maps only."""
+    from .names import is_speckled
 
-    Args:
-        images: photos (anything `load_image` accepts), one per row.
-        rows: per row, an ordered dict `{method name: (map [H,W], signed)}`.
-        row_titles: a title per row (e.g. the class explained), shown on the photo.
-    """
+    speckled = method is not None and is_speckled(method)
+    return {"clip": SPECKLE_CLIP if speckled else CLIP, "smooth": smooth if speckled else 0.0}
+
+
+def rank_agreement(a, b, cells: int = 56) -> float:
+    """Spearman rank correlation of two maps pooled to `cells` x `cells` (1.0 = same ordering)."""
+    import torch
+    from scipy.stats import spearmanr
+
+    pooled = [torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(_to_numpy_map(m))[None, None],
+                                                      cells).ravel().numpy() for m in (a, b)]
+    if np.ptp(pooled[0]) == 0 or np.ptp(pooled[1]) == 0:
+        return 0.0
+    rho = spearmanr(pooled[0], pooled[1]).statistic
+    return float(rho) if np.isfinite(rho) else 0.0
+
+
+def agreeing_groups(rows: Sequence[dict], methods: Sequence[str], threshold: float = AGREE) -> list[list[str]]:
+    """Methods whose maps agree on every row (rank correlation > `threshold`, same signedness),
+    grouped greedily in the given order: each group's first method stands for the rest."""
+    groups: list[list[str]] = []
+    for name in methods:
+        for g in groups:
+            lead = g[0]
+            if all(_cell(r, lead)[1] == _cell(r, name)[1] and
+                   rank_agreement(_cell(r, lead)[0], _cell(r, name)[0]) > threshold for r in rows):
+                g.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+def _cell(row: dict, name: str) -> tuple:
+    """(map, signed, note) of one grid cell given as (map, signed) or {"map", "signed", "note"}."""
+    v = row[name]
+    if isinstance(v, dict):
+        return v["map"], bool(v.get("signed", False)), v.get("note")
+    return v[0], bool(v[1]), (v[2] if len(v) > 2 else None)
+
+
+# ------------------------------------------------------------------------------------- text fitting
+def _text_width(fig, text: str, size: float, weight: str = "normal") -> float:
+    t = fig.text(0, 0, text, fontsize=size, fontweight=weight)
+    w = t.get_window_extent(renderer=fig.canvas.get_renderer()).width
+    t.remove()
+    return w
+
+
+def fit_text(fig, text: str, width_px: float, size: float = 9, weight: str = "normal",
+             min_size: float = 6) -> tuple[str, float]:
+    """`text` wrapped (at spaces) to `width_px` as the renderer measures it; the font shrinks
+    (down to `min_size`) while a single word is still too wide. Returns (text, font size)."""
+    while True:
+        lines = []
+        for para in str(text).split("\n"):
+            cur = ""
+            for word in para.split(" "):
+                trial = f"{cur} {word}".strip()
+                if not cur or _text_width(fig, trial, size, weight) <= width_px:
+                    cur = trial
+                else:
+                    lines.append(cur)
+                    cur = word
+            lines.append(cur)
+        widest = max(_text_width(fig, ln, size, weight) for ln in lines)
+        if widest <= width_px or size <= min_size:
+            return "\n".join(lines), size
+        size = max(min_size, size - 0.5)
+
+
+def _colour_bar(fig, cax, signed: bool, width_px: float, size: float = 7):
+    """A horizontal colour bar in `cax` whose end labels stay inside it and whose label names the scale."""
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    cmap = matplotlib.colormaps[SIGNED_CMAP if signed else UNSIGNED_CMAP]
+    bar = fig.colorbar(ScalarMappable(Normalize(-1 if signed else 0, 1), cmap), cax=cax, orientation="horizontal")
+    if signed:
+        bar.set_ticks([-1, 0, 1], labels=["−max (against)", "0", "+max (for)"], fontsize=size)
+    else:
+        bar.set_ticks([0, 1], labels=["min", "max"], fontsize=size)
+    ticks = cax.get_xticklabels()
+    ticks[0].set_horizontalalignment("left")
+    ticks[-1].set_horizontalalignment("right")
+    label, fs = fit_text(fig, SCALE_WORDS[signed], max(width_px, 60), size)
+    bar.set_label(label, fontsize=fs)
+    return bar
+
+
+def _bars_and_caption(sub, kinds, caption: str, width_px: float):
+    """The bottom of a picture: one colour bar per kind of map shown, side by side, and the caption."""
+    if kinds:
+        ratios = [1, 0.25, 1] if len(kinds) == 2 else [0.15, 1, 0.15]
+        gs = sub.add_gridspec(1, 3, width_ratios=ratios)
+        share = 1 / 2.25 if len(kinds) == 2 else 1 / 1.3
+        for signed, col in zip(kinds, (0, 2) if len(kinds) == 2 else (1,)):
+            _colour_bar(sub, sub.add_subplot(gs[0, col]), signed, width_px * share)
+    if caption:
+        text, fs = fit_text(sub, caption, width_px, 8)
+        sub.supxlabel(text, fontsize=fs)
+
+
+def _caption_lines(fig, caption: str, width_px: float) -> int:
+    return fit_text(fig, caption, width_px, 8)[0].count("\n") + 1 if caption else 0
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path, dpi: int):
+    plt = _plt()
+    if path is None:
+        return fig
+    atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------- pictures
+def figure(image, m, signed: bool = False, method: str | None = None, target: str | None = None,
+           prob: float | None = None, notes: Sequence[str] = (), path=None, alpha: float = 0.5,
+           smooth: float = 0.0, width: float = 3.6, dpi: int = 100):
+    """One overlay that explains itself: the photo with the map, the method's display name, the
+    target and its probability, a colour bar naming the scale, and any warnings below it.
+
+    Returns the path written, or the matplotlib figure when `path` is None.
+    """
+    from .names import method_title
+
+    plt = _plt()
+    pil = load_image(image)
+    w, h = pil.size
+    width_px = width * dpi * 0.95
+    opts = display_options(method, smooth)
+    shown = [f"⚠ {n}" for n in notes if n]
+    if opts["clip"] == SPECKLE_CLIP:
+        shown.append(f"display: clipped at the {SPECKLE_CLIP:g}th percentile" + (", smoothed" if opts["smooth"] else ""))
+    probe = plt.figure(figsize=(width, 1), dpi=dpi)
+    caption = "\n".join(shown)
+    lines = _caption_lines(probe, caption, width_px)
+    plt.close(probe)
+    bottom = 0.8 + 0.15 * lines
+    fig = plt.figure(figsize=(width, width * h / w + 0.6 + bottom), dpi=dpi, layout="constrained")
+    top, sub = fig.subfigures(2, 1, height_ratios=[width * h / w + 0.6, bottom])
+    ax = top.add_subplot()
+    ax.imshow(overlay(pil, m, signed=signed, alpha=alpha, **opts))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    head = method_title(method) if method else "saliency map"
+    what = target or ""
+    if prob is not None:
+        what = f"{what} ({_pct(prob)})" if what else _pct(prob)
+    title, fs = fit_text(fig, head, width_px, 10, "bold")
+    ax.set_title(title, fontsize=fs, fontweight="bold")
+    if what:
+        sub_t, sfs = fit_text(fig, f"explaining {what}", width_px, 8)
+        ax.set_xlabel(sub_t, fontsize=sfs)
+    _bars_and_caption(sub, [signed], caption, width_px)
+    return _save(fig, path, dpi)
+
+
+def _pct(p: float) -> str:
+    p = 100 * float(p)
+    return f"{p:.0f} %" if p >= 1 else f"{p:.1f} %"
+
+
+def grid(images: Sequence, rows: Sequence[dict], row_titles: Sequence[str] | None = None,
+         path=None, alpha: float = 0.5, cell: float = 2.2, group: bool = True, smooth: float = 0.0,
+         caption: str | None = None, dpi: int = 100):
+    """A comparison figure: one row per photo, first column the photo, then one overlay per method,
+    a colour bar per kind of map shown, and a caption that says how to read it.
+
+    Args:
+        images: photos (anything `load_image` accepts), one per row.
+        rows: per row, an ordered dict `{method name: (map [H,W], signed)}` (or `(map, signed,
+            note)`, or `{"map", "signed", "note"}`: a note, such as a warning, under that cell).
+        row_titles: a title per row (e.g. the photo, the class explained and its probability),
+            shown under the photo.
+        group: methods whose maps agree on every row (rank correlation > `AGREE`) share one
+            column, and the caption says so; False shows every method.
+        smooth: display-only smoothing of pixel-level maps (see `maps.display_smooth`).
+        caption: a sentence added to the caption.
+    """
+    from .names import method_title
+
+    plt = _plt()
     if len(images) != len(rows):
         raise SaliencyError(f"{len(images)} images but {len(rows)} rows of maps")
+    if row_titles is not None and len(row_titles) != len(rows):
+        raise SaliencyError(f"{len(row_titles)} row titles for {len(rows)} rows")
     methods = list(rows[0]) if rows else []
-    ncol = 1 + len(methods)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(cell * ncol, cell * len(rows)), squeeze=False)
-    for r, (img, row) in enumerate(zip(images, rows)):
-        pil = load_image(img)
-        axes[r, 0].imshow(pil)
-        axes[r, 0].set_title(row_titles[r] if row_titles else "", fontsize=8)
-        for c, name in enumerate(methods, start=1):
-            m, signed = row[name]
-            axes[r, c].imshow(overlay(pil, m, signed=signed, alpha=alpha))
+    for r in rows:
+        if list(r) != methods:
+            raise SaliencyError("every row of a grid needs the same methods in the same order")
+    groups = agreeing_groups(rows, methods) if group and len(rows) and len(methods) > 1 else [[m] for m in methods]
+    ncol = 1 + len(groups)
+    kinds = sorted({_cell(rows[0], g[0])[1] for g in groups}) if rows else []
+    pils = [load_image(img) for img in images]
+    width_px = cell * dpi * 0.92
+    total_px = cell * ncol * dpi * 0.96
+    words = []
+    for g in (g for g in groups if len(g) > 1):
+        others = [method_title(n) for n in g[1:]]
+        who = others[0] if len(others) == 1 else ", ".join(others[:-1]) + " and " + others[-1]
+        one = len(others) == 1
+        words.append(f"{who} {'agrees' if one else 'agree'} with {method_title(g[0])} (rank correlation > "
+                     f"{AGREE:g} on every photo) and {'shares' if one else 'share'} its column.")
+    speckled = [g[0] for g in groups if display_options(g[0], smooth)["clip"] == SPECKLE_CLIP]
+    if speckled:
+        words.append(f"{', '.join(method_title(n) for n in speckled)}: pixel-level maps, shown clipped at the "
+                     f"{SPECKLE_CLIP:g}th percentile{' and smoothed' if smooth else ''} (display only).")
+    if caption:
+        words.append(caption)
+    caption_text = " ".join(words)
+    probe = plt.figure(figsize=(cell * ncol, 1), dpi=dpi)
+    lines = _caption_lines(probe, caption_text, total_px)
+    plt.close(probe)
+    heights = [cell * p.size[1] / p.size[0] + 0.4 for p in pils]   # each row as tall as its photo, + its label
+    top_h = sum(heights) + 0.45
+    bottom_h = (0.8 if kinds else 0.1) + 0.15 * lines
+    fig = plt.figure(figsize=(cell * ncol, top_h + bottom_h), dpi=dpi, layout="constrained")
+    top, sub = fig.subfigures(2, 1, height_ratios=[top_h, bottom_h])
+    gs = top.add_gridspec(len(rows), ncol, height_ratios=heights)
+    for r, (pil, row) in enumerate(zip(pils, rows)):
+        ax = top.add_subplot(gs[r, 0])
+        ax.imshow(pil)
+        if row_titles:
+            t, fs = fit_text(fig, row_titles[r], width_px, 8)
+            ax.set_xlabel(t, fontsize=fs)
+        for c, g in enumerate(groups, start=1):
+            m, signed, note = _cell(row, g[0])
+            ax = top.add_subplot(gs[r, c])
+            ax.imshow(overlay(pil, m, signed=signed, alpha=alpha, **display_options(g[0], smooth)))
             if r == 0:
-                axes[r, c].set_title(name, fontsize=9)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    if path is not None:
-        atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-        plt.close(fig)
-        return Path(path)
-    return fig
+                head = method_title(g[0]) + (" (signed)" if signed else "")
+                if len(g) > 1:
+                    head += "\n= " + ", ".join(method_title(n) for n in g[1:])
+                t, fs = fit_text(fig, head, width_px, 9)
+                ax.set_title(t, fontsize=fs)
+            notes = [n for n in (note, *(_cell(row, n)[2] for n in g[1:])) if n]
+            if notes:
+                t, fs = fit_text(fig, "⚠ " + "; ".join(dict.fromkeys(notes)), width_px, 6.5, min_size=5)
+                ax.set_xlabel(t, fontsize=fs, color="#8a4b00")
+    for ax in top.axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _bars_and_caption(sub, kinds, caption_text, total_px)
+    return _save(fig, path, dpi)
+

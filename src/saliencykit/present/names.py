@@ -1,0 +1,33 @@
+"""What methods are called where a person reads them: display names, and which maps are speckled."""
+from __future__ import annotations
+
+METHOD_NAMES = {
+    "cam": "CAM", "gradcam": "Grad-CAM", "gradcam_pp": "Grad-CAM++", "smooth_gradcam_pp": "Smooth Grad-CAM++",
+    "hirescam": "HiResCAM", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM", "scorecam": "Score-CAM",
+    "eigencam": "Eigen-CAM", "saliency": "Gradient saliency", "gradxinput": "Gradient x Input",
+    "smoothgrad": "SmoothGrad", "vargrad": "VarGrad", "integrated_gradients": "Integrated Gradients",
+    "guided_backprop": "Guided Backprop", "deconvnet": "DeconvNet", "occlusion": "Occlusion", "rise": "RISE",
+    "lime": "LIME", "kernelshap": "KernelSHAP", "random": "A random map", "cf_cam": "CF-CAM",
+    "smoothgrad_sq": "SmoothGrad²", "blur_ig": "Blur IG", "guided_ig": "Guided IG", "iia": "IIA", "dix": "DIX",
+    "fullgrad": "FullGrad", "normgrad": "NormGrad", "lrp": "LRP", "xrai": "XRAI", "drise": "D-RISE",
+    "extremal_perturbation": "Extremal perturbation", "meaningful_perturbation": "Meaningful perturbation",
+}
+# families whose maps are pixel-level (gradients, paths, propagation): speckled, so pictures clip
+# them at a lower percentile and may smooth them for display (the stored map is never touched)
+SPECKLED_FAMILIES = ("gradient", "propagation")
+
+
+def method_title(name: str) -> str:
+    """A readable method name: gradcam -> Grad-CAM."""
+    return METHOD_NAMES.get(name, name.replace("_", " ").capitalize())
+
+
+def is_speckled(name: str) -> bool:
+    """Whether a method's maps are pixel-level (see `SPECKLED_FAMILIES`); unknown names are not."""
+    from ..methods import available
+
+    info = available(include_experimental=True).get(name)
+    return info is not None and info["family"] in SPECKLED_FAMILIES
+
+
+__all__ = ["METHOD_NAMES", "SPECKLED_FAMILIES", "method_title", "is_speckled"]
