@@ -172,22 +172,27 @@ def test_every_command_takes_threads():
     assert main(["methods", "--threads", "0"]) == 2
 
 
-def test_busy_machine_notice(monkeypatch, capsys):
-    # a load average above the core count gets one line suggesting --threads 1; a given
-    # --threads (or --quiet) means the person has chosen, so nothing is said
+def test_busy_machine_notice(monkeypatch, capsys, tmp_path):
+    # a load average above the core count gets one line suggesting --threads 1 from a command that
+    # computes (here one that then fails fast on a missing photo); a given --threads or --quiet means
+    # the person has chosen, and a server or a listing says nothing
     import os
 
     from saliencykit.cli import main
 
+    args = ["explain", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]
     monkeypatch.setattr(os, "getloadavg", lambda: (2.0 * (os.cpu_count() or 1) + 1, 0.0, 0.0))
-    assert main(["methods"]) == 0
+    assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("busy") == 1 and "--threads 1" in err
-    assert main(["methods", "--threads", "1"]) == 0
-    assert "busy" not in capsys.readouterr().err
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert err.count("machine is busy") == 1 and "--threads 1" in err
+    for extra in (["--threads", "1"], ["--quiet"]):
+        assert main(args + extra) == 2
+        assert "machine is busy" not in capsys.readouterr().err
     assert main(["methods"]) == 0
-    assert "busy" not in capsys.readouterr().err
+    assert "machine is busy" not in capsys.readouterr().err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert main(args) == 2
+    assert "machine is busy" not in capsys.readouterr().err
 
 
 def test_demo_says_what_it_does(tmp_path):

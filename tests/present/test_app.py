@@ -132,8 +132,8 @@ def test_bad_uploads_get_clear_messages(tiny):
             assert err.value.code == 404 and "error" in json.loads(err.value.read())
 
 
-def _browser():
-    """A headless Chromium driven by Selenium, or the reason none is available."""
+def _browser(width: int = 1400):
+    """A headless Chromium driven by Selenium (window `width` px wide), or the reason none is available."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -146,9 +146,28 @@ def _browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000"):
+                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size={width},1000"):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(executable_path=driver_path), options=opts), None
+
+
+def run_in_page(driver, app, photo, methods):
+    """Open the app, pick `photo` and exactly `methods`, press Explain and wait for the results;
+    returns the WebDriverWait used."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(app.base + "/")
+    wait = WebDriverWait(driver, 120)
+    wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, f"#photos button[data-photo={photo}]"))).click()
+    for box in driver.find_elements(By.CSS_SELECTOR, "input[name=method]"):
+        if box.is_selected() != (box.get_attribute("value") in methods):
+            driver.execute_script("arguments[0].scrollIntoView();", box)
+            box.click()
+    driver.find_element(By.ID, "run").click()
+    wait.until(EC.visibility_of_element_located((By.ID, "results")))
+    return wait
 
 
 def test_end_to_end_in_headless_chromium(lite0, tmp_path):
@@ -161,15 +180,7 @@ def test_end_to_end_in_headless_chromium(lite0, tmp_path):
 
     try:
         with Running(App(subjects={"efficientnet_lite0": lite0})) as app:
-            driver.get(app.base + "/")
-            wait = WebDriverWait(driver, 120)
-            wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#photos button[data-photo=chelsea]"))).click()
-            for box in driver.find_elements(By.CSS_SELECTOR, "input[name=method]"):
-                if box.is_selected() != (box.get_attribute("value") in ("gradcam", "saliency")):
-                    driver.execute_script("arguments[0].scrollIntoView();", box)
-                    box.click()
-            driver.find_element(By.ID, "run").click()
-            wait.until(EC.visibility_of_element_located((By.ID, "results")))
+            wait = run_in_page(driver, app, "chelsea", ("gradcam", "saliency"))
             # the predicted class shown is the model's top-1
             top = lite0.predict(lite0.preprocess(data.image("chelsea")), k=1)[0][0]["label"]
             assert driver.find_element(By.ID, "predicted-class").text == top == "Egyptian cat"

@@ -175,3 +175,53 @@ def test_demo_step_reuses_the_demo_maps(tmp_path, lite0, monkeypatch):
     html = (tmp_path / "report.html").read_text()
     _assert_self_contained(html)
     assert html.count('data-method="') == 2 and "Grad-CAM finds" in html
+
+
+def test_curve_ticks_are_round_and_cover_the_data():
+    # the bug: ticks printed -0.899573 and 0.0502133. Ticks sit at a 1-2-5 step, reach past the
+    # data at both ends, and print with the decimals the step needs (a minus sign, never "-0")
+    ticks = report.nice_ticks(-0.899573, 0.0502133)
+    assert [t for _, t in ticks] == ["−1.0", "−0.5", "0.0", "0.5"]
+    assert [t for _, t in report.nice_ticks(-0.02, 0.013)] == ["−0.02", "−0.01", "0.00", "0.01", "0.02"]
+    assert [t for _, t in report.nice_ticks(0, 150528, 3)] == ["0", "100000", "200000"]
+    panel = report._svg_curves([{"method": "gradcam", "x": [0, 0.5, 1], "y": [-0.899573, -0.2, 0.0502133]}],
+                               "p(a) − p(b)", "fraction removed")
+    assert all(t["label"] in ("−1.0", "−0.5", "0.0", "0.5", "1.0") for t in panel["ticks_y"])
+    assert panel["left"] >= 18 + 6 * 4  # room for the rotated y label and the widest tick label
+    assert panel["zero"] is not None and panel["ylabel"] == "p(a) − p(b)"
+
+
+def test_curve_label_says_what_is_plotted():
+    assert report.curve_ylabel("prob", {"kind": "class", "name": "espresso"}) == "p(espresso)"
+    contrast = {"kind": "contrast", "name": "tabby vs Egyptian cat", "vs_name": "Egyptian cat"}
+    assert report.curve_ylabel("prob", contrast) == "p(tabby) − p(Egyptian cat)"
+    assert report.curve_ylabel("logit", contrast) == "logit(tabby) − logit(Egyptian cat)"
+    assert report.curve_ylabel("normalised accuracy", contrast) == "normalised accuracy"
+
+
+def test_words_compare_with_the_method_that_differs():
+    # Grad-CAM and a copy of it agree perfectly; the words compare Grad-CAM with the other one
+    from saliencykit import Explanation
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 16, 16, generator=g), torch.rand(1, 16, 16, generator=g)
+    exps = {"gradcam": Explanation(a, "gradcam"), "gradcam_pp": Explanation(a * 2, "gradcam_pp"),
+            "saliency": Explanation(b, "saliency")}
+    assert report.most_different(exps) == ["saliency"]
+    assert report.most_different({"gradcam": exps["gradcam"]}) == []
+
+
+def test_report_caption_and_warnings(tiny):
+    # one caption that says one thing, a colour bar under every overlay, and the warnings of the
+    # maps (here an IG completeness error of 30 %) in the page and in the cell
+    from saliencykit.explanation import map_warnings
+
+    photo = data.image("chelsea")
+    exps = explain(tiny, tiny.preprocess(photo), method=["gradcam", "integrated_gradients"], steps=2)
+    ig = exps["integrated_gradients"]
+    ig.extras["warnings"] = map_warnings(True, ig.maps, ig.target, ig.params, {"relative_completeness_error": [0.3]})
+    html = report.render([report.photo_section(tiny, photo, "chelsea", explanations=exps, verbalize=False)],
+                         report.run_meta(tiny, list(exps), None, 0, []))
+    assert "Shared colour scale" not in html and "each map is scaled on its own" in html
+    assert html.count('class="cbar"') == 2
+    assert "more steps" in html and "completeness error" in html

@@ -21,6 +21,10 @@ def add_threads_arg(p):
                    help="CPU threads for PyTorch (default: the cores; 1 is faster while another job runs)")
 
 
+# the commands that compute for a while as soon as they start (a server waits; listings are instant)
+BUSY_COMMANDS = ("explain", "demo", "evaluate", "report", "benchmark")
+
+
 def apply_threads(args) -> None:
     """Set PyTorch's thread count from --threads; with none given on a busy machine (load average
     above the core count) say so once, since two jobs that each spin every core slow each other
@@ -35,7 +39,8 @@ def apply_threads(args) -> None:
 
         torch.set_num_threads(threads)
         return
-    if not hasattr(args, "threads") or getattr(args, "quiet", False) or not hasattr(os, "getloadavg"):
+    if getattr(args, "command", None) not in BUSY_COMMANDS or getattr(args, "quiet", False) or \
+            not hasattr(os, "getloadavg"):
         return
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]

@@ -276,9 +276,11 @@ class App:
 
     def _explain(self, job, model, image, name, methods, target, metrics, notes):
         from ..methods import explain
-        from .report import _display_copy
+        from .names import method_title
+        from .report import PHOTO_WARNINGS, _display_copy, colour_bar, most_different
         from ..targets import as_target
-        from .verbalize import method_title, verbalize
+        from .verbalize import verbalize
+        from .viz import display_options, overlay
 
         total = 1 + len(methods) + 1 + (1 if metrics else 0)
         job.update(total=total, done=0, step=f"loading {model}")
@@ -293,15 +295,20 @@ class App:
             exps[m] = explain(subject, x, method=m, target=tgt, seed=self.seed)
             job.update(done=2 + i)
         job.update(step="putting it into words")
-        v = verbalize(subject, x, exps[methods[0]], compare=[exps[m] for m in methods[1:2]])
+        v = verbalize(subject, x, exps[methods[0]], compare=[exps[m] for m in most_different(exps)])
         job.update(done=2 + len(methods))
         shown = _display_copy(image)
+        notes = notes + list(dict.fromkeys(w["message"] for e in exps.values() for w in e.warnings
+                                           if w["code"] in PHOTO_WARNINGS))
         result = {"photo": name, "model": model, "image": _jpeg_uri(shown), "predictions": preds,
                   "target": next(iter(exps.values())).target[0], "notes": notes,
                   "words": v.text, "facts": v.facts,
+                  "colour_bars": {"signed": colour_bar(True), "unsigned": colour_bar(False)},
                   "overlays": [{"method": m, "title": method_title(m), "signed": e.signed,
-                                "image": _jpeg_uri(e.overlay(shown)), "seconds": round(e.seconds, 3),
-                                "passes": e.passes} for m, e in exps.items()],
+                                "image": _jpeg_uri(overlay(shown, e.maps[0], signed=e.signed, **display_options(m))),
+                                "seconds": round(e.seconds, 3), "passes": e.passes,
+                                "warnings": [w.get("short", w["message"]) for w in e.warnings
+                                             if w["code"] not in PHOTO_WARNINGS]} for m, e in exps.items()],
                   "metrics": None, "metrics_note": None}
         if metrics:
             if self.metrics_available():

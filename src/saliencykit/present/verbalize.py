@@ -554,6 +554,11 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
 
     facts["passes"] = {"forward": counter.forward, "backward": counter.backward}
     sentences = _write(facts, kind, pos_side, neg_side)
+    # what the Explanation warns about (completeness, one-signed contrast, an unsure model, ...)
+    facts["warnings"] = [w["message"] for w in explanation[index].warnings] if isinstance(explanation, Explanation) \
+        else []
+    for message in facts["warnings"]:
+        sentences.add_plain(f"Note: {message[:1].upper()}{message[1:]}.")
     text = " ".join(s["text"] for s in sentences.items)
     return Verbalization(text=text, facts=facts, sentences=sentences.items, masks=[m for _, m in shown])
 

@@ -1,9 +1,10 @@
 """A self-contained HTML report: one file, images embedded, no network, opens from disk.
 
-Per photo: the top-5 predictions, one overlay per method on a shared colour scale with its
-colour bar, the plain-language verbalization, the metric table with the better direction
-marked, deletion/insertion-type curves (inline SVG), and a reproducibility footer (model,
-target, seeds, parameters, passes, versions). Rendered with Jinja2 from `templates/`.
+Per photo: the top-5 predictions, the warnings that apply, one overlay per method (each scaled
+on its own, with its colour bar), the plain-language verbalization comparing the first method
+with the one that differs most, the metric table with the better direction marked,
+deletion/insertion-type curves (inline SVG, round ticks, both axes labelled with what they plot),
+and a reproducibility footer (model, target, seeds, parameters, passes, versions). Rendered with Jinja2 from `templates/`.
 
     html = report.build(subject, ["chelsea", "coffee"], methods=["gradcam", "saliency"])
     report.write("report.html", html)
@@ -52,15 +53,12 @@ def _display_copy(img):
 
 
 def colour_bar(signed: bool, width: int = 256, height: int = 14) -> str:
-    """The colour bar of the shared scale as a PNG data URI (left = low, right = high)."""
+    """The colour bar of a map's scale as a PNG data URI (left = low, right = high)."""
     from PIL import Image
 
-    from ..viz import colorize
+    from ..viz import colour_ramp
 
-    ramp = np.linspace(-1 if signed else 0, 1, width, dtype=np.float32)[None].repeat(height, 0)
-    ramp[:, 0] = -1 if signed else 0  # pin the ends so colorize's own scaling is the identity
-    ramp[:, -1] = 1
-    return _data_uri(Image.fromarray(colorize(ramp, signed=signed)), "PNG")
+    return _data_uri(Image.fromarray(colour_ramp(signed, width, height)), "PNG")
 
 
 def rich_text(text: str):
@@ -76,14 +74,35 @@ def rich_text(text: str):
     return Markup("".join(out))
 
 
-def _svg_curves(curves: list[dict]) -> dict:
-    """Polyline point strings for one curve panel: [{method, x[], y[]}] -> scaled SVG coordinates."""
-    pad_l, pad_b, pad_t, pad_r = 34, 26, 8, 8
+def nice_ticks(lo: float, hi: float, most: int = 5) -> list[tuple[float, str]]:
+    """Ticks at a round step (1, 2 or 5 x 10^k) from at or below `lo` to at or above `hi`, each
+    printed with as many decimals as the step needs (-0.899573 .. 0.0502133: −1.0, −0.5, 0.0, 0.5)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        hi = lo + 1
+    raw = (hi - lo) / max(most - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    ticks = []
+    for k in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1):
+        v = round(k * step, decimals) + 0.0   # + 0.0: no "-0"
+        ticks.append((v, f"{v:.{decimals}f}".replace("-", "−")))
+    return ticks
+
+
+def _svg_curves(curves: list[dict], ylabel: str = "", xlabel: str = "") -> dict:
+    """One curve panel: [{method, x[], y[]}] -> polylines, round ticks and axis labels in SVG
+    coordinates; the left margin is made from the widest tick label, so nothing is cut."""
     ys = [v for c in curves for v in c["y"] if v is not None and math.isfinite(v)]
     lo, hi = (min(0.0, min(ys)), max(1.0, max(ys))) if ys else (0.0, 1.0)
     xs = [v for c in curves for v in c["x"]]
     x0, x1 = (min(xs), max(xs)) if xs else (0.0, 1.0)
     x1 = x1 if x1 > x0 else x0 + 1
+    yt, xt = nice_ticks(lo, hi), nice_ticks(x0, x1, 3)
+    lo, hi = min(lo, yt[0][0]), max(hi, yt[-1][0])
+    widest = max(len(label) for _, label in yt)
+    pad_l = 18 + 6 * widest + 6           # y label (rotated, 11 px) + tick labels (~6 px a character at 9 px)
+    pad_b, pad_t, pad_r = 34, 8, 10       # x tick labels + x label
     pw, ph = CURVE_W - pad_l - pad_r, CURVE_H - pad_t - pad_b
 
     def px(v):
@@ -97,10 +116,23 @@ def _svg_curves(curves: list[dict]) -> dict:
         pts = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in zip(c["x"], c["y"]) if b is not None and math.isfinite(b))
         lines.append({"method": c["method"], "points": pts, "colour": PALETTE[i % len(PALETTE)],
                       "dashed": c["method"] == "random", "score": c.get("score")})
-    ticks_y = [{"y": py(v), "label": f"{v:g}"} for v in np.linspace(lo, hi, 3)]
-    ticks_x = [{"x": px(v), "label": f"{v:g}"} for v in np.linspace(x0, x1, 3)]
+    ticks_y = [{"y": py(v), "label": label} for v, label in yt]
+    ticks_x = [{"x": px(v), "label": label} for v, label in xt if x0 - 1e-9 <= v <= x1 + 1e-9]
+    zero = py(0.0) if lo < 0 < hi else None
     return {"lines": lines, "ticks_x": ticks_x, "ticks_y": ticks_y, "w": CURVE_W, "h": CURVE_H,
-            "left": pad_l, "bottom": CURVE_H - pad_b, "right": CURVE_W - pad_r, "top": pad_t}
+            "left": pad_l, "bottom": CURVE_H - pad_b, "right": CURVE_W - pad_r, "top": pad_t, "zero": zero,
+            "ylabel": ylabel, "xlabel_svg": xlabel, "ylabel_x": 11, "ylabel_y": pad_t + ph / 2,
+            "xlabel_y": CURVE_H - 6, "xlabel_x": pad_l + pw / 2}
+
+
+def curve_ylabel(ylabel: str, target: dict | None) -> str:
+    """What a curve plots, in the target's words: p(espresso), or p(tabby) − p(Egyptian cat) for a contrast."""
+    sym = {"prob": "p", "logit": "logit"}.get(ylabel)
+    if not target or sym is None:
+        return ylabel
+    if target.get("kind") == "contrast":
+        return f"{sym}({target['name'].split(' vs ')[0]}) − {sym}({target.get('vs_name', '?')})"
+    return f"{sym}({target.get('name', '?')})"
 
 
 def metrics_available() -> bool:
@@ -111,7 +143,8 @@ def metrics_available() -> bool:
     return True
 
 
-def _metric_section(subject, x, exps: dict, metrics: Sequence[str], seed, batch_size, metric_params) -> dict:
+def _metric_section(subject, x, exps: dict, metrics: Sequence[str], seed, batch_size, metric_params,
+                    target: dict | None = None) -> dict:
     from ...metrics import evaluate
 
     ev = evaluate(subject, x, exps, metrics=list(metrics), seed=seed, batch_size=batch_size,
@@ -142,8 +175,11 @@ def _metric_section(subject, x, exps: dict, metrics: Sequence[str], seed, batch_
                   for m, e in per.items() if "curve_x" in e]
         if curves:
             direction = d["directions"].get(metric)
-            xlabel = next((r.curves.get("xlabel", "") for r in ev.results[metric].values() if r.curves), "")
-            panels.append({"metric": metric, "direction": direction, "xlabel": xlabel, **_svg_curves(curves)})
+            first = next((r.curves for r in ev.results[metric].values() if r.curves), {})
+            xlabel, ylabel = first.get("xlabel", ""), curve_ylabel(first.get("ylabel", ""), target)
+            panels.append({"metric": metric, "direction": direction, "xlabel": xlabel,
+                           "contrast": bool(target and target.get("kind") == "contrast"),
+                           **_svg_curves(curves, ylabel, xlabel)})
     return {"columns": columns, "rows": rows, "panels": panels, "seed": d["seed"],
             "passes": {metric: {m: e["passes"] for m, e in per.items()} for metric, per in d["metrics"].items()}}
 
@@ -156,7 +192,9 @@ def photo_section(subject, image, name: str, methods: Sequence[str] | None = Non
     from ...methods import explain
     from ...images import load_image
     from ...targets import as_target
-    from ..verbalize import method_title, verbalize as verbalize_fn
+    from ..names import method_title
+    from ..verbalize import verbalize as verbalize_fn
+    from ..viz import CLIP, display_options, overlay
 
     img = load_image(image)
     x = subject.preprocess(img)
@@ -170,27 +208,52 @@ def photo_section(subject, image, name: str, methods: Sequence[str] | None = Non
         raise SaliencyError("the report needs at least one explanation per photo")
     preds = predictions if predictions is not None else subject.predict(x, k=5)[0]
     shown = _display_copy(img)
-    cells = []
+    cells, photo_warnings = [], []
     for mname, e in exps.items():
+        opts = display_options(mname)
+        own = [w for w in e.warnings if w["code"] not in PHOTO_WARNINGS]
+        photo_warnings += [w["message"] for w in e.warnings if w["code"] in PHOTO_WARNINGS]
         cells.append({"method": mname, "title": method_title(mname), "signed": e.signed,
-                      "overlay": _data_uri(e.overlay(shown)), "seconds": e.seconds, "passes": e.passes,
-                      "layer": e.layer, "params": e.params, "seed": e.seed})
+                      "overlay": _data_uri(overlay(shown, e.maps[0], signed=e.signed, **opts)), "seconds": e.seconds,
+                      "passes": e.passes, "layer": e.layer, "params": e.params, "seed": e.seed,
+                      "display": f"clipped at {opts['clip']:g}th pct." if opts["clip"] != CLIP else "",
+                      "warnings": [{"short": w.get("short", w["message"]), "message": w["message"]} for w in own]})
     first = next(iter(exps.values()))
     section = {"name": name, "photo": _data_uri(shown), "predictions": preds,
                "target": first.target[0] if first.target else {"name": preds[0]["label"], "kind": "class"},
                "cells": cells, "signed_present": any(c["signed"] for c in cells),
                "unsigned_present": any(not c["signed"] for c in cells), "verbalization": None,
+               "warnings": list(dict.fromkeys(photo_warnings)) + [f"{c['title']}: {w['message']}" for c in cells
+                                                                   for w in c["warnings"]],
                "metrics": None, "metrics_note": None}
     if verbalize:
         names = list(exps)
-        v = verbalize_fn(subject, x, exps[names[0]], compare=[exps[n] for n in names[1:2]], batch_size=batch_size)
+        v = verbalize_fn(subject, x, exps[names[0]], compare=[exps[n] for n in most_different(exps)],
+                         batch_size=batch_size)
         section["verbalization"] = {"html": rich_text(v.text), "facts": v.facts, "method": method_title(names[0])}
     if metrics:
         if metrics_available():
-            section["metrics"] = _metric_section(subject, x, exps, metrics, seed, batch_size, metric_params)
+            section["metrics"] = _metric_section(subject, x, exps, metrics, seed, batch_size, metric_params,
+                                                 target=section["target"])
         else:
             section["metrics_note"] = "Metrics were requested but the evaluation package is not available."
     return section
+
+
+PHOTO_WARNINGS = ("unsure", "alpha")  # about the photo or the prediction, not one method: said once
+
+
+def most_different(exps: Mapping[str, Explanation]) -> list[str]:
+    """The method the words compare the first one with: of the others, the one whose map agrees
+    least with the first's (rank correlation); comparing Grad-CAM with Grad-CAM++ at 1.00 tells
+    the reader nothing. [] when there is no other method."""
+    from ..viz import rank_agreement
+
+    names = list(exps)
+    if len(names) < 2:
+        return []
+    lead = exps[names[0]].maps[0]
+    return [min(names[1:], key=lambda n: rank_agreement(lead, exps[n].maps[0]))]
 
 
 def _overlay_clip():
@@ -214,7 +277,9 @@ def render(sections: Sequence[dict], meta: dict) -> str:
     env.filters["num"] = lambda v: f"{float(v):.2f}"
     template = env.get_template("report.html.j2")
     sections = [dict(sec, index=i + 1) for i, sec in enumerate(sections)]
-    return template.render(sections=sections, meta=meta, display_clip=_overlay_clip(),
+    from ..viz import SPECKLE_CLIP
+
+    return template.render(sections=sections, meta=meta, display_clip=_overlay_clip(), speckle_clip=SPECKLE_CLIP,
                            colour_bar_unsigned=colour_bar(False), colour_bar_signed=colour_bar(True))
 
 
@@ -275,4 +340,5 @@ def write(path, html: str) -> Path:
     return atomic_write(path, _write)
 
 
-__all__ = ["build", "render", "photo_section", "write", "run_meta", "colour_bar", "rich_text", "metrics_available"]
+__all__ = ["build", "render", "photo_section", "write", "run_meta", "colour_bar", "rich_text", "metrics_available",
+           "nice_ticks", "curve_ylabel", "most_different"]
