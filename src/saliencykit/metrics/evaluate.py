@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import PassCounter, forward_logits
+from ..engine import PassCounter, Progress, forward_logits
 from ..errors import SaliencyError, resolve_seed
 from ..hooks import model_lock
 from ..methods.base import check_finite_output, get as get_method
@@ -329,14 +329,19 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
             raise SaliencyError(f"target resolved to {len(resolved)} examples for a batch of {B}")
         ctx = EvalContext(subject, x, resolved, logits, seed=seed, batch_size=batch_size, progress=progress,
                           masks=masks, shared=shared)
-        for m, cls in classes.items():
-            inst = cls()
-            if "masks" in cls.needs and masks is None:
-                raise SaliencyError(f"metric {m!r} needs ground-truth object masks or boxes (masks=...)")
-            t0 = time.perf_counter()
-            p = {**cls.defaults, **params.get(m, {})}
-            results[m] = inst.compute(ctx, exps, **p)
-            seconds[m] = time.perf_counter() - t0
+        # one bar for the phase (a step per metric), the runner's own bar under it for each metric's chunks
+        with Progress(len(classes), "scoring", enabled=progress, leave=True, unit="metric") as bar:
+            for m, cls in classes.items():
+                if bar.bar is not None:
+                    bar.bar.set_postfix_str(m)
+                inst = cls()
+                if "masks" in cls.needs and masks is None:
+                    raise SaliencyError(f"metric {m!r} needs ground-truth object masks or boxes (masks=...)")
+                t0 = time.perf_counter()
+                p = {**cls.defaults, **params.get(m, {})}
+                results[m] = inst.compute(ctx, exps, **p)
+                seconds[m] = time.perf_counter() - t0
+                bar.step()
     out = EvaluationResult(results, names, resolved.describe(), shared.per_image(B), seconds, seed,
                            {m: {**classes[m].defaults, **params.get(m, {})} for m in classes})
     out.logits = logits.detach().cpu()   # the clean pass: predictions without another forward
