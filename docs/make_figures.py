@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import saliencykit as sk
+from saliencykit.cli.explain import GRID_SMOOTH
 
 OUT = Path(__file__).parent / "images"
 PHOTOS = ["chelsea", "coffee", "astronaut"]
@@ -56,6 +57,20 @@ def save_small(png: Path, out: Path, scale: float = 0.75) -> None:
         png.unlink()
 
 
+def grid_row(subject, x, exps: dict, name: str | None = None) -> tuple[dict, str]:
+    """A grid row (map, signed, the short form of its warnings) per method, and the row's title:
+    the photo, the target in words and its probability."""
+    from saliencykit.present.names import target_words
+
+    with torch.no_grad():
+        probs = subject.forward(x).float().softmax(-1)[0]
+    words, prob = target_words(next(iter(exps.values())).target[0], probs)
+    title = (f"{name}: " if name else "") + words + (f" ({100 * prob:.0f} %)" if prob is not None else "")
+    row = {m: (e.maps[0], e.signed, "; ".join(w["short"] for w in e.warnings if w["code"] != "unsure"))
+           for m, e in exps.items()}
+    return row, title
+
+
 def family_grid(subject, family: str, methods: list[str], path: Path) -> dict:
     images, rows, titles = [], [], []
     available = sk.methods.available()
@@ -66,11 +81,12 @@ def family_grid(subject, family: str, methods: list[str], path: Path) -> dict:
         x = subject.preprocess(image)
         exps = sk.explain(subject, x, method=methods, params=params)
         images.append(image)
-        rows.append({m: (e.maps[0], e.signed) for m, e in exps.items()})
-        titles.append(f"{name}: {next(iter(exps.values())).target[0]['name']}")
+        row, title = grid_row(subject, x, exps, name)
+        rows.append(row)
+        titles.append(title)
         print(family, name, {m: round(e.seconds, 2) for m, e in exps.items()}, file=sys.stderr)
     png = path.with_suffix(".png")
-    sk.viz.grid(images, rows, titles, path=png)
+    sk.viz.grid(images, rows, titles, path=png, smooth=GRID_SMOOTH)
     save_small(png, path)
     return {"methods": methods, "params": params}
 
@@ -80,7 +96,7 @@ TARGETS_METHODS = ["gradcam", "integrated_gradients", "rise"]
 TARGETS = [  # (title, target)
     ('Class("Egyptian cat")', sk.Class("Egyptian cat")),
     ('Class("tabby cat")', sk.Class("tabby cat")),
-    ('Contrast("Egyptian cat",\nvs="tabby cat")', sk.Contrast("Egyptian cat", vs="tabby cat")),
+    ('Contrast("Egyptian cat", vs="tabby cat")', sk.Contrast("Egyptian cat", vs="tabby cat")),
     ('Group("cat")', sk.Group("cat")),
 ]
 
@@ -96,12 +112,13 @@ def targets_grid(subject, path: Path) -> dict:
     for title, target in TARGETS:
         exps = sk.explain(subject, x, method=methods, target=target, params=params)
         images.append(image)
-        rows.append({m: (e.maps[0], e.signed) for m, e in exps.items()})
-        titles.append(title)
+        row, what = grid_row(subject, x, exps)
+        rows.append(row)
+        titles.append(f"{title}\n{what}")
         print("targets", title.replace("\n", " "), {m: round(e.seconds, 2) for m, e in exps.items()},
               file=sys.stderr)
     png = path.with_suffix(".png")
-    sk.viz.grid(images, rows, titles, path=png)
+    sk.viz.grid(images, rows, titles, path=png, smooth=GRID_SMOOTH)
     save_small(png, path)
     return {"photo": TARGETS_PHOTO, "methods": methods, "params": params,
             "targets": [repr(t) for _, t in TARGETS]}

@@ -41,7 +41,8 @@ def _pct(v: float) -> str:
 def map_warnings(signed: bool, maps: torch.Tensor, target: list, params: dict, extras: dict,
                  top: list | None = None) -> list[dict]:
     """Warnings a person can act on, one dict per example and kind: `{"code", "example", "message",
-    "short"}` (`short`: the few words a picture has room for).
+    "short"}` (`short`: the few words a picture has room for), and `value`, the measured number the
+    warning is about, where there is one.
 
     - `completeness`: a path method's attributions miss the score difference by more than
       `COMPLETENESS_LIMIT` (relative); the remedy is more integration steps.
@@ -57,7 +58,7 @@ def map_warnings(signed: bool, maps: torch.Tensor, target: list, params: dict, e
         if r is not None and float(r) > COMPLETENESS_LIMIT:
             steps = params.get("steps")
             more = f"more steps (now {steps}; try {4 * steps})" if isinstance(steps, int) else "more steps"
-            out.append({"code": "completeness", "example": i,
+            out.append({"code": "completeness", "example": i, "value": float(r),
                         "short": f"completeness error {_pct(r)}: use {more.split(' (')[0]}",
                         "message": f"the attributions miss the score difference by {_pct(r)} "
                                    f"(completeness error above {_pct(COMPLETENESS_LIMIT)}); the map is a coarse "
@@ -80,7 +81,7 @@ def map_warnings(signed: bool, maps: torch.Tensor, target: list, params: dict, e
                                    f"counts for {b} over {a}; the colours show where {a} leads most"})
     for i, (label, prob) in enumerate(top or []):
         if prob < UNSURE_BELOW:
-            out.append({"code": "unsure", "example": i, "short": f"the model is unsure: {_pct(prob)}",
+            out.append({"code": "unsure", "example": i, "value": float(prob), "short": f"the model is unsure: {_pct(prob)}",
                         "message": f"the model is unsure: {_pct(prob)} for its top answer, {label}; a map of an "
                                    "unsure prediction explains a guess"})
     return out

@@ -241,3 +241,15 @@ def test_serve_command_serves_the_page():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_transparent_upload_is_noted():
+    # an upload with transparent pixels is composited on white: the page is told, an opaque one is not
+    from saliencykit.present.app import decode_upload
+
+    rgba = Image.new("RGBA", (32, 32), (200, 30, 30, 255))
+    _, notes = decode_upload(_png(rgba))
+    assert notes == []
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    img, notes = decode_upload(_png(rgba))
+    assert img.mode == "RGB" and len(notes) == 1 and "transparent pixels" in notes[0]

@@ -311,3 +311,19 @@ def test_verbalize_with_searched_regions(tiny, tiny_x):
     assert same.text == v.text
     with pytest.raises(SaliencyError, match="search_cells"):
         verbalize(tiny, tiny_x[:1], _exp(smap), regions="search", search_cells=2)
+
+
+def test_warnings_end_the_words_with_cited_numbers(lite0):
+    # astronaut's top answer has 14 % and IG at 2 steps misses completeness: the words end with
+    # both notes, and their numbers are cited facts like every other number in the text
+    from saliencykit import data
+
+    x = lite0.preprocess(data.image("astronaut"))
+    ig = explain(lite0, x, "integrated_gradients", steps=2)
+    assert {w["code"] for w in ig.warnings} == {"completeness", "unsure"}
+    v = verbalize(lite0, x, ig)
+    notes = [s for s in v.sentences if s["text"].startswith("Note:")]
+    assert len(notes) == 2 and "more integration steps" in v.text and "the model is unsure (14%" in v.text
+    for sent in notes:
+        assert _numbers(sent["text"]) == [n["shown"] for n in sent["numbers"]]
+        assert all(_shown_agrees(n["shown"], v.fact(n["key"])) for n in sent["numbers"])

@@ -23,18 +23,6 @@ DEMO_PARAMS = {"integrated_gradients": {"steps": 25}, "smoothgrad": {"samples": 
 GRID_SMOOTH = 0.006  # display-only smoothing of pixel-level maps in the grid (0.6 % of the side)
 
 
-def _target_words(described: dict, probs) -> tuple[str, float | None]:
-    """What a map explains, in words, and the target's probability where it is one number."""
-    def p(indices):
-        return float(probs[list(indices)].sum())
-
-    if described.get("kind") == "contrast":
-        a = described["name"].split(" vs ")[0]
-        return (f"{a} ({100 * p(described['indices']):.0f} %) rather than {described['vs_name']} "
-                f"({100 * p(described['vs_indices']):.0f} %)"), None
-    return described.get("name", ""), p(described.get("indices", []))
-
-
 def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=None, layer="auto", seed=0,
                 batch_size=None, quiet=False, grid_path: Path | None = None, params: dict | None = None,
                 grid_smooth: float = 0.0) -> dict:
@@ -51,7 +39,7 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     from ..methods import explain
     from ..datasets.runner import load_subject as load_model
     from ..present import viz
-    from ..present.names import method_title
+    from ..present.names import method_title, target_words
     from ..targets import as_target
 
     from ..files import check_writable_dir
@@ -89,7 +77,7 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
         entry = {"photo": stem, "predictions": preds, "warnings": [], "maps": {}}
         for name, exp in row.items():
             png, npz = out / f"{stem}_{name}.png", out / f"{stem}_{name}.npz"
-            words, prob = _target_words(exp.target[0], probs)
+            words, prob = target_words(exp.target[0], probs)
             notes = [w["message"] for w in exp.warnings if w["code"] not in ("unsure", "alpha")]
             photo_notes = [w for w in exp.warnings if w["code"] in ("unsure", "alpha")]
             for w in photo_notes:
@@ -105,7 +93,7 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     if grid_path is not None and inputs:
         titles, rows = [], []
         for stem, (image, x, preds, probs, _), row in zip(stems, inputs, exps):
-            words, prob = _target_words(next(iter(row.values())).target[0], probs)
+            words, prob = target_words(next(iter(row.values())).target[0], probs)
             titles.append(f"{stem}: {words}" + (f" ({100 * prob:.0f} %)" if prob is not None else ""))
             rows.append({name: (e.maps[0], e.signed, "; ".join(w["short"] for w in e.warnings
                                                             if w["code"] not in ("unsure", "alpha")))

@@ -93,8 +93,11 @@ def decode_upload(payload: str, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: i
     if mode in ("L", "LA", "1", "I", "I;16", "F"):
         notes.append("This is a grayscale photo: it was converted to colour (three equal channels); "
                      "the model was trained on colour photos, so expect less confident predictions.")
-    from ..images import load_image
+    from ..images import load_image, transparency_note
 
+    alpha = transparency_note(img)
+    if alpha:
+        notes.append(f"{alpha[:1].upper()}{alpha[1:]}.")
     return load_image(img), notes
 
 

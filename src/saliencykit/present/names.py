@@ -1,4 +1,5 @@
-"""What methods are called where a person reads them: display names, and which maps are speckled."""
+"""What things are called where a person reads them: methods' display names, which maps are
+speckled, and a target in words with its probability."""
 from __future__ import annotations
 
 METHOD_NAMES = {
@@ -22,6 +23,18 @@ def method_title(name: str) -> str:
     return METHOD_NAMES.get(name, name.replace("_", " ").capitalize())
 
 
+def target_words(described: dict, probs) -> tuple[str, float | None]:
+    """What a map explains, in words, and the target's probability where it is one number."""
+    def p(indices):
+        return float(probs[list(indices)].sum())
+
+    if described.get("kind") == "contrast":
+        a = described["name"].split(" vs ")[0]
+        return (f"{a} ({100 * p(described['indices']):.0f} %) rather than {described['vs_name']} "
+                f"({100 * p(described['vs_indices']):.0f} %)"), None
+    return described.get("name", ""), p(described.get("indices", []))
+
+
 def is_speckled(name: str) -> bool:
     """Whether a method's maps are pixel-level (see `SPECKLED_FAMILIES`); unknown names are not."""
     from ..methods import available
@@ -30,4 +43,4 @@ def is_speckled(name: str) -> bool:
     return info is not None and info["family"] in SPECKLED_FAMILIES
 
 
-__all__ = ["METHOD_NAMES", "SPECKLED_FAMILIES", "method_title", "is_speckled"]
+__all__ = ["METHOD_NAMES", "SPECKLED_FAMILIES", "method_title", "is_speckled", "target_words"]

@@ -554,11 +554,17 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
 
     facts["passes"] = {"forward": counter.forward, "backward": counter.backward}
     sentences = _write(facts, kind, pos_side, neg_side)
-    # what the Explanation warns about (completeness, one-signed contrast, an unsure model, ...)
-    facts["warnings"] = [w["message"] for w in explanation[index].warnings] if isinstance(explanation, Explanation) \
-        else []
-    for message in facts["warnings"]:
-        sentences.add_plain(f"Note: {message[:1].upper()}{message[1:]}.")
+    # what the Explanation warns about, each number cited like every other
+    facts["warnings"] = explanation[index].warnings if isinstance(explanation, Explanation) else []
+    for i, w in enumerate(facts["warnings"]):
+        if w["code"] == "completeness":
+            sentences.add(f"Note: the {facts['method_title']} attributions miss the score difference by {{}}, so "
+                          "the map is a coarse estimate; more integration steps make it finer.", f"warnings.{i}.value")
+        elif w["code"] == "unsure":
+            sentences.add("Note: the model is unsure ({} for its top answer), so the map explains a guess.",
+                          f"warnings.{i}.value")
+        elif not any(ch.isdigit() for ch in w["message"]):
+            sentences.add_plain(f"Note: {w['message']}.")
     text = " ".join(s["text"] for s in sentences.items)
     return Verbalization(text=text, facts=facts, sentences=sentences.items, masks=[m for _, m in shown])
 
