@@ -63,6 +63,17 @@ def run_evaluate(photos, methods, metrics, out: Path, model="efficientnet_lite0"
     exps = method_registry.explain(subject, x, method=list(methods), target=tgt, layer=layer, seed=seed,
                                    batch_size=batch_size, progress=not quiet)
     if not quiet:
+        from ..present.names import method_title
+
+        said = set()
+        for name, e in exps.items():  # a photo's own warning (an unsure model) once, a map's with its method
+            for w in e.warnings:
+                photo = stems[w["example"]]
+                line = (f"{photo}: {w['message']}" if w["code"] == "unsure" else
+                        f"{photo}, {method_title(name)}: {w['message']}")
+                if line not in said:
+                    said.add(line)
+                    print(f"warning: {line}", file=sys.stderr)
         print(f"scoring with {', '.join(metrics)} ...", file=sys.stderr)
     ev = evaluate(subject, x, exps, metrics=list(metrics), target=tgt, seed=seed, masks=masks,
                   batch_size=batch_size, params=params, progress=not quiet, image_names=stems,

@@ -26,7 +26,7 @@ def register(subparsers):
 def cmd_report(args):
     from ..datasets.runner import load_subject as load_model
     from ..present import report
-    from .common import photo_sources, progress, target_from_args
+    from .common import parse_params, photo_sources, progress, target_from_args
 
     out = Path(args.out)
     if out.exists() and out.is_dir():
@@ -47,7 +47,7 @@ def cmd_report(args):
         step = max(1, -(-h * w // args.steps))
         metric_params = {m: {"step": step} for m in metrics if m in ("deletion", "insertion")}
     html = report.build(subject, [src for src, _ in sources], methods, target=target, metrics=metrics,
-                        seed=args.seed, batch_size=args.batch_size, layer=args.layer,
+                        seed=args.seed, batch_size=args.batch_size, layer=args.layer, params=parse_params(args.param),
                         names=[stem for _, stem in sources], verbalize=not args.no_words,
                         progress=None if args.quiet else (lambda it: progress(it, False, "report")),
                         metric_params=metric_params)
