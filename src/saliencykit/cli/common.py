@@ -22,7 +22,7 @@ def add_threads_arg(p):
 
 
 # the commands that compute for a while as soon as they start (a server waits; listings are instant)
-BUSY_COMMANDS = ("explain", "demo", "evaluate", "report", "benchmark")
+BUSY_COMMANDS = ("explain", "demo", "evaluate", "report", "run", "benchmark")
 
 
 def apply_threads(args) -> None:
@@ -136,7 +136,7 @@ def add_model_args(p, method_params: bool = True):
     p.add_argument("--layer", default="auto", help="layer for CAM methods (name, or auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
-    if method_params:
+    if method_params and "--param" not in p._option_string_actions:  # a command with its own --param keeps it
         p.add_argument("--param", action="append", help="method parameter METHOD.NAME=VALUE, e.g. "
                                                         "integrated_gradients.steps=200")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
