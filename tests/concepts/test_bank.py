@@ -144,3 +144,17 @@ def test_methods_explain_a_concept_score(colour):
     ev = sk.evaluate(subject, x[:2], cam, metrics=["deletion"], target=sk.Concept(bank, k),
                      params={"deletion": {"step": 64}})
     assert ev.score("deletion", "gradcam").shape == (2,)
+
+
+def test_a_concept_explanation_is_not_called_unsure(colour, monkeypatch):
+    # concept scores are not class probabilities, so the "model is unsure" warning (top-1
+    # probability under a limit) must not be read off them. With the limit raised above 1 every
+    # class explanation is flagged (the control); the concept explanation still is not
+    import saliencykit.explanation as explanation
+
+    subject, x, _ = colour
+    bank = extract(subject, x, layer="act", n_concepts=3, seed=0)
+    monkeypatch.setattr(explanation, "UNSURE_BELOW", 1.01)
+    assert any(w["code"] == "unsure" for w in sk.explain(subject, x[:2], "saliency").warnings)
+    e = sk.explain(subject, x[:2], "saliency", target=sk.Concept(bank, 0))
+    assert all(w["code"] != "unsure" for w in e.warnings)

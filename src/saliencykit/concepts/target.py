@@ -53,6 +53,8 @@ class ConceptSubject(Subject):
     """The subject's model seen through a concept bank: outputs are concept scores; layer names
     of the original model work unchanged."""
 
+    is_view = True   # its outputs are not class probabilities (no "unsure model" warning)
+
     def __init__(self, subject: Subject, bank: ConceptBank):
         layer = subject.default_layer
         super().__init__(ConceptHead(subject.model, bank), preprocess=subject._preprocess,

@@ -469,7 +469,8 @@ def _run(subject, x, classes, tgt, layer, seed, batch_size, progress, all_params
         classes[0].prime(ctx)  # its own clean forward also fixes the target
     resolved = ctx.resolve(tgt)
     layer_note = _auto_layer_note(ctx, layer, classes)
-    top = _top_answers(ctx)
+    # a view's outputs (a Concept's scores) are no class probabilities: no "unsure" warning there
+    top = None if getattr(subject, "is_view", False) else _top_answers(ctx)
     with Progress(len(classes), "explaining", enabled=progress, leave=True, unit="method") as bar:
         for i, cls in enumerate(classes):
             if bar.bar is not None:
