@@ -135,7 +135,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_files(tmp_path):
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     seen = ""
     deadline = time.time() + 300
-    while "explaining" not in seen and time.time() < deadline:  # the progress bar: the run is computing
+    while "%|" not in seen and time.time() < deadline:  # a progress bar: the run is computing
         seen += proc.stderr.read(1)
     proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=300)
