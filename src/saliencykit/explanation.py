@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +11,6 @@ import numpy as np
 import torch
 
 from .errors import SaliencyError
-from .files import check_writable_dir
 from .maps import normalize_maps  # noqa: F401  (re-exported: it lived here)
 
 
@@ -167,16 +163,9 @@ class Explanation:
     # ------------------------------------------------------------------------------ saving
     def save(self, path) -> Path:
         """Write `maps.npz` + `explanation.json` into the directory `path`, atomically."""
-        path = check_writable_dir(path, "an explanation")
-        if path.is_dir():
-            others = sorted(p.name for p in path.iterdir() if p.name not in SAVED_FILES)
-            if others:
-                raise SaliencyError(f"will not replace {path}: it is a folder holding other files "
-                                    f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}), not a saved "
-                                    "explanation; give a new or empty folder")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-        try:
+        from .files import atomic_dir
+
+        def write(tmp):
             arrays = {"maps": self.maps.numpy()}
             if self.raw is not None:
                 arrays["raw"] = self.raw.numpy()
@@ -184,13 +173,8 @@ class Explanation:
                 arrays["attributions"] = self.attributions.numpy()
             np.savez_compressed(tmp / "maps.npz", **arrays)
             (tmp / "explanation.json").write_text(json.dumps(self.metadata(), indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+
+        return atomic_dir(path, write, SAVED_FILES, "a saved explanation")
 
     @classmethod
     def load(cls, path) -> "Explanation":

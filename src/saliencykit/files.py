@@ -26,6 +26,32 @@ def atomic_write(path, write_fn) -> Path:
     return path
 
 
+def atomic_dir(path, write_fn, own_files, what: str) -> Path:
+    """Write the folder `path` whole or not at all: `write_fn(tmp)` fills a temporary folder beside
+    it, which then replaces `path`. A folder holding anything but `own_files` (what an earlier save
+    of the same kind wrote) is refused, never deleted."""
+    import shutil
+
+    path = check_writable_dir(path, what)
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if p.name not in own_files)
+        if others:
+            raise SaliencyError(f"will not replace {path}: it is a folder holding other files "
+                                f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}), not {what}; "
+                                "give a new or empty folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    try:
+        write_fn(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

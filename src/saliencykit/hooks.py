@@ -34,6 +34,29 @@ def this_thread_only(hook: Callable) -> Callable:
     return hook_of_owner
 
 
+def forward_at(model, layer: str, x, replace: Callable | None = None):
+    """Run `model(x)` and return `(output, what layer `layer` gave)`; with `replace(out) -> new`,
+    the layer's output is replaced by `new` for the rest of the forward. The hook acts only on this
+    thread's forward and is removed in `finally`."""
+    module = dict(model.named_modules())[layer]
+    seen = []
+
+    def hook(_module, _inputs, out):
+        seen.append(out)
+        return None if replace is None else replace(out)
+
+    handle = module.register_forward_hook(this_thread_only(hook))
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    if not seen:
+        from .errors import SaliencyError
+
+        raise SaliencyError(f"layer {layer!r} was not called by this forward")
+    return out, seen[-1]
+
+
 _MISSING = object()
 _SETTINGS_LOCK = threading.Lock()
 # (id(obj), attribute) -> [obj, calls holding it, what the first call found, whether that was the

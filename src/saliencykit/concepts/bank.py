@@ -16,9 +16,6 @@ projection of the activation on the bank; the relative error of that projection 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,22 +70,13 @@ class ConceptBank:
 
     def save(self, path) -> Path:
         """`basis.npz` + `bank.json` in the directory `path`, written whole or not at all."""
-        path = Path(path)
-        if path.exists() and (not path.is_dir() or any(p.name not in ("basis.npz", "bank.json")
-                                                        for p in path.iterdir())):
-            raise SaliencyError(f"{path} exists and is not a saved concept bank; choose another path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-        try:
+        from ..files import atomic_dir
+
+        def write(tmp):
             np.savez_compressed(tmp / "basis.npz", basis=self.basis.numpy())
             (tmp / "bank.json").write_text(json.dumps(self.metadata(), indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+
+        return atomic_dir(path, write, ("basis.npz", "bank.json"), "a saved concept bank")
 
     @classmethod
     def load(cls, path) -> "ConceptBank":

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import SaliencyError, positive_int
-from ..hooks import this_thread_only
+from ..hooks import forward_at
 from .bank import ConceptBank, layer_activations, nnls
 
 
@@ -43,18 +43,13 @@ class ConceptIntervention(nn.Module):
         n = m.shape[0]
         act = torch.einsum("nk,khw,kc->nchw", m, self.U, self.W) + self.residual
 
-        def replace(_module, _inputs, out):
+        def replace(out):
             if out.shape[1:] != act.shape[1:]:
                 raise SaliencyError(f"layer {self.layer!r} gives {tuple(out.shape[1:])}, the bank's activation "
                                     f"is {tuple(act.shape[1:])}")
             return act.to(out.dtype)
 
-        module = dict(self.model.named_modules())[self.layer]
-        handle = module.register_forward_hook(this_thread_only(replace))  # another thread's forward keeps its own
-        try:
-            out = self.model(self.x.expand(n, *self.x.shape[1:]))
-        finally:
-            handle.remove()
+        out, _ = forward_at(self.model, self.layer, self.x.expand(n, *self.x.shape[1:]), replace)
         from ..subject import extract_logits
 
         return extract_logits(out)

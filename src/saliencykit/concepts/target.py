@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import SaliencyError
-from ..hooks import this_thread_only
+from ..hooks import forward_at
 from ..subject import Subject
 from ..targets import Class, Target
 from .bank import ConceptBank
@@ -32,14 +32,7 @@ class ConceptHead(nn.Module):
         self.register_buffer("projector", (W.T @ torch.linalg.pinv(gram)).float(), persistent=False)   # [C, k]
 
     def forward(self, x):
-        module = dict(self.model.named_modules())[self.layer]
-        store = []
-        handle = module.register_forward_hook(this_thread_only(lambda _m, _i, out: store.append(out)))
-        try:
-            self.model(x)
-        finally:
-            handle.remove()
-        a = store[-1]
+        _, a = forward_at(self.model, self.layer, x)
         if not isinstance(a, torch.Tensor) or a.dim() != 4:
             raise SaliencyError(f"layer {self.layer!r} does not output a feature map [B,C,h,w]")
         P = self.projector.to(a)

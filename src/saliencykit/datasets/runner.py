@@ -397,9 +397,10 @@ def prepare(source, out, cfg: RunConfig, force: bool = False, progress: bool = F
     from ..explanation import package_versions
 
     require_pyarrow()
+    from ..files import check_writable_dir
+
     rd = RunDir(out)
-    if rd.root.exists() and not rd.root.is_dir():
-        raise SaliencyError(f"--out {rd.root} is a file; give a directory")
+    check_writable_dir(rd.root, "the run")       # a file, or a folder that takes no files: before any work
     old = rd.read_manifest() if rd.root.is_dir() else None
     if rd.root.is_dir() and old is None and any(rd.root.iterdir()):
         raise SaliencyError(f"{rd.root} is not empty and holds no saliencykit run; give a new or empty directory")

@@ -151,16 +151,14 @@ class RunDir:
                     p.unlink(missing_ok=True)
 
     def check_writable(self, needed_bytes: int = 0):
-        """Create, write and remove a probe file; check the free space against an estimate."""
+        """The folder can be made and written (`files.check_writable_dir`); the free space covers
+        an estimate of what the run writes."""
         import shutil
 
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-probe"
-            probe.write_bytes(b"x" * 4096)
-            probe.unlink()
-        except OSError as err:
-            raise SaliencyError(f"cannot write to {self.root}: {err.strerror or err}; choose another --out") from None
+        from ..files import check_writable_dir
+
+        check_writable_dir(self.root, "the run")
+        self.root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.root).free
         if needed_bytes and free < needed_bytes:
             raise SaliencyError(f"{self.root} has {free / 1e6:.0f} MB free; this run needs about "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..engine import upsample
 from ..errors import SaliencyError
-from ..hooks import this_thread_only
+from ..hooks import forward_at
 from ..targets import Side, Target
 
 MEASURES = ("cosine", "dot")
@@ -131,14 +131,7 @@ class PooledFeatures(torch.nn.Module):
         self.layer = layer
 
     def forward(self, x):
-        module = dict(self.model.named_modules())[self.layer]
-        store = []
-        handle = module.register_forward_hook(this_thread_only(lambda _m, _i, out: store.append(out)))
-        try:
-            self.model(x)
-        finally:
-            handle.remove()
-        feats = store[-1]
+        _, feats = forward_at(self.model, self.layer, x)
         if not isinstance(feats, torch.Tensor) or feats.dim() != 4:
             raise SaliencyError(f"layer {self.layer!r} does not output a conv feature map [B,C,h,w]")
         return feats.mean((2, 3))
