@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import pickle
-import sys
 
 from ..errors import SaliencyError
 
@@ -71,7 +70,8 @@ def run_on_ray(src, rd, manifest, plan, cfg, subject=None, address=None, threads
     import ray
     import ray.data
 
-    from .runner import _record_curves, shard_tables
+    from ..engine import Progress
+    from .runner import ShardCollector
 
     """Compute the pending shards on Ray; returns what the actors reported: peak memory per actor
     (MB) and the seconds Ray took to start."""
@@ -113,34 +113,17 @@ def run_on_ray(src, rd, manifest, plan, cfg, subject=None, address=None, threads
                                    "model": subject if subject is not None else cfg.model, "threads": threads,
                                    "device": device, "versions": versions, "has_labels": src.has_labels,
                                    "batch": plan.batch})
-        waiting = {k: set(plan.shard_batches(k)) for k in pending}
-        collected = {k: {"rows": [], "maps": [], "errors": [], "timing": [], "curves": {}} for k in pending}
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            total = sum(len(plan.batch_positions(b)) for d in descs for b in [d["batch"]])
-            bar = tqdm(total=total, desc=f"run on Ray ({n_actors} actors)", unit="img", file=sys.stderr)
-        try:
+        collector = ShardCollector(rd, manifest, plan, cfg, pending)
+        total = sum(len(plan.batch_positions(d["batch"])) for d in descs)
+        with Progress(total, f"run on Ray ({n_actors} actors)", enabled=progress, leave=True, unit="img") as bar:
             for row in results.iter_rows():
                 b, k = int(row["batch"]), int(row["shard"])
                 res = pickle.loads(row["payload"])
                 actor = res.pop("actor", None)
                 if actor:
                     stats["actors"][actor["pid"]] = max(stats["actors"].get(actor["pid"], 0.0), actor["peak_rss_mb"])
-                acc = collected[k]
-                for key in ("rows", "maps", "errors", "timing"):
-                    acc[key] += res[key]
-                _record_curves(rd, manifest, res["curves"])
-                waiting[k].discard(b)
-                if bar is not None:
-                    bar.update(len(plan.batch_positions(b)))
-                if not waiting[k]:
-                    rd.write_shard(k, shard_tables(acc, cfg, manifest))
-                    del collected[k]
-        finally:
-            if bar is not None:
-                bar.close()
+                collector.add(b, k, res)
+                bar.step(len(plan.batch_positions(b)))
     finally:
         if started:
             ray.shutdown()

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from ..engine import Progress
 from ..errors import SaliencyError, positive_int
 from .sources import Item, Source
 from .store import RunDir, describe_difference, describe_input_difference, require_pyarrow
@@ -370,12 +370,10 @@ def input_hashes(source: Source, items: list[Item], progress: bool = False) -> t
         except Exception as err:  # noqa: BLE001 - unreadable now; the decode step records why
             return f"unreadable: {type(err).__name__}"
 
-    with ThreadPoolExecutor(max_workers=4) as pool:   # hashing reads files; it releases the GIL
-        it = pool.map(one, items)
-        if progress:
-            from tqdm.auto import tqdm
+    from ..engine import with_progress
 
-            it = tqdm(it, total=len(items), desc="hashing inputs", unit="img", file=sys.stderr, leave=False)
+    with ThreadPoolExecutor(max_workers=4) as pool:   # hashing reads files; it releases the GIL
+        it = with_progress(pool.map(one, items), "hashing inputs", enabled=progress, total=len(items), unit="img")
         hashes = dict(zip((i.id for i in items), it))
     first, dup = {}, {}
     for item in items:
@@ -502,42 +500,43 @@ def _run_local(src, rd, manifest, plan, cfg, subject, workers, progress, device)
     positions = [p for k in pending for b in plan.shard_batches(k) for p in plan.batch_positions(b)]
     workers = min(2, torch.get_num_threads()) if workers is None else int(workers)
     versions = json.dumps(manifest["versions"], sort_keys=True)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(positions), desc="run", unit="img", file=sys.stderr, smoothing=0.1,
-                   initial=0, postfix={"shards": f"{len(done)}/{plan.shards}"})
-    records, shard_result = [], None
-    current_b = None
-    n_errors = 0
-    try:
+    collector = ShardCollector(rd, manifest, plan, cfg, pending)
+    records = []
+    with Progress(len(positions), "run", enabled=progress, leave=True, unit="img") as bar:
         for rec in decode_records(src, plan.items, subject._preprocess, positions, workers):
-            b = rec["pos"] // plan.batch
-            if current_b is None:
-                current_b = b
             records.append(rec)
+            b = rec["pos"] // plan.batch
             if rec["pos"] != plan.batch_positions(b)[-1]:
                 continue
             k = plan.shard_of_batch(b)
-            if shard_result is None:
-                shard_result = {"rows": [], "maps": [], "errors": [], "timing": [], "curves": {}}
-            res = process_batch(subject, cfg, records, plan.items, b, k, versions, src.has_labels)
-            for key in ("rows", "maps", "errors", "timing"):
-                shard_result[key] += res[key]
-            _record_curves(rd, manifest, res["curves"])
-            n_errors += len(res["errors"])
-            if bar is not None:
-                bar.update(len(records))
-            records, current_b = [], None
-            if b == plan.shard_batches(k)[-1]:
-                rd.write_shard(k, shard_tables(shard_result, cfg, manifest))
-                shard_result = None
-                if bar is not None:
-                    bar.set_postfix(shards=f"{len(rd.done_shards())}/{plan.shards}", errors=n_errors)
-    finally:
-        if bar is not None:
-            bar.close()
+            collector.add(b, k, process_batch(subject, cfg, records, plan.items, b, k, versions, src.has_labels))
+            bar.step(len(records))
+            records = []
+            if bar.bar is not None:
+                bar.bar.set_postfix(shards=f"{collector.done}/{plan.shards}", errors=collector.errors)
+
+
+class ShardCollector:
+    """Gathers the batches of each pending shard as they finish (in any order) and writes a shard
+    as soon as its last batch is in: the one bookkeeping of local and Ray runs."""
+
+    def __init__(self, rd, manifest, plan, cfg, pending):
+        self.rd, self.manifest, self.plan, self.cfg = rd, manifest, plan, cfg
+        self.waiting = {k: set(plan.shard_batches(k)) for k in pending}
+        self.results = {k: {"rows": [], "maps": [], "errors": [], "timing": []} for k in pending}
+        self.done = plan.shards - len(pending)
+        self.errors = 0
+
+    def add(self, b: int, k: int, res: dict):
+        acc = self.results[k]
+        for key in acc:
+            acc[key] += res[key]
+        self.errors += len(res["errors"])
+        _record_curves(self.rd, self.manifest, res["curves"])
+        self.waiting[k].discard(b)
+        if not self.waiting[k]:
+            self.rd.write_shard(k, shard_tables(self.results.pop(k), self.cfg, self.manifest))
+            self.done += 1
 
 
 def _record_curves(rd, manifest, curves: dict):
