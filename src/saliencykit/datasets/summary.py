@@ -17,6 +17,16 @@ from ..errors import SaliencyError
 N_BOOT = 2000
 
 
+def bootstrap_means(values, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """`n_boot` bootstrap resamples of the mean of `values` ([n] or [n, ...]: rows resampled):
+    `[n_boot, ...]`. Each resample is a multinomial count of the rows, so the memory is
+    n_boot x n counts, not n_boot copies of the data (curves of thousands of images stay small)."""
+    v = np.asarray(values, dtype=np.float64)
+    n = v.shape[0]
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)   # [n_boot, n]
+    return (counts @ v.reshape(n, -1)).reshape((n_boot,) + v.shape[1:]) / n
+
+
 def bootstrap_ci(values, n_boot: int = N_BOOT, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (NaNs dropped); (nan, nan) if empty."""
     v = np.asarray(values, dtype=np.float64)
@@ -25,14 +35,8 @@ def bootstrap_ci(values, n_boot: int = N_BOOT, confidence: float = 0.95, seed: i
         return float("nan"), float("nan")
     if v.size == 1:
         return float(v[0]), float(v[0])
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    chunk = max(1, 2_000_000 // v.size)   # bounded memory for long columns
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        means[start:stop] = v[rng.integers(0, v.size, (stop - start, v.size))].mean(1)
     a = (1 - confidence) / 2
-    lo, hi = np.quantile(means, [a, 1 - a])
+    lo, hi = np.quantile(bootstrap_means(v, n_boot, seed), [a, 1 - a])
     return float(lo), float(hi)
 
 
@@ -180,4 +184,4 @@ def summarize(run, metrics=None, seed: int = 0, n_boot: int = N_BOOT, confidence
     return Summary(table, pairs, per_class, directions, seed, confidence, n_boot, notes)
 
 
-__all__ = ["summarize", "Summary", "bootstrap_ci", "paired_test", "holm"]
+__all__ = ["summarize", "Summary", "bootstrap_ci", "bootstrap_means", "paired_test", "holm"]

@@ -30,10 +30,10 @@ def curve_figures(run, n_boot: int = 300, seed: int = 0) -> list[dict]:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from ..datasets.summary import bootstrap_means
     from ..metrics import get as get_metric
 
     out = []
-    rng = np.random.default_rng(seed)
     for metric, info in sorted(run.manifest.get("curves", {}).items()):
         col = f"{metric}_curve"
         if col not in run.rows.columns:
@@ -46,8 +46,7 @@ def curve_figures(run, n_boot: int = 300, seed: int = 0) -> list[dict]:
             Y = np.stack(ys)
             x = np.asarray(info["x"], np.float64) if len(info["x"]) == Y.shape[1] else np.linspace(0, 1, Y.shape[1])
             mean = Y.mean(0)
-            idx = rng.integers(0, len(Y), (n_boot, len(Y)))
-            boots = Y[idx].mean(1)
+            boots = bootstrap_means(Y, n_boot, seed)        # [n_boot, T]
             lo, hi = np.quantile(boots, [0.025, 0.975], axis=0)
             line, = ax.plot(x, mean, label=method, linestyle="--" if method == "random" else "-")
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
