@@ -31,7 +31,7 @@ def test_sobol_of_a_single_concept_model():
     assert res.ranking[0] == red
     g = res.gradient_x_coefficient
     assert (g[:, red] > 0).all() and g[:, others].abs().max() < 1e-2 * g[:, red].abs().min()
-    assert res.passes["forward"] == 1 + 1 + 256 * 5 + 1    # clean, activations, (k+2) n design rows, gradient
+    assert res.passes["forward"] == 1 + 256 * 5 + 1    # clean (logits and activations), (k+2) n design rows, gradient
     again = importance(subject, bank, x[:3], target=sk.Class(0), n=256, seed=0)
     assert torch.equal(again.sobol, res.sobol)
 

@@ -97,20 +97,25 @@ class ConceptBank:
 
 
 # ------------------------------------------------------------------------------ activations
-def layer_activations(subject, x: torch.Tensor, layer: str, batch_size: int = 32) -> torch.Tensor:
-    """[N, C, h, w] activations of `layer` for `x`, without gradient, in chunks."""
-    outs = []
+def layer_activations(subject, x: torch.Tensor, layer: str, batch_size: int = 32, counter=None,
+                      with_logits: bool = False):
+    """[N, C, h, w] activations of `layer` for `x`, without gradient, in chunks; with `with_logits`
+    also the model's logits of the same passes (`(acts, logits)`). Rows are counted in `counter`."""
+    outs, logits = [], []
     with torch.no_grad(), subject.explaining():
         for s in range(0, x.shape[0], batch_size):
             with subject.capture([layer]) as cap:
-                subject.forward(x[s:s + batch_size])
+                logits.append(subject.forward(x[s:s + batch_size]).detach())
                 a = cap.get(layer)
+            if counter is not None:
+                counter.add(forward=logits[-1].shape[0])
             if not isinstance(a, torch.Tensor) or a.dim() != 4:
                 shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
                 raise SaliencyError(f"layer {layer!r} has no spatial output [B,C,h,w] (got {shape}); concepts "
                                     "need a convolutional feature map: pick a conv block's layer")
             outs.append(a.detach().float().cpu())
-    return torch.cat(outs)
+    acts = torch.cat(outs)
+    return (acts, torch.cat(logits)) if with_logits else acts
 
 
 def random_crops(x: torch.Tensor, per_image: int, crop: float, generator: torch.Generator) -> torch.Tensor:
@@ -212,10 +217,10 @@ def nnls(a: np.ndarray, basis: np.ndarray, max_iter: int = 500) -> np.ndarray:
     return u
 
 
-def concept_maps(subject, bank: ConceptBank, x: torch.Tensor, batch_size: int = 32) -> ConceptMaps:
-    """Where each concept of `bank` sits in each image of `x` (see the module docstring)."""
-    x = subject.check_input(x)
-    acts = layer_activations(subject, x, bank.layer, batch_size).clamp(min=0)
+def decompose(acts: torch.Tensor, bank: ConceptBank) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [B,C,h,w] (clamped at 0) on the bank's basis, one NNLS over every location of
+    every image: -> (coefficients [B,k,h,w], relative projection error [B])."""
+    acts = acts.clamp(min=0)
     B, C, h, w = acts.shape
     if C != bank.basis.shape[1]:
         raise SaliencyError(f"the bank has {bank.basis.shape[1]} channels and layer {bank.layer!r} has {C}: the "
@@ -223,12 +228,18 @@ def concept_maps(subject, bank: ConceptBank, x: torch.Tensor, batch_size: int = 
     a = acts.permute(0, 2, 3, 1).reshape(-1, C).double().numpy()
     W = bank.basis.double().numpy()
     u = nnls(a, W)
-    recon = u @ W
-    err = np.linalg.norm((a - recon).reshape(B, -1), axis=1) / np.maximum(np.linalg.norm(a.reshape(B, -1), axis=1),
+    err = np.linalg.norm((a - u @ W).reshape(B, -1), axis=1) / np.maximum(np.linalg.norm(a.reshape(B, -1), axis=1),
                                                                           1e-12)
     layer_maps = torch.from_numpy(u).float().reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous()
+    return layer_maps, torch.from_numpy(err).float()
+
+
+def concept_maps(subject, bank: ConceptBank, x: torch.Tensor, batch_size: int = 32) -> ConceptMaps:
+    """Where each concept of `bank` sits in each image of `x` (see the module docstring)."""
+    x = subject.check_input(x)
+    layer_maps, err = decompose(layer_activations(subject, x, bank.layer, batch_size), bank)
     maps = torch.nn.functional.interpolate(layer_maps, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
-    return ConceptMaps(layer_maps, maps, layer_maps.mean((2, 3)), torch.from_numpy(err).float())
+    return ConceptMaps(layer_maps, maps, layer_maps.mean((2, 3)), err)
 
 
 def best_match_iou(maps: torch.Tensor, masks: dict) -> dict:
@@ -259,5 +270,5 @@ def best_match_iou(maps: torch.Tensor, masks: dict) -> dict:
     return out
 
 
-__all__ = ["ConceptBank", "ConceptMaps", "extract", "concept_maps", "layer_activations", "random_crops", "nnls",
+__all__ = ["ConceptBank", "ConceptMaps", "extract", "concept_maps", "decompose", "layer_activations", "random_crops", "nnls",
            "best_match_iou"]

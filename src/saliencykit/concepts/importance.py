@@ -5,7 +5,8 @@
   `sum_k m_k u_k W_k + r` (r = the part of the activation the bank does not explain, so m = 1 is
   the model's own activation), the rest of the model runs on it, and the variance of the target's
   score over a scrambled Sobol design (seeded) is split by Jansen's estimator:
-  `ST_k = E[(f(A) - f(A_B^k))^2] / (2 Var f)`. N design rows cost N (k + 2) forward rows per image
+  `ST_k = E[(f(A) - f(A_B^k))^2] / (2 Var f)`. N design rows cost N (k + 2) forward rows per image, plus one clean pass (the logits and the
+  activations together) and one forward and backward for the gradient
   (default 256: the design's own error on a linear score is then below 1e-6; 64 rows give +- 0.06).
 * **Gradient x coefficient**: `d f / d m_k` at m = 1, i.e. the concept's coefficients times the
   gradient of the score along its direction, summed over the layer (one forward and backward).
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..errors import SaliencyError, positive_int
 from ..hooks import forward_at
-from .bank import ConceptBank, layer_activations, nnls
+from .bank import ConceptBank, decompose, layer_activations
 
 
 class ConceptIntervention(nn.Module):
@@ -86,7 +87,7 @@ def importance(subject, bank: ConceptBank, x: torch.Tensor, target=None, n: int 
     target (default: each image's top-1 class) of each image of `x`."""
     from scipy.stats import qmc
 
-    from ..engine import PassCounter, forward_logits, forward_scores, gradient_pass
+    from ..engine import PassCounter, forward_scores, gradient_pass
     from ..targets import as_target
 
     if not isinstance(bank, ConceptBank):
@@ -101,14 +102,10 @@ def importance(subject, bank: ConceptBank, x: torch.Tensor, target=None, n: int 
     x = subject.check_input(x)
     B, k = x.shape[0], bank.n_concepts
     counter = PassCounter()
-    with subject.explaining():
-        logits = forward_logits(subject, x, batch_size, counter)
-        resolved = as_target(target).resolve(subject, logits)
-    acts = layer_activations(subject, x, bank.layer)
-    counter.add(forward=B)
-    C, h, w = acts.shape[1:]
-    if C != bank.basis.shape[1]:
-        raise SaliencyError(f"the bank has {bank.basis.shape[1]} channels and layer {bank.layer!r} has {C}")
+    # one pass gives both the clean logits (which fix the target) and the layer's activations
+    acts, logits = layer_activations(subject, x, bank.layer, batch_size or 32, counter, with_logits=True)
+    resolved = as_target(target).resolve(subject, logits)
+    U_all, _ = decompose(acts, bank)               # one NNLS for every image (refuses a bank of another layer)
     Wt = bank.basis.to(x.device)
     design = torch.from_numpy(qmc.Sobol(d=2 * k, scramble=True, seed=int(seed)).random(n)).float()
     A, Bm = design[:, :k], design[:, k:]
@@ -118,9 +115,7 @@ def importance(subject, bank: ConceptBank, x: torch.Tensor, target=None, n: int 
     gxc = torch.zeros(B, k)
     coefs = torch.zeros(B, k)
     for b in range(B):
-        a = acts[b].clamp(min=0).permute(1, 2, 0).reshape(-1, C).double().numpy()
-        u = torch.from_numpy(nnls(a, bank.basis.double().numpy())).float().reshape(h, w, k).permute(2, 0, 1)
-        u = u.to(x.device)
+        u = U_all[b].to(x.device)
         residual = acts[b].to(x.device) - torch.einsum("khw,kc->chw", u, Wt)
         coefs[b] = u.mean((1, 2)).cpu()
         view = _view(subject, ConceptIntervention(subject.model, bank.layer, x[b:b + 1], u, Wt, residual))
