@@ -65,19 +65,15 @@ def photo_sources(specs, quiet: bool = False) -> list:
     bundled photo name, or any source `saliencykit run` reads (a folder, a .csv/.jsonl list,
     parts:N, hf:DIR, bundled). A file of a folder or list that cannot be read is skipped with a
     line on stderr naming it; no readable photo at all is an error."""
-    from ..datasets.sources import IMAGE_EXTENSIONS, open_source
+    from ..datasets.sources import open_source
 
     out, skipped = [], []
     for spec in specs:
         p = Path(spec)
-        if p.is_file() and p.suffix.lower() not in (".csv", ".jsonl"):
-            out.append(photo_source(spec))
-            continue
-        if not p.exists() and ":" not in str(spec) and spec != "bundled" and p.suffix.lower() not in IMAGE_EXTENSIONS:
-            out.append(photo_source(spec))    # a bundled photo name, or the error naming the choices
-            continue
-        if not p.exists() and p.suffix.lower() in IMAGE_EXTENSIONS:
-            out.append(photo_source(spec))    # a missing image file: the usual error
+        many = p.is_dir() or (p.is_file() and p.suffix.lower() in (".csv", ".jsonl")) or \
+            (not p.exists() and (":" in str(spec) or spec == "bundled"))
+        if not many:
+            out.append(photo_source(spec))   # an image file, a bundled photo name, or the error naming both
             continue
         source = open_source(spec)
         for item in source.items():

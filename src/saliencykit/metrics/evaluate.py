@@ -71,8 +71,9 @@ class EvaluationResult:
     """Scores of every (metric, method) pair: `results[metric][method]` is a `MetricResult`."""
 
     def __init__(self, results: dict, image_names: list[str], target: list, shared_passes: dict,
-                 seconds: dict, seed, params: dict):
+                 seconds: dict, seed, params: dict, logits: torch.Tensor | None = None):
         self.results = results
+        self.logits = logits   # [B, classes] of the clean pass: predictions without another forward
         self.image_names = list(image_names)
         self.target = target
         self.shared_passes = shared_passes
@@ -342,7 +343,6 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
                 results[m] = inst.compute(ctx, exps, **p)
                 seconds[m] = time.perf_counter() - t0
                 bar.step()
-    out = EvaluationResult(results, names, resolved.describe(), shared.per_image(B), seconds, seed,
-                           {m: {**classes[m].defaults, **params.get(m, {})} for m in classes})
-    out.logits = logits.detach().cpu()   # the clean pass: predictions without another forward
-    return out
+    return EvaluationResult(results, names, resolved.describe(), shared.per_image(B), seconds, seed,
+                            {m: {**classes[m].defaults, **params.get(m, {})} for m in classes},
+                            logits=logits.detach().cpu())
