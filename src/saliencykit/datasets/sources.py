@@ -92,26 +92,29 @@ def _sha256_bytes(*parts) -> str:
     return h.hexdigest()
 
 
-def decode_file(path, mask_path=None, box=None) -> Decoded:
-    """Decode an image file as RGB (`images.load_image`) and read its ground truth."""
+def decode_image(src, where: str) -> tuple:
+    """Open a path or a file-like object once: (RGB PIL image via `images.load_image`, the mode it
+    was stored in). Any decoder failure is a SaliencyError naming `where`."""
     from PIL import Image
 
     from ..images import load_image
 
+    try:
+        with Image.open(src) as im:
+            mode = im.mode
+            im.load()            # truncated data surfaces only while decoding
+            img = im.copy()
+    except Exception as err:  # noqa: BLE001 - any decoder failure is the file's problem
+        raise SaliencyError(f"{where} is not a readable image ({type(err).__name__}: {err})") from None
+    return load_image(img), mode
+
+
+def decode_file(path, mask_path=None, box=None) -> Decoded:
+    """Decode an image file as RGB (`images.load_image`) and read its ground truth."""
     p = Path(path)
     if p.is_file() and p.stat().st_size == 0:
         raise SaliencyError(f"{p} is an empty file (0 bytes)")
-    try:
-        with Image.open(p) as im:
-            mode = im.mode
-    except Exception as err:  # noqa: BLE001 - any decoder failure is the file's problem
-        raise SaliencyError(f"{p} is not a readable image ({type(err).__name__}: {err})") from None
-    try:
-        image = load_image(p)
-    except SaliencyError:
-        raise
-    except Exception as err:  # noqa: BLE001 - truncated data surfaces only while decoding
-        raise SaliencyError(f"{p} could not be decoded ({type(err).__name__}: {err})") from None
+    image, mode = decode_image(p, str(p))
     return Decoded(image, mode, _ground_truth(image.size, mask_path, box))
 
 
@@ -411,23 +414,11 @@ class HFSource(Source):
         return value
 
     def decode(self, item):
-        from PIL import Image
-
-        from ..images import load_image
-
         raw = self._raw(item)
         if isinstance(raw, bytes):
             if not raw:
                 raise SaliencyError(f"row {item.index}: the image is empty (0 bytes)")
-            try:
-                with Image.open(io.BytesIO(raw)) as im:
-                    mode = im.mode
-                    im.load()
-                    img = im.copy()
-            except Exception as err:  # noqa: BLE001
-                raise SaliencyError(f"row {item.index} is not a readable image ({type(err).__name__}: {err})") \
-                    from None
-            return Decoded(load_image(img), mode)
+            return Decoded(*decode_image(io.BytesIO(raw), f"row {item.index}"))
         return _decode_object(raw, f"row {item.index}")
 
     def content_hash(self, item):
