@@ -6,6 +6,8 @@ counterfactuals, feature visualisation and class summaries. This room may import
 methods, metrics, tasks and datasets. See docs/concepts.md."""
 from .bank import ConceptBank, ConceptMaps, concept_maps, extract  # noqa: F401
 from .importance import ConceptImportance, importance  # noqa: F401
+from .metrics import ConceptScores, random_bank, removal_effect, score_bank  # noqa: F401
+from .summaries import ClassSummary, summarize_class  # noqa: F401
 from .target import Concept, ConceptSubject  # noqa: F401
 
-__all__ = ["importance", "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps", "Concept", "ConceptSubject"]
+__all__ = ["summarize_class", "ClassSummary", "score_bank", "ConceptScores", "removal_effect", "random_bank", "importance", "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps", "Concept", "ConceptSubject"]
