@@ -22,7 +22,7 @@ def add_threads_arg(p):
 
 
 # the commands that compute for a while as soon as they start (a server waits; listings are instant)
-BUSY_COMMANDS = ("explain", "demo", "evaluate", "report", "run", "benchmark")
+BUSY_COMMANDS = ("explain", "demo", "evaluate", "report", "run", "concepts", "benchmark")
 
 
 def apply_threads(args) -> None:
@@ -164,7 +164,7 @@ def unique_stems(stems):
 
 
 # in the order `saliencykit --help` lists them
-COMMANDS = ("explain", "catalog", "evaluate", "report", "run", "serve", "benchmark", "train_parts")
+COMMANDS = ("explain", "catalog", "evaluate", "report", "run", "concepts", "serve", "benchmark", "train_parts")
 
 
 def command_modules():
