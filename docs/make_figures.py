@@ -4,7 +4,7 @@ one grid of targets (one photo, one row per target).
     make docs-images                       # builds .venv with the test extras, then runs the line below
     python docs/make_figures.py            # writes docs/images/<family>.jpg and targets.jpg
     python docs/make_figures.py cam        # only the named figures (gradient, cam, perturbation,
-                                           # propagation, targets)
+                                           # propagation, targets, concepts)
 
     python docs/make_figures.py --demo demo-output/grid.png   # the README's picture, demo-grid.jpg
                                                               # (after `make demo`)
@@ -124,6 +124,43 @@ def targets_grid(subject, path: Path) -> dict:
             "targets": [repr(t) for _, t in TARGETS]}
 
 
+def concept_figures(subject) -> dict:
+    """The concepts page's pictures: a CRAFT atlas of the pretrained model on the bundled photos,
+    and for one class of the parts dataset (whose parts are known) its atlas, with each concept
+    named by the part it sits on, and its summaries."""
+    from saliencykit.benchmarks.parts import dataset as parts
+    from saliencykit.concepts import extract, removal_effect, score_bank, summarize_class
+    from saliencykit.datasets.runner import load_subject
+    from saliencykit.present.atlas import concept_atlas, summary_figure
+
+    photos = sk.data.names()
+    x = subject.preprocess([sk.data.image(n) for n in photos])
+    bank = extract(subject, x, n_concepts=8, seed=0, crops_per_image=16, crop=0.4)
+    rem = removal_effect(subject, bank, x)
+    concept_atlas(subject, bank, x, importance=rem.drop.mean(0).clamp(min=0), removal=rem.drop.mean(0), n_maps=4,
+                  path=OUT / "concepts-photos.png")
+    pc = load_subject("parts_cnn")
+    batch = parts.generate(400, seed=5)
+    xp = parts.to_tensor(batch.images)
+    with torch.no_grad():
+        keep = (pc.forward(xp).argmax(1) == 0).nonzero().flatten()
+    xc = xp[keep]
+    pbank = extract(pc, xc, layer="features.6", n_concepts=8, seed=0, crops_per_image=16, crop=0.3)
+    prem = removal_effect(pc, pbank, xc, target=0)
+    masks = {p: m[keep.numpy()] for p, m in batch.part_masks().items()}
+    # what else a concept may sit on: the body, the distractors, the empty canvas
+    pm = batch.part_maps[keep.numpy()]
+    masks.update({"body": pm == parts.BODY_ID, "background object": pm >= parts.BG_BASE, "canvas": pm == 0})
+    scores = score_bank(pc, pbank, xc, masks, importance=prem.drop.clamp(min=0))
+    concept_atlas(pc, pbank, xc, importance=prem.drop.mean(0).clamp(min=0), parts=scores.part,
+                  removal=prem.drop.mean(0), path=OUT / "concepts-parts.png")
+    summ = summarize_class(pc, xc, target=0, n_summaries=3, seed=0)
+    summary_figure(summ, pc, path=OUT / "concepts-summaries.png")
+    return {"photos": {"photos": photos, "bank": repr(bank), "layer": bank.layer},
+            "parts": {"class": pc.labels[0], "images": int(len(keep)), "bank": repr(pbank), "parts": scores.part,
+                      "scores": scores.to_dict()}}
+
+
 def main():
     OUT.mkdir(exist_ok=True)
     if sys.argv[1:2] == ["--demo"]:  # keep the PNG that `make demo` wrote
@@ -134,10 +171,10 @@ def main():
         return
     torch.manual_seed(0)
     subject = sk.load_model("efficientnet_lite0")
-    wanted = sys.argv[1:] or [*FAMILIES, "targets"]
-    unknown = [w for w in wanted if w not in FAMILIES and w != "targets"]
+    wanted = sys.argv[1:] or [*FAMILIES, "targets", "concepts"]
+    unknown = [w for w in wanted if w not in FAMILIES and w not in ("targets", "concepts")]
     if unknown:
-        sys.exit(f"unknown figure(s) {unknown}; known: {[*FAMILIES, 'targets']}")
+        sys.exit(f"unknown figure(s) {unknown}; known: {[*FAMILIES, 'targets', 'concepts']}")
     settings_path = OUT / "figures.json"
     settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
     for family, methods in FAMILIES.items():
@@ -147,6 +184,9 @@ def main():
         settings_path.write_text(json.dumps(settings, indent=2))  # merged: other figures keep their entry
     if "targets" in wanted:
         settings["targets"] = targets_grid(subject, OUT / "targets.jpg")
+        settings_path.write_text(json.dumps(settings, indent=2))
+    if "concepts" in wanted:
+        settings["concepts"] = concept_figures(subject)
         settings_path.write_text(json.dumps(settings, indent=2))
 
 

@@ -117,7 +117,8 @@ def concept_atlas(subject, bank, x: torch.Tensor, importance=None, parts: Sequen
         if parts is not None and parts[j]:
             lines.append((f"mostly the {parts[j]}", 11, False, "#333"))
         if removal is not None:
-            lines.append((f"removing it: score {_signed_pct(-float(removal[j]))}", 11, False, "#333"))
+            change = _signed_pct(-float(removal[j]))
+            lines.append((f"removing it: {'score ' if change[0] in '+−' else ''}{change}", 11, False, "#333"))
         row = Image.new("RGB", (width, TILE + 8), "white")
         row.paste(_label_panel(lines, TILE + 8, None if imp is None else float(imp[j]) / top), (0, 0))
         xo = LABEL_W
@@ -177,7 +178,9 @@ def summary_figure(summary, subject, n: int = 6, path=None):
 
 
 def _signed_pct(v: float) -> str:
-    return ("+" if v > 0 else "−" if v < 0 else "") + fmt_pct(abs(v))
+    if abs(v) < 0.005:
+        return "<1% change" if v else "no change"
+    return ("+" if v > 0 else "−") + fmt_pct(abs(v))
 
 
 def verbalize_concepts(subject, bank, x: torch.Tensor, index: int = 0, removal=None, parts: Sequence | None = None,
