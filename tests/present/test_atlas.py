@@ -77,6 +77,15 @@ def test_concepts_command(tmp_path, capsys):
     html = (out / "index.html").read_text()
     assert "Concept atlas" in html and "data:image/png" in html and rec["words"][0]["text"] in html
     assert sk.concepts.ConceptBank.load(out / "bank").n_concepts == 3
+    # the bank in the photo report: each photo gets its concepts in words and a strip of their maps
+    rep = tmp_path / "r.html"
+    assert main(["report", "parts:2", "--model", "parts_cnn", "--concepts", str(out / "bank"), "--no-words",
+                 "--quiet", "--out", str(rep)]) == 0
+    page = rep.read_text()
+    assert page.count("where the concepts sit") == 2 and "removing it" in page
+    assert main(["report", "parts:1", "--model", "parts_vit", "--concepts", str(out / "bank"), "--quiet",
+                 "--out", str(tmp_path / "r2.html")]) == 2
+    assert "give the --model the bank was made on" in capsys.readouterr().err
     assert main(args) == 0                                               # its own folder is replaced
     (out / "mine.txt").write_text("keep me")
     assert main(args) == 2

@@ -18,6 +18,8 @@ def register(subparsers):
     p.add_argument("--steps", type=int, default=None,
                    help="points on deletion/insertion-type curves (default: the metric's own, one per image row)")
     p.add_argument("--no-words", action="store_true", help="leave out the plain-language verbalization")
+    p.add_argument("--concepts", metavar="BANK", help="a saved concept bank (the bank/ folder `saliencykit concepts` "
+                                                    "writes): each photo also gets its concepts in words and maps")
     p.add_argument("--out", default="report.html", help="output HTML file")
     add_model_args(p)
     p.set_defaults(func=cmd_report)
@@ -38,7 +40,15 @@ def cmd_report(args):
     metrics = args.metric or []
     target = target_from_args(args)
     sources = photo_sources(args.photos, args.quiet)  # unknown photos fail before the model loads
+    bank = None
+    if args.concepts:
+        from ..concepts import ConceptBank
+
+        bank = ConceptBank.load(args.concepts)   # a bank of another model is refused at its layer (name, channels)
     subject = load_model(args.model)
+    if bank is not None and bank.layer not in dict(subject.model.named_modules()):
+        raise SaliencyError(f"--concepts {args.concepts} was made at layer {bank.layer!r} of {bank.model or 'another model'}"
+                            f"; {args.model} has no such layer: give the --model the bank was made on")
     metric_params = None
     if args.steps is not None:
         if args.steps < 2:
@@ -50,7 +60,7 @@ def cmd_report(args):
                         seed=args.seed, batch_size=args.batch_size, layer=args.layer, params=parse_params(args.param),
                         names=[stem for _, stem in sources], verbalize=not args.no_words,
                         progress=None if args.quiet else (lambda it: progress(it, False, "report")),
-                        metric_params=metric_params)
+                        metric_params=metric_params, bank=bank)
     report.write(out, html)
     if not args.quiet:
         print(f"wrote {out}")

@@ -215,15 +215,16 @@ def verbalize_concepts(subject, bank, x: torch.Tensor, index: int = 0, removal=N
         what = f", whose patches are mostly the {c['part']} part," if c["part"] else ""
         where = c["location"]["phrase"]
         key = f"concepts.{r}.removed_drop"
-        if c["removed_drop"] > 0:
+        if abs(c["removed_drop"]) < 0.005:
+            s.add_plain(f"Concept {c['concept']}{what} sits {where}; removing it leaves the score of {name} "
+                        "nearly unchanged (less than 1%).")
+        elif c["removed_drop"] > 0:
             s.add(f"The model sees concept {c['concept']}{what} {where}; removing it drops the score of "
                   f"{name} by {{}}.", key)
-        elif c["removed_drop"] < 0:
+        else:
             facts["concepts"][r]["removed_rise"] = -c["removed_drop"]
             s.add(f"Concept {c['concept']}{what} sits {where}; removing it raises the score of {name} by {{}}.",
                   f"concepts.{r}.removed_rise")
-        else:
-            s.add_plain(f"Concept {c['concept']}{what} sits {where}; removing it leaves the score of {name} unchanged.")
     text = " ".join(i["text"] for i in s.items)
     return Verbalization(text, facts, s.items)
 

@@ -187,8 +187,10 @@ def _metric_section(subject, x, exps: dict, metrics: Sequence[str], seed, batch_
 def photo_section(subject, image, name: str, methods: Sequence[str] | None = None, target=None,
                   metrics: Sequence[str] = (), seed: int = 0, batch_size: int | None = None,
                   params: dict | None = None, layer="auto", explanations: Mapping[str, Explanation] | None = None,
-                  predictions: list | None = None, verbalize: bool = True, metric_params: dict | None = None) -> dict:
-    """Everything the report shows for one photo (explanations are computed unless given)."""
+                  predictions: list | None = None, verbalize: bool = True, metric_params: dict | None = None,
+                  bank=None) -> dict:
+    """Everything the report shows for one photo (explanations are computed unless given); with a
+    concept `bank`, also the sentences on its concepts in this photo and where they sit."""
     from ...methods import explain
     from ...images import load_image
     from ...targets import as_target
@@ -225,7 +227,9 @@ def photo_section(subject, image, name: str, methods: Sequence[str] | None = Non
                "unsigned_present": any(not c["signed"] for c in cells), "verbalization": None,
                "warnings": list(dict.fromkeys(photo_warnings)) + [f"{c['title']}: {w['message']}" for c in cells
                                                                    for w in c["warnings"]],
-               "metrics": None, "metrics_note": None}
+               "metrics": None, "metrics_note": None, "concepts": None}
+    if bank is not None:
+        section["concepts"] = concept_section(subject, x, bank, shown)
     if verbalize:
         names = list(exps)
         v = verbalize_fn(subject, x, exps[names[0]], compare=[exps[n] for n in most_different(exps)],
@@ -238,6 +242,27 @@ def photo_section(subject, image, name: str, methods: Sequence[str] | None = Non
         else:
             section["metrics_note"] = "Metrics were requested but the evaluation package is not available."
     return section
+
+
+def concept_section(subject, x, bank, shown, top: int = 3) -> dict:
+    """The concepts of one photo: the sentences of `atlas.verbalize_concepts` (k + 1 forwards) and
+    a strip of the maps of the concepts they name."""
+    from PIL import Image
+
+    from ...concepts.bank import concept_maps
+    from ..atlas import verbalize_concepts
+    from ..viz import overlay
+
+    v = verbalize_concepts(subject, bank, x, 0, top=top)
+    cm = concept_maps(subject, bank, x)
+    side = 160
+    tiles = [overlay(shown.resize((side, side)), cm.maps[0, c["concept"]].clamp(min=0), alpha=0.6)
+             for c in v.facts["concepts"]]
+    strip = Image.new("RGB", (len(tiles) * (side + 4), side), "white")
+    for i, t in enumerate(tiles):
+        strip.paste(t, (i * (side + 4), 0))
+    return {"text": v.text, "facts": v.facts, "strip": _data_uri(strip), "layer": bank.layer,
+            "bank": f"{bank.method}, {bank.n_concepts} concepts"}
 
 
 PHOTO_WARNINGS = ("unsure", "alpha")  # about the photo or the prediction, not one method: said once
@@ -292,7 +317,7 @@ def run_meta(subject, methods, target, seed, metrics, extra: dict | None = None)
 
 def build(subject, photos: Sequence, methods: Sequence[str], target=None, metrics: Sequence[str] = (), seed: int = 0,
           batch_size: int | None = None, params: dict | None = None, layer="auto", names: Sequence[str] | None = None,
-          verbalize: bool = True, progress=None, metric_params: dict | None = None) -> str:
+          verbalize: bool = True, progress=None, metric_params: dict | None = None, bank=None) -> str:
     """Compute and render a report for `photos` (paths, PIL images or bundled photo names)."""
     from ... import data
 
@@ -321,7 +346,7 @@ def build(subject, photos: Sequence, methods: Sequence[str], target=None, metric
             nm = names[i]
         sections.append(photo_section(subject, img, nm, methods, target=target, metrics=metrics, seed=seed,
                                       batch_size=batch_size, params=params, layer=layer, verbalize=verbalize,
-                                      metric_params=metric_params))
+                                      metric_params=metric_params, bank=bank))
     return render(sections, run_meta(subject, methods, target, seed, metrics))
 
 
