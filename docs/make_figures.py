@@ -147,10 +147,7 @@ def concept_figures(subject) -> dict:
     xc = xp[keep]
     pbank = extract(pc, xc, layer="features.6", n_concepts=8, seed=0, crops_per_image=16, crop=0.3)
     prem = removal_effect(pc, pbank, xc, target=0)
-    masks = {p: m[keep.numpy()] for p, m in batch.part_masks().items()}
-    # what else a concept may sit on: the body, the distractors, the empty canvas
-    pm = batch.part_maps[keep.numpy()]
-    masks.update({"body": pm == parts.BODY_ID, "background object": pm >= parts.BG_BASE, "canvas": pm == 0})
+    masks = {p: m[keep.numpy()] for p, m in batch.region_masks().items()}   # parts, body, distractors, canvas
     scores = score_bank(pc, pbank, xc, masks, importance=prem.drop.clamp(min=0))
     concept_atlas(pc, pbank, xc, importance=prem.drop.mean(0).clamp(min=0), parts=scores.part,
                   removal=prem.drop.mean(0), path=OUT / "concepts-parts.png")

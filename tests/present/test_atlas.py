@@ -74,6 +74,10 @@ def test_concepts_command(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["atlas.png", "bank", "concepts.json", "index.html", "summaries.png"]
     rec = json.loads((out / "concepts.json").read_text())
     assert rec["meta"]["n_concepts"] == 3 and len(rec["concepts"]) == 3 and rec["words"]
+    # parts:N knows its regions: the concepts are scored against them and named by them
+    gt = rec["ground_truth"]
+    assert gt["parts"][:5] == ["beak", "eye", "wing", "tail", "foot"] and len(gt["concepts"]) == 3
+    assert [c["part"] for c in rec["concepts"]] == [gt["concepts"][c["concept"]]["part"] for c in rec["concepts"]]
     html = (out / "index.html").read_text()
     assert "Concept atlas" in html and "data:image/png" in html and rec["words"][0]["text"] in html
     assert sk.concepts.ConceptBank.load(out / "bank").n_concepts == 3

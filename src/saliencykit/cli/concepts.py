@@ -35,6 +35,28 @@ def register(subparsers):
     p.set_defaults(func=cmd_concepts)
 
 
+def _known_regions(specs, n_read: int, chosen):
+    """{region: [n,H,W] bool} for the chosen images when the one source given knows its images'
+    regions (`parts:N`), else None."""
+    import numpy as np
+
+    from ..datasets.sources import open_source
+
+    if len(specs) != 1:
+        return None
+    try:
+        src = open_source(specs[0])
+    except SaliencyError:
+        return None
+    if not hasattr(src, "region_masks"):
+        return None
+    items = src.items()
+    if len(items) != n_read:
+        return None
+    per = [src.region_masks(items[int(i)]) for i in chosen]
+    return {name: np.stack([p[name] for p in per]) for name in per[0]}
+
+
 def _say(args, text):
     if not args.quiet:
         print(text, file=sys.stderr)
@@ -94,8 +116,17 @@ def cmd_concepts(args):
     drop = rem.drop.mean(0)
     importance = drop.clamp(min=0)
     coef = concept_maps(subject, bank, x[:m], args.batch_size).coefficients.mean(0)
-    atlas = concept_atlas(subject, bank, x, importance=importance, removal=drop)
     notes = list(bank.extras.get("warnings", []))
+    regions = _known_regions(args.sources, len(sources), chosen)
+    parts = scores = None
+    if regions is not None:
+        from ..concepts import score_bank
+
+        scores = score_bank(subject, bank, x, regions, batch_size=args.batch_size)
+        parts = scores.part
+        notes.append("concepts are named by the region of the source's ground truth their maps sit on most "
+                     f"(lift >= 2): {', '.join(f'{j}: {p}' for j, p in enumerate(parts) if p)}")
+    atlas = concept_atlas(subject, bank, x, importance=importance, removal=drop, parts=parts)
     summaries = summ = None
     n_sum = min(args.summaries, x.shape[0])
     if n_sum >= 2:
@@ -106,10 +137,10 @@ def cmd_concepts(args):
         notes.append(f"no class summaries: {x.shape[0]} image(s) of the class, at least 2 are needed")
     words = []
     for i in range(min(3, m)):
-        v = verbalize_concepts(subject, bank, x[:m], i, removal=rem, class_name=class_name)
+        v = verbalize_concepts(subject, bank, x[:m], i, removal=rem, class_name=class_name, parts=parts)
         words.append({"name": names[int(chosen[i])], "text": v.text, "facts": v.facts})
     concepts = [{"concept": j, "importance": float(importance[j]), "removal": float(-drop[j]),
-                 "coefficient": float(coef[j])} for j in torch.argsort(importance, descending=True, stable=True).tolist()]
+                 "coefficient": float(coef[j]), "part": parts[j] if parts else None} for j in torch.argsort(importance, descending=True, stable=True).tolist()]
     meta = {"title": f"What {args.model} sees in {class_name}", "model": args.model, "class_name": class_name,
             "class": c, "images": int(x.shape[0]), "read": int(x_all.shape[0]), "method": bank.method,
             "n_concepts": bank.n_concepts, "layer": bank.layer, "seed": bank.seed, "importance_images": m,
@@ -119,6 +150,7 @@ def cmd_concepts(args):
             "seconds": round(time.time() - t0, 2)}
     html = render_concepts_page(meta, concepts, words, atlas, summaries, notes)
     record = {"meta": meta, "concepts": concepts, "words": words, "bank": bank.metadata(),
+              "ground_truth": scores.to_dict() if scores else None,
               "summaries": summ.to_dict() if summ else None,
               "images": [names[int(i)] for i in chosen]}
 

@@ -464,6 +464,13 @@ class PartsSource(Source):
         img, pmap = self._render(item)
         return Decoded(Image.fromarray(img), "RGB", (pmap > 0) & (pmap < 100))
 
+    def region_masks(self, item) -> dict:
+        """The image's named regions (each part type, body, background objects, canvas) as [H,W]
+        bool masks: what concepts are matched against (`concepts.score_bank`)."""
+        from ..benchmarks.parts import dataset as parts
+
+        return parts.named_regions(self._render(item)[1])
+
     def content_hash(self, item):
         img, pmap = self._render(item)
         return _sha256_bytes(img.tobytes(), pmap.tobytes(), repr(item.label))

@@ -99,6 +99,18 @@ class PartsBatch:
         """Per part type: `[N,H,W]` bool masks (instances of one type merged)."""
         return {p: np.isin(self.part_maps, PART_IDS[p]) for p in PART_TYPES}
 
+    def region_masks(self) -> dict[str, np.ndarray]:
+        """`named_regions` of every image: `[N,H,W]` bool masks."""
+        return named_regions(self.part_maps)
+
+
+def named_regions(part_map: np.ndarray) -> dict[str, np.ndarray]:
+    """Everything a concept may sit on, by name: each part type, the body, the background objects
+    and the empty canvas (bool masks of the part map's shape, [H,W] or [N,H,W])."""
+    out = {p: np.isin(part_map, PART_IDS[p]) for p in PART_TYPES}
+    out.update({"body": part_map == BODY_ID, "background object": part_map >= BG_BASE, "canvas": part_map == 0})
+    return out
+
 
 # ------------------------------------------------------------------------------ geometry
 # Shapes are tested at pixel centres in a local frame (u, v), in units of the body half-length L.
