@@ -99,6 +99,7 @@ class ConceptScores:
     global_importance: float
     top: int
     matched_share: float
+    passes: dict = field(default_factory=lambda: {"forward": 1.0, "backward": 0.0})   # the concept maps' pass
 
     @property
     def location_mean(self) -> float:
@@ -123,7 +124,7 @@ class ConceptScores:
         return {"parts": list(self.parts), "top": self.top, "location_mean": num(self.location_mean),
                 "existence": num(self.existence), "existence_auc_mean": num(self.existence_auc_mean),
                 "global_importance": num(self.global_importance), "matched_share": num(self.matched_share),
-                "coverage": num(self.coverage),
+                "coverage": num(self.coverage), "passes": self.passes,
                 "concepts": [{"concept": j, "part": self.part[j], "lift": num(float(self.lift[j].max())),
                               "location": num(self.location[j]), "existence_auc": num(self.existence_auc[j])}
                              for j in range(len(self.part))]}
