@@ -70,8 +70,8 @@ def cmd_concepts(args):
     from ..concepts.bank import concept_maps
     from ..datasets.runner import load_subject
     from ..files import atomic_dir, check_writable_dir
-    from ..present.atlas import concept_atlas, render_concepts_page, summary_figure, verbalize_concepts
-    from ..present.report import write
+    from ..present.atlas import concept_atlas, summary_figure, verbalize_concepts
+    from ..present.report import render_concepts_page, write
     from ..present.viz import save_png
     from .common import _label, photo_sources
 

@@ -232,20 +232,4 @@ def verbalize_concepts(subject, bank, x: torch.Tensor, index: int = 0, removal=N
 
 
 
-def render_concepts_page(meta: dict, concepts: list, words: list, atlas, summaries=None, notes: Sequence[str] = ()) -> str:
-    """The HTML page of `saliencykit concepts`: words, the atlas, the per-concept table, the class
-    summaries and how it was made (pictures embedded, so the page is one file to share)."""
-    from pathlib import Path
-
-    import jinja2
-
-    from .report import _data_uri
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "report" / "templates")),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True,
-                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters["num"] = lambda v: "–" if v is None or not np.isfinite(v) else f"{float(v):.3f}"
-    return env.get_template("concepts.html.j2").render(
-        meta=meta, concepts=concepts, words=words, notes=list(notes), atlas=_data_uri(atlas, "PNG"),
-        summaries=None if summaries is None else _data_uri(summaries, "PNG"))
-__all__ = ["concept_atlas", "summary_figure", "verbalize_concepts", "top_patches", "render_concepts_page"]
+__all__ = ["concept_atlas", "summary_figure", "verbalize_concepts", "top_patches"]

@@ -350,6 +350,20 @@ def build(subject, photos: Sequence, methods: Sequence[str], target=None, metric
     return render(sections, run_meta(subject, methods, target, seed, metrics))
 
 
+def render_concepts_page(meta: dict, concepts: list, words: list, atlas, summaries=None, notes: Sequence[str] = ()) -> str:
+    """The HTML page of `saliencykit concepts`: words, the atlas, the per-concept table, the class
+    summaries and how it was made (pictures embedded, so the page is one file to share)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True,
+                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["num"] = lambda v: "–" if v is None or not np.isfinite(v) else f"{float(v):.3f}"
+    return env.get_template("concepts.html.j2").render(
+        meta=meta, concepts=concepts, words=words, notes=list(notes), atlas=_data_uri(atlas, "PNG"),
+        summaries=None if summaries is None else _data_uri(summaries, "PNG"))
+
+
 def write(path, html: str) -> Path:
     """Write the report atomically (no partial file if anything fails)."""
     import os
@@ -365,5 +379,5 @@ def write(path, html: str) -> Path:
     return atomic_write(path, _write)
 
 
-__all__ = ["build", "render", "photo_section", "write", "run_meta", "colour_bar", "rich_text", "metrics_available",
+__all__ = ["build", "render", "photo_section", "render_concepts_page", "concept_section", "write", "run_meta", "colour_bar", "rich_text", "metrics_available",
            "nice_ticks", "curve_ylabel", "most_different"]
