@@ -24,9 +24,10 @@ from .models import available_models, load_model  # noqa: E402
 from . import datasets  # noqa: E402
 from . import concepts  # noqa: E402
 from .concepts import Concept  # noqa: E402
+from .concepts.counterfactual import counterfactual  # noqa: E402
 from .datasets import load_run, run  # noqa: E402
 
 __all__ = ["load_model", "explain", "evaluate", "verbalize", "Verbalization", "Subject", "Explanation", "Target",
            "Class", "Contrast", "Group", "TopK", "SaliencyError", "methods", "metrics", "data", "viz",
            "available_models", "load_image", "Similarity", "Text", "CLIPSubject", "load_clip", "Box", "Detector",
-           "drise", "load_detector", "datasets", "run", "load_run", "concepts", "Concept", "__version__"]
+           "drise", "load_detector", "datasets", "run", "load_run", "concepts", "Concept", "counterfactual", "__version__"]
