@@ -9,8 +9,7 @@ from .importance import ConceptImportance, importance  # noqa: F401
 from .metrics import ConceptScores, random_bank, removal_effect, score_bank  # noqa: F401
 from .summaries import ClassSummary, summarize_class  # noqa: F401
 from .target import Concept, ConceptSubject  # noqa: F401
+from .prototypes import Prototypes, prototypes  # noqa: F401
 from .visualize import Visualization, visualize  # noqa: F401
 
-__all__ = ["summarize_class", "ClassSummary", "score_bank", "ConceptScores", "removal_effect", "random_bank", "importance",
-           "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps", "Concept", "ConceptSubject",
-           "visualize", "Visualization"]
+__all__ = ["summarize_class", "ClassSummary", "score_bank", "ConceptScores", "removal_effect", "random_bank", "importance", "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps", "Concept", "ConceptSubject", "visualize", "Visualization", "prototypes", "Prototypes"]
