@@ -1,10 +1,13 @@
 """Concept explanations: what the model saw, not only where. Today: CRAFT concept banks
 (`extract`), where each concept sits in an image (`concept_maps`), how much each matters
 (`importance`: Sobol total-order indices beside gradient x coefficient) and the `Concept(bank, k)`
-target that every method explains. Planned here: ACE/TCAV, concept importance, CRP, prototypes,
-counterfactuals, feature visualisation and class summaries. This room may import the core,
-methods, metrics, tasks and datasets. See docs/concepts.md."""
+target that every method explains; counterfactual visual explanations (`counterfactual`, also
+`sk.counterfactual`), feature visualisation (`visualize`: class model visualisation, MACO) and
+post-hoc prototypes (`prototypes`); concept metrics against known parts (`score_bank`,
+`removal_effect`) and class summaries (`summarize_class`). Planned here: ACE/TCAV and CRP. This
+room may import the core, methods, metrics, tasks and datasets. See docs/concepts.md."""
 from .bank import ConceptBank, ConceptMaps, concept_maps, extract  # noqa: F401
+from .counterfactual import Counterfactual, counterfactual  # noqa: F401
 from .importance import ConceptImportance, importance  # noqa: F401
 from .metrics import ConceptScores, random_bank, removal_effect, score_bank  # noqa: F401
 from .summaries import ClassSummary, summarize_class  # noqa: F401
@@ -12,4 +15,7 @@ from .target import Concept, ConceptSubject  # noqa: F401
 from .prototypes import Prototypes, prototypes  # noqa: F401
 from .visualize import Visualization, visualize  # noqa: F401
 
-__all__ = ["summarize_class", "ClassSummary", "score_bank", "ConceptScores", "removal_effect", "random_bank", "importance", "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps", "Concept", "ConceptSubject", "visualize", "Visualization", "prototypes", "Prototypes"]
+__all__ = ["summarize_class", "ClassSummary", "score_bank", "ConceptScores", "removal_effect", "random_bank",
+           "importance", "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps",
+           "Concept", "ConceptSubject", "visualize", "Visualization", "prototypes", "Prototypes",
+           "counterfactual", "Counterfactual"]

@@ -97,8 +97,8 @@ class Counterfactual:
         name = self.labels.get
         p_after = float(self.probs_after[self.distractor_class])
         return side_by_side([q, d], captions=[
-            f"query: {name(self.query_class)} -> {name(self.predicted_after)} after {self.n_edits} edit(s)",
-            f"distractor: {name(self.distractor_class)} (p after {p_after:.2f})"])
+            f"query: {name(self.query_class)}\nafter {self.n_edits} edit(s): {name(self.predicted_after)}",
+            f"distractor: {name(self.distractor_class)}\np({name(self.distractor_class)}) after the edits: {p_after:.2f}"])
 
     figure = image
 
@@ -164,6 +164,12 @@ def counterfactual(subject, query, distractor, layer="auto", method: str = "gree
     view = _view(subject, FeatureHead(subject.model, name, x))
     target = Class(c2, output="log_prob").resolve(view, logits[1:2])
     with subject.explaining():
+        if batch_size is None:   # rows of g per chunk that fit memory (one probe forward, not a pass)
+            from ..engine import auto_batch
+
+            batch_size = auto_batch(view, (1, C, h, w), grad=False, rows=hw * hw)
+        else:
+            batch_size = positive_int(batch_size, "batch_size")
         if method == "greedy":
             cells, edited = _greedy(view, f, fd, c2, target, (C, h, w), limit, batch_size, counter, progress)
         else:
@@ -217,7 +223,7 @@ def _greedy(view, f, fd, c2, target, shape, limit, batch_size, counter, progress
                 predicted[start:stop] = logits.argmax(1).cpu()
 
             scores = forward_scores(view, make, n, target, lambda s, e: torch.zeros(e - s, dtype=torch.long),
-                                    batch_size=batch_size or 32, counter=counter, on_chunk=keep)
+                                    batch_size=batch_size, counter=counter, on_chunk=keep)
             best = int(torch.argmax(scores))   # the first of equal scores: deterministic
             i, j = free_q[best // nd], free_d[best % nd]
             cur[:, i] = fd[:, j]
@@ -278,7 +284,7 @@ def _relaxed(view, f, fd, c2, target, shape, limit, steps, lr, sparsity, seed, b
         predicted[start:stop] = logits.argmax(1).cpu()
 
     forward_scores(view, prefix, n, target, lambda s, e: torch.zeros(e - s, dtype=torch.long),
-                   batch_size=batch_size or 32, counter=counter, on_chunk=keep)
+                   batch_size=batch_size, counter=counter, on_chunk=keep)
     hits = torch.nonzero(predicted == c2).flatten()
     k = int(hits[0]) + 1 if len(hits) else n
     cells = cells[:k]

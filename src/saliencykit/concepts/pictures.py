@@ -48,11 +48,35 @@ def draw_box(img, box, colour, label: str | None = None, scale: float = 1.0, wid
         d.text((l_ + 2, t + 1), label, fill=(0, 0, 0))
 
 
+def wrap(text: str, width: int, draw) -> list[str]:
+    """`text` in lines that fit `width` pixels in PIL's default font (a word longer than that is cut
+    where it no longer fits)."""
+    lines: list[str] = []
+    for part in str(text).split("\n"):
+        line = ""
+        for word in part.split(" "):
+            trial = f"{line} {word}" if line else word
+            if draw.textlength(trial) <= width or not line:
+                line = trial
+            else:
+                lines.append(line)
+                line = word
+            while draw.textlength(line) > width and len(line) > 1:   # one long word: cut it
+                cut = max(1, int(len(line) * width / draw.textlength(line)))
+                lines.append(line[:cut])
+                line = line[cut:]
+        lines.append(line)
+    return lines
+
+
 def side_by_side(images, gap: int = 8, captions=None):
-    """PIL images in one row on white, each with an optional caption above it."""
+    """PIL images in one row on white, each with an optional caption above it (wrapped to its width)."""
     from PIL import Image, ImageDraw
 
-    top = 16 if captions else 0
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = [wrap(c, im.width - 4, probe) for c, im in zip(captions, images)] if captions else None
+    line_h = 12
+    top = (max(len(ls) for ls in lines) * line_h + 4) if lines else 0
     width = sum(im.width for im in images) + gap * (len(images) - 1)
     height = max(im.height for im in images) + top
     out = Image.new("RGB", (width, height), (255, 255, 255))
@@ -60,8 +84,8 @@ def side_by_side(images, gap: int = 8, captions=None):
     x = 0
     for i, im in enumerate(images):
         out.paste(im, (x, top))
-        if captions:
-            d.text((x + 2, 2), str(captions[i]), fill=(0, 0, 0))
+        for n, line in enumerate(lines[i] if lines else []):
+            d.text((x + 2, 2 + n * line_h), line, fill=(0, 0, 0))
         x += im.width + gap
     return out
 
@@ -80,4 +104,4 @@ def stacked(rows, gap: int = 8):
     return out
 
 
-__all__ = ["photo", "cell_box", "draw_box", "side_by_side", "stacked", "PALETTE"]
+__all__ = ["photo", "cell_box", "draw_box", "wrap", "side_by_side", "stacked", "PALETTE"]
