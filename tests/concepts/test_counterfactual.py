@@ -92,7 +92,7 @@ def test_greedy_finds_the_two_deciding_cells(two_cell):
 
 def test_relaxed_finds_the_same_minimum(two_cell):
     subject, query, distractor = two_cell
-    res = sk.counterfactual(subject, query, distractor, layer="grid", method="relaxed", steps=150, seed=3)
+    res = sk.counterfactual(subject, query, distractor, layer="grid", method="relaxed", steps=50, seed=3)
     # the gate is pushed up only where the head reads (the two cells), the sparsity term pulls the
     # rest down: rounding in gate order, the shortest flipping prefix is the two cells
     assert res.flipped and res.n_edits == 2
@@ -100,8 +100,8 @@ def test_relaxed_finds_the_same_minimum(two_cell):
     _check_reported_map(subject, res, query, distractor)
     trace = res.extras["log_prob_trace"]
     assert trace[-1] > trace[0]
-    assert res.passes["backward"] == 150
-    again = sk.counterfactual(subject, query, distractor, layer="grid", method="relaxed", steps=150, seed=3)
+    assert res.passes["backward"] == 50
+    again = sk.counterfactual(subject, query, distractor, layer="grid", method="relaxed", steps=50, seed=3)
     assert again.cells == res.cells and again.extras["log_prob_trace"] == trace
 
 
