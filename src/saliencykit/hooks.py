@@ -57,6 +57,27 @@ def forward_at(model, layer: str, x, replace: Callable | None = None):
     return out, seen[-1]
 
 
+def forward_replacing(model, layer: str, x, new):
+    """`model(x)` with the output of `layer` replaced by the tensor `new` at the one call of the
+    layer whose output has `new`'s shape (a module called more than once per forward, like
+    EfficientNet's shared `_swish`, is replaced only where its output is the map `new` stands for);
+    refused when not exactly one call has that shape. Returns the model's output."""
+    want = tuple(new.shape[1:])
+    calls = []
+
+    def replace(out):
+        calls.append(tuple(out.shape[1:]) if hasattr(out, "shape") else type(out).__name__)
+        return new.to(out.dtype) if calls[-1] == want else None
+
+    out, _ = forward_at(model, layer, x, replace)
+    if sum(c == want for c in calls) != 1:
+        from .errors import SaliencyError
+
+        raise SaliencyError(f"layer {layer!r} gave {calls} in one forward; the replacing map is {want}, which "
+                            "must be the output of exactly one call: pick a layer the model calls once")
+    return out
+
+
 _MISSING = object()
 _SETTINGS_LOCK = threading.Lock()
 # (id(obj), attribute) -> [obj, calls holding it, what the first call found, whether that was the

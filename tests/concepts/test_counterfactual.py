@@ -135,3 +135,30 @@ def test_bad_input(two_cell):
         sk.counterfactual(subject, torch.cat([query, query]), distractor, layer="grid")
     with pytest.raises(SaliencyError, match="unknown counterfactual method"):
         sk.counterfactual(subject, query, distractor, layer="grid", method="exact")
+
+
+class SharedAct(nn.Module):
+    """One ReLU module called twice per forward at two sizes (like EfficientNet's shared swish)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, x):
+        a = self.act(x)                   # [B, 3, 8, 8]
+        b = self.act(self.pool(a) - 0.5)  # [B, 3, 4, 4]
+        return b.flatten(1)[:, :2]
+
+
+def test_forward_replacing_picks_the_call_with_the_map_shape():
+    from saliencykit.hooks import forward_replacing
+
+    model, x = SharedAct(), torch.rand(2, 3, 8, 8)
+    new = torch.full((2, 3, 4, 4), 7.0)
+    out = forward_replacing(model, "act", x, new)        # only the second call has the map's shape
+    assert torch.equal(out, torch.full((2, 2), 7.0))
+    new8 = torch.zeros(2, 3, 8, 8)                        # the first call: the second runs on zeros
+    assert torch.equal(forward_replacing(model, "act", x, new8), torch.zeros(2, 2))
+    with pytest.raises(SaliencyError, match="exactly one call"):
+        forward_replacing(model, "act", x, torch.zeros(2, 3, 5, 5))

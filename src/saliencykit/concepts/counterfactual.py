@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import SaliencyError, positive_float, positive_int, resolve_seed
-from ..hooks import forward_at
+from ..hooks import forward_replacing
 
 METHODS = ("greedy", "relaxed")
 
@@ -42,13 +42,7 @@ class FeatureHead(nn.Module):
         self.register_buffer("x", x, persistent=False)   # [1, C_in, H, W]
 
     def forward(self, feats):
-        def replace(out):
-            if not isinstance(out, torch.Tensor) or out.shape[1:] != feats.shape[1:]:
-                got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise SaliencyError(f"layer {self.layer!r} gives {got}, the edited map is {tuple(feats.shape[1:])}")
-            return feats.to(out.dtype)
-
-        out, _ = forward_at(self.model, self.layer, self.x.expand(feats.shape[0], *self.x.shape[1:]), replace)
+        out = forward_replacing(self.model, self.layer, self.x.expand(feats.shape[0], *self.x.shape[1:]), feats)
         from ..subject import extract_logits
 
         return extract_logits(out)

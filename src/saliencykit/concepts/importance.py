@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SaliencyError, positive_int
-from ..hooks import forward_at
+from ..hooks import forward_replacing
 from .bank import ConceptBank, decompose, layer_activations
 
 
@@ -44,22 +44,9 @@ class ConceptIntervention(nn.Module):
         n = m.shape[0]
         act = torch.einsum("nk,khw,kc->nchw", m, self.U, self.W) + self.residual
 
-        calls = []
-
-        def replace(out):
-            # a module called more than once per forward (EfficientNet's shared `_swish`) is replaced
-            # at the call whose output is the bank's activation, the one the bank was made from
-            calls.append(tuple(out.shape[1:]))
-            if calls[-1] != tuple(act.shape[1:]):
-                return None
-            return act.to(out.dtype)
-
-        out, _ = forward_at(self.model, self.layer, self.x.expand(n, *self.x.shape[1:]), replace)
-        matched = sum(c == tuple(act.shape[1:]) for c in calls)
-        if matched != 1:
-            raise SaliencyError(f"layer {self.layer!r} gave {calls} in one forward; the bank's activation is "
-                                f"{tuple(act.shape[1:])}, which must be the output of exactly one call: pick a "
-                                "layer the model calls once")
+        # a module called more than once per forward (EfficientNet's shared `_swish`) is replaced
+        # at the call whose output is the bank's activation, the one the bank was made from
+        out = forward_replacing(self.model, self.layer, self.x.expand(n, *self.x.shape[1:]), act)
         from ..subject import extract_logits
 
         return extract_logits(out)
