@@ -15,7 +15,6 @@ from .target import Concept, ConceptSubject  # noqa: F401
 from .prototypes import Prototypes, prototypes  # noqa: F401
 from .visualize import Visualization, visualize  # noqa: F401
 
-__all__ = ["summarize_class", "ClassSummary", "score_bank", "ConceptScores", "removal_effect", "random_bank",
-           "importance", "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps",
-           "Concept", "ConceptSubject", "visualize", "Visualization", "prototypes", "Prototypes",
-           "counterfactual", "Counterfactual"]
+from .tcav import TCAVResult, bank_tcav, tcav  # noqa: F401
+
+__all__ = ["ConceptBank", "ConceptMaps", "concept_maps", "extract", "Counterfactual", "counterfactual", "ConceptImportance", "importance", "ConceptScores", "random_bank", "removal_effect", "score_bank", "ClassSummary", "summarize_class", "Concept", "ConceptSubject", "Prototypes", "prototypes", "Visualization", "visualize", "TCAVResult", "bank_tcav", "tcav"]

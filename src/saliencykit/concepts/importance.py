@@ -64,6 +64,8 @@ class ConceptImportance:
     seed: int
     n: int
     passes: dict = field(default_factory=dict)
+    tcav: torch.Tensor | None = None              # [k] with tcav=True: bank directions as CAVs (concepts.tcav)
+    directional_derivative: torch.Tensor | None = None   # [B, k] the derivatives TCAV counts
 
     @property
     def ranking(self) -> list[int]:
@@ -78,9 +80,11 @@ def _view(subject, module: nn.Module):
 
 
 def importance(subject, bank: ConceptBank, x: torch.Tensor, target=None, n: int = 256, seed: int | None = 0,
-               batch_size: int | None = None) -> ConceptImportance:
+               batch_size: int | None = None, tcav: bool = False) -> ConceptImportance:
     """Sobol total-order indices and gradient x coefficient of every concept of `bank` for the
-    target (default: each image's top-1 class) of each image of `x`."""
+    target (default: each image's top-1 class) of each image of `x`; with `tcav=True` also the
+    TCAV score of each bank direction over the images (`concepts.tcav.bank_tcav`: one more forward
+    and backward per image)."""
     from scipy.stats import qmc
 
     from ..engine import PassCounter, forward_scores, gradient_pass
@@ -127,8 +131,14 @@ def importance(subject, bank: ConceptBank, x: torch.Tensor, target=None, n: int 
                 sobol[b, i] = float(((fA - fAB) ** 2).mean() / (2 * var)) if var > 0 else 0.0
             g = gradient_pass(view, torch.ones(1, k, device=x.device), one, counter=counter)
         gxc[b] = g.input_grad[0].float().cpu()
+    scores = deriv = None
+    if tcav:
+        from .tcav import directional_derivatives
+
+        deriv = directional_derivatives(subject, bank, x, resolved, batch_size, counter)
+        scores = (deriv > 0).float().mean(0)
     return ConceptImportance(sobol, gxc, coefs, resolved.describe(), int(seed), n,
-                             counter.per_image(B))
+                             counter.per_image(B), scores, deriv)
 
 
 def _single(resolved, b: int):
