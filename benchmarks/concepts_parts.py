@@ -1,5 +1,6 @@
-"""Ground truth for concept extraction on the parts dataset, for banks of the shipped parts CNN at
-a few layers, each against a random non-negative bank of the same size, on held-out images:
+"""Ground truth for concept extraction on the parts dataset, for CRAFT and ACE banks of the shipped
+parts CNN at a few layers, each against a random non-negative bank of the same size, on held-out
+images:
 
 1. best-match IoU of concept maps with the five part types (each map cut at the part's own area,
    `concepts.bank.best_match_iou`), on complete birds;
@@ -62,20 +63,22 @@ def main(argv=None):
     for layer, crop in LAYERS:
         bank = sk.concepts.extract(subject, fit, layer=layer, n_concepts=args.concepts, seed=0, crop=crop,
                                    crops_per_image=16)
-        for name, b in (("CRAFT", bank), ("random", random_bank(bank, seed=0))):
+        ace = sk.concepts.extract(subject, fit, layer=layer, method="ace", n_concepts=args.concepts, seed=0,
+                                  tcav_runs=0)
+        for name, b in (("CRAFT", bank), ("ACE", ace), ("random", random_bank(bank, seed=0))):
             ious = best_match_iou(concept_maps(subject, b, x_whole).maps, whole_masks)
             imp = removal_effect(subject, b, x_gap, target=cls.tolist()).drop.clamp(min=0)
             sc = score_bank(subject, b, x_gap, gapped.part_masks(), importance=imp, part_effect=effect, top=3)
-            rows.append((layer, name, np.mean([v[0] for v in ious.values()]), sc, bank.reconstruction_error))
+            rows.append((layer, name, np.mean([v[0] for v in ious.values()]), sc, b.reconstruction_error))
     print(f"parts CNN, {args.concepts} concepts fitted on {args.fit} images; IoU on {args.test} whole birds, "
           f"the metrics on {args.test} birds with parts left out ({time.time() - t0:.0f} s)\n")
     print("| layer | bank | best-match IoU | location | coverage | existence (CEM) | existence AUROC | "
-          "global importance (CGIM) | NMF error |\n|---|---|" + "---|" * 7)
+          "global importance (CGIM) | NMF (ACE: k-means) error |\n|---|---|" + "---|" * 7)
     for layer, name, iou, sc, err in rows:
         d = sc.to_dict()
         cells = [f"{iou:.3f}"] + [("–" if d[k] is None else f"{d[k]:.3f}") for k in
                                   ("location_mean", "coverage", "existence", "existence_auc_mean", "global_importance")]
-        print(f"| {layer} | {name} | " + " | ".join(cells) + f" | {f'{err:.3f}' if name == 'CRAFT' else ''} |")
+        print(f"| {layer} | {name} | " + " | ".join(cells) + f" | {f'{err:.3f}' if name != 'random' else ''} |")
 
 
 if __name__ == "__main__":

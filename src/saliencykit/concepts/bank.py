@@ -24,7 +24,7 @@ import torch
 
 from ..errors import SaliencyError, positive_int
 
-METHODS = ("craft",)
+METHODS = ("craft", "ace")
 
 
 @dataclass
@@ -148,9 +148,12 @@ def _as_input(subject, images) -> torch.Tensor:
 
 
 def extract(subject, images, layer="auto", method: str = "craft", n_concepts: int = 10, seed: int | None = 0,
-            crops_per_image: int = 8, crop: float = 0.5, max_iter: int = 500, batch_size: int = 32) -> ConceptBank:
+            crops_per_image: int = 8, crop: float = 0.5, max_iter: int = 500, batch_size: int = 32,
+            **options) -> ConceptBank:
     """A concept bank for `subject` at `layer` from `images` (a [N,3,H,W] input tensor or any
-    dataset source: a folder, a list, `parts:N`, ...). See the module docstring for the method."""
+    dataset source: a folder, a list, `parts:N`, ...). See the module docstring for CRAFT, and
+    `concepts.ace` for `method="ace"`, whose own settings (`resolutions`, `min_area`, `top`,
+    `tcav_runs`, `target`) go in `options`."""
     from sklearn.decomposition import NMF
 
     if method not in METHODS:
@@ -163,6 +166,16 @@ def extract(subject, images, layer="auto", method: str = "craft", n_concepts: in
         import secrets
 
         seed = secrets.randbelow(2**31)
+    if method == "ace":
+        from .ace import OPTIONS, extract_ace
+
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise SaliencyError(f"unknown option(s) {unknown} for the ACE extractor; accepted: {', '.join(OPTIONS)}")
+        x = _as_input(subject, images)
+        return extract_ace(subject, x, subject.find_layer(layer, x[:1])[0], k, int(seed), batch_size, **options)
+    if options:
+        raise SaliencyError(f"unknown option(s) {sorted(options)} for the CRAFT extractor")
     x = _as_input(subject, images)
     n_crops = x.shape[0] * per
     if n_crops < 2 * k:
