@@ -8,6 +8,7 @@ post-hoc prototypes (`prototypes`); concept metrics against known parts (`score_
 room may import the core, methods, metrics, tasks and datasets. See docs/concepts.md."""
 from .bank import ConceptBank, ConceptMaps, concept_maps, extract  # noqa: F401
 from .counterfactual import Counterfactual, counterfactual  # noqa: F401
+from .fidelity import RankingFidelity, ranking_fidelity, ranking_from  # noqa: F401
 from .importance import ConceptImportance, importance  # noqa: F401
 from .metrics import ConceptScores, random_bank, removal_effect, score_bank  # noqa: F401
 from .summaries import ClassSummary, summarize_class  # noqa: F401
@@ -17,4 +18,6 @@ from .visualize import Visualization, visualize  # noqa: F401
 
 from .tcav import TCAVResult, bank_tcav, tcav  # noqa: F401
 
-__all__ = ["ConceptBank", "ConceptMaps", "concept_maps", "extract", "Counterfactual", "counterfactual", "ConceptImportance", "importance", "ConceptScores", "random_bank", "removal_effect", "score_bank", "ClassSummary", "summarize_class", "Concept", "ConceptSubject", "Prototypes", "prototypes", "Visualization", "visualize", "TCAVResult", "bank_tcav", "tcav"]
+__all__ = ["ranking_fidelity", "RankingFidelity", "ranking_from", "tcav", "TCAVResult", "bank_tcav", "importance", "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps", "Concept", "ConceptSubject", "summarize_class", "ClassSummary", "score_bank", "ConceptScores", "removal_effect", "random_bank"]
+
+__all__ = ["ConceptBank", "ConceptMaps", "concept_maps", "extract", "Counterfactual", "counterfactual", "RankingFidelity", "ranking_fidelity", "ranking_from", "ConceptImportance", "importance", "ConceptScores", "random_bank", "removal_effect", "score_bank", "ClassSummary", "summarize_class", "Concept", "ConceptSubject", "Prototypes", "prototypes", "Visualization", "visualize", "TCAVResult", "bank_tcav", "tcav"]

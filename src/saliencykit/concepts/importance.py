@@ -72,6 +72,26 @@ class ConceptImportance:
         return torch.argsort(self.sobol.mean(0), descending=True, stable=True).tolist()
 
 
+def decomposed(subject, bank: ConceptBank, x: torch.Tensor, target, batch_size, counter):
+    """One clean pass for the logits (which fix the target) and the layer's activations, and one
+    NNLS of every image on the bank: -> (activations, resolved target, coefficients [B,k,h,w])."""
+    from ..targets import as_target
+
+    acts, logits = layer_activations(subject, x, bank.layer, batch_size or 32, counter, with_logits=True)
+    resolved = as_target(target).resolve(subject, logits)
+    U_all, _ = decompose(acts, bank)               # refuses a bank of another layer
+    return acts, resolved, U_all
+
+
+def intervention_view(subject, bank: ConceptBank, x: torch.Tensor, acts: torch.Tensor, U_all: torch.Tensor, b: int):
+    """(a Subject view `m [n,k] -> logits` of image b with its concepts scaled by m, its coefficients
+    u [k,h,w]); the residual `a - u W` keeps m = 1 the model's own activation."""
+    u = U_all[b].to(x.device)
+    Wt = bank.basis.to(x.device)
+    residual = acts[b].to(x.device) - torch.einsum("khw,kc->chw", u, Wt)
+    return _view(subject, ConceptIntervention(subject.model, bank.layer, x[b:b + 1], u, Wt, residual)), u
+
+
 def _view(subject, module: nn.Module):
     from ..subject import Subject
 
@@ -88,7 +108,6 @@ def importance(subject, bank: ConceptBank, x: torch.Tensor, target=None, n: int 
     from scipy.stats import qmc
 
     from ..engine import PassCounter, forward_scores, gradient_pass
-    from ..targets import as_target
 
     if not isinstance(bank, ConceptBank):
         raise SaliencyError(f"importance needs a ConceptBank, got {type(bank).__name__}")
@@ -102,11 +121,7 @@ def importance(subject, bank: ConceptBank, x: torch.Tensor, target=None, n: int 
     x = subject.check_input(x)
     B, k = x.shape[0], bank.n_concepts
     counter = PassCounter()
-    # one pass gives both the clean logits (which fix the target) and the layer's activations
-    acts, logits = layer_activations(subject, x, bank.layer, batch_size or 32, counter, with_logits=True)
-    resolved = as_target(target).resolve(subject, logits)
-    U_all, _ = decompose(acts, bank)               # one NNLS for every image (refuses a bank of another layer)
-    Wt = bank.basis.to(x.device)
+    acts, resolved, U_all = decomposed(subject, bank, x, target, batch_size, counter)
     design = torch.from_numpy(qmc.Sobol(d=2 * k, scramble=True, seed=int(seed)).random(n)).float()
     A, Bm = design[:, :k], design[:, k:]
     rows = [A, Bm] + [torch.where(torch.arange(k) == i, Bm, A) for i in range(k)]
@@ -115,10 +130,8 @@ def importance(subject, bank: ConceptBank, x: torch.Tensor, target=None, n: int 
     gxc = torch.zeros(B, k)
     coefs = torch.zeros(B, k)
     for b in range(B):
-        u = U_all[b].to(x.device)
-        residual = acts[b].to(x.device) - torch.einsum("khw,kc->chw", u, Wt)
+        view, u = intervention_view(subject, bank, x, acts, U_all, b)
         coefs[b] = u.mean((1, 2)).cpu()
-        view = _view(subject, ConceptIntervention(subject.model, bank.layer, x[b:b + 1], u, Wt, residual))
         one = _single(resolved, b)
         with subject.explaining():
             f = forward_scores(view, lambda s, e: masks[s:e], masks.shape[0], one,
@@ -148,4 +161,4 @@ def _single(resolved, b: int):
     return ResolvedTarget([resolved.pos[b]], [resolved.neg[b]], resolved.output, resolved.kind)
 
 
-__all__ = ["importance", "ConceptImportance", "ConceptIntervention"]
+__all__ = ["importance", "ConceptImportance", "ConceptIntervention", "decomposed", "intervention_view"]
