@@ -85,6 +85,43 @@ _SETTINGS_LOCK = threading.Lock()
 _SETTINGS: dict = {}
 
 
+class GradientMask:
+    """While active, a forward hook on `layer` of `model` (this thread's forwards only) that keeps
+    the layer's output value but multiplies the gradient flowing back through it by
+    `mask_fn(output)` (none without a mask_fn), and keeps the output tensor (`out`, so the gradient
+    arriving at the layer can be asked for) and the mask (`mask`). CRP's conditioning."""
+
+    def __init__(self, model, layer: str, mask_fn: Callable | None = None):
+        import torch
+
+        self._torch = torch
+        self.module = dict(model.named_modules())[layer]
+        self.layer, self.mask_fn = layer, mask_fn
+        self.out = self.mask = None
+        self.handle = None
+
+    def hook(self, _module, _inputs, out):
+        torch = self._torch
+        if not isinstance(out, torch.Tensor):
+            from .errors import SaliencyError
+
+            raise SaliencyError(f"layer {self.layer!r} does not output a tensor; condition on another layer")
+        self.mask = torch.ones((), dtype=out.dtype, device=out.device)
+        if self.mask_fn is not None:
+            self.mask = self.mask_fn(out.detach()).to(out)
+            out = out.detach() + (out - out.detach()) * self.mask     # the same value; the gradient times the mask
+        self.out = out
+        return out
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(this_thread_only(self.hook))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
+
+
 def shared_setting(obj, attr: str, value) -> Callable[[], None]:
     """Set `obj.attr = value` for the duration of a call; returns the undo.
 

@@ -6,11 +6,16 @@ target that every method explains; counterfactual visual explanations (`counterf
 post-hoc prototypes (`prototypes`); concept metrics against known parts (`score_bank`,
 `removal_effect`) and class summaries (`summarize_class`). Planned here: ACE/TCAV and CRP. This
 room may import the core, methods, metrics, tasks and datasets. See docs/concepts.md."""
+target that every method explains. Planned here: ACE/TCAV, concept importance, CRP, prototypes,
+counterfactuals, feature visualisation and class summaries. This room may import the core,
+methods, metrics, tasks and datasets. See docs/concepts.md."""
+from . import ace  # noqa: F401  (registers the ACE extractor)
 from .bank import ConceptBank, ConceptMaps, concept_maps, extract  # noqa: F401
 from .counterfactual import Counterfactual, counterfactual  # noqa: F401
 from .fidelity import RankingFidelity, ranking_fidelity, ranking_from  # noqa: F401
 from .importance import ConceptImportance, importance  # noqa: F401
 from .metrics import ConceptScores, random_bank, removal_effect, score_bank  # noqa: F401
+from .relevance import RelevanceMax, relevance_max  # noqa: F401
 from .summaries import ClassSummary, summarize_class  # noqa: F401
 from .target import Concept, ConceptSubject  # noqa: F401
 from .prototypes import Prototypes, prototypes  # noqa: F401
@@ -18,6 +23,10 @@ from .visualize import Visualization, visualize  # noqa: F401
 
 from .tcav import TCAVResult, bank_tcav, tcav  # noqa: F401
 
-__all__ = ["ranking_fidelity", "RankingFidelity", "ranking_from", "tcav", "TCAVResult", "bank_tcav", "importance", "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps", "Concept", "ConceptSubject", "summarize_class", "ClassSummary", "score_bank", "ConceptScores", "removal_effect", "random_bank"]
 
-__all__ = ["ConceptBank", "ConceptMaps", "concept_maps", "extract", "Counterfactual", "counterfactual", "RankingFidelity", "ranking_fidelity", "ranking_from", "ConceptImportance", "importance", "ConceptScores", "random_bank", "removal_effect", "score_bank", "ClassSummary", "summarize_class", "Concept", "ConceptSubject", "Prototypes", "prototypes", "Visualization", "visualize", "TCAVResult", "bank_tcav", "tcav"]
+__all__ = ["relevance_max", "RelevanceMax", "ranking_fidelity", "RankingFidelity", "ranking_from", "tcav", "TCAVResult",
+           "bank_tcav", "importance", "ConceptImportance", "extract", "ConceptBank", "ConceptMaps", "concept_maps",
+           "Concept", "ConceptSubject", "summarize_class", "ClassSummary", "score_bank", "ConceptScores",
+           "removal_effect", "random_bank"]
+
+__all__ = ["ace", "ConceptBank", "ConceptMaps", "concept_maps", "extract", "Counterfactual", "counterfactual", "RankingFidelity", "ranking_fidelity", "ranking_from", "ConceptImportance", "importance", "ConceptScores", "random_bank", "removal_effect", "score_bank", "RelevanceMax", "relevance_max", "ClassSummary", "summarize_class", "Concept", "ConceptSubject", "Prototypes", "prototypes", "Visualization", "visualize", "TCAVResult", "bank_tcav", "tcav"]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import SaliencyError, positive_int
-from .bank import ConceptBank, layer_activations
+from .bank import EXTRACTORS, ConceptBank, layer_activations
 
 RESOLUTIONS = (15, 50, 80)
 OPTIONS = ("resolutions", "min_area", "top", "tcav_runs", "target")
@@ -152,5 +152,7 @@ def extract_ace(subject, x: torch.Tensor, layer: str, n_concepts: int, seed: int
                        passes={"forward": counter.forward / x.shape[0], "backward": counter.backward / x.shape[0]},
                        extras=extras)
 
+
+EXTRACTORS["ace"] = (extract_ace, OPTIONS)
 
 __all__ = ["OPTIONS", "extract_ace", "segment", "segment_patches", "RESOLUTIONS"]

@@ -25,6 +25,9 @@ import torch
 from ..errors import SaliencyError, positive_int
 
 METHODS = ("craft", "ace")
+# extractors other than CRAFT, registered by their modules (concepts.ace), which import this one:
+# name -> (function(subject, x, layer, n_concepts, seed, batch_size, **options), accepted options)
+EXTRACTORS: dict = {}
 
 
 @dataclass
@@ -166,14 +169,13 @@ def extract(subject, images, layer="auto", method: str = "craft", n_concepts: in
         import secrets
 
         seed = secrets.randbelow(2**31)
-    if method == "ace":
-        from .ace import OPTIONS, extract_ace
-
-        unknown = sorted(set(options) - set(OPTIONS))
+    if method in EXTRACTORS:
+        run, accepted = EXTRACTORS[method]
+        unknown = sorted(set(options) - set(accepted))
         if unknown:
-            raise SaliencyError(f"unknown option(s) {unknown} for the ACE extractor; accepted: {', '.join(OPTIONS)}")
+            raise SaliencyError(f"unknown option(s) {unknown} for the {method} extractor; accepted: {', '.join(accepted)}")
         x = _as_input(subject, images)
-        return extract_ace(subject, x, subject.find_layer(layer, x[:1])[0], k, int(seed), batch_size, **options)
+        return run(subject, x, subject.find_layer(layer, x[:1])[0], k, int(seed), batch_size, **options)
     if options:
         raise SaliencyError(f"unknown option(s) {sorted(options)} for the CRAFT extractor")
     x = _as_input(subject, images)

@@ -63,7 +63,7 @@ from torch import nn
 
 from ..engine import gradient_pass, upsample
 from ..errors import SaliencyError
-from ..hooks import model_lock, this_thread_only
+from ..hooks import GradientMask, model_lock, this_thread_only
 from .base import Method, register
 from .cam import as_grid, normalize01, resolve_layers
 
@@ -569,8 +569,13 @@ def _bound(value, subject, x, pixel):
 
 
 def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None, epsilon=1e-6, gamma=0.25,
-                  alpha=2.0, beta=1.0, low=None, high=None, canonize=True, unsupported="raise", counter=None):
-    """Input relevance [B,C,H,W] and bookkeeping; must be called inside `subject.explaining()`."""
+                  alpha=2.0, beta=1.0, low=None, high=None, canonize=True, unsupported="raise", counter=None,
+                  condition=None):
+    """Input relevance [B,C,H,W] and bookkeeping; must be called inside `subject.explaining()`.
+    `condition=(layer, mask_fn or None)` multiplies the relevance passing `layer` by
+    `mask_fn(activation)` (CRP) and returns the relevance that reached the layer
+    (`"layer_relevance"`, the same shape as its output, before the mask) and the mask
+    (`"layer_mask"`, broadcastable to it) and the layer's output (`"layer_output"`)."""
     if composite not in COMPOSITES:
         raise SaliencyError(f"unknown LRP composite {composite!r}; use one of {', '.join(COMPOSITES)}")
     if unsupported not in ("raise", "gradient"):
@@ -612,12 +617,23 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
             counter.add(forward=2 if merged else 1)  # the one-row probe (and its check after merging)
         with torch.enable_grad():
             xin = x.detach().clone().requires_grad_(True)
+            cond = GradientMask(model, *condition) if condition is not None else contextlib.nullcontext()
             with _RuleHooks(model, assign, first, xin, float(epsilon), float(gamma), float(alpha), float(beta),
-                            lo, hi, user_set) as hooks:
+                            lo, hi, user_set) as hooks, cond:
                 logits = subject.forward(xin)
             scores = target.score(logits)
             leaves = hooks.leaves
-            grads = torch.autograd.grad(scores.sum(), [xin] + leaves, allow_unused=True)
+            tapped = []
+            if condition is not None:
+                if cond.out is None:
+                    raise SaliencyError(f"layer {condition[0]!r} was not called by the forward")
+                tapped = [cond.out]
+            grads = torch.autograd.grad(scores.sum(), [xin] + leaves + tapped, allow_unused=True)
+            if tapped:
+                g = grads[-1] if grads[-1] is not None else torch.zeros_like(cond.out)
+                layer_rel = (cond.out.detach() * g).detach()
+                layer_mask = cond.mask.detach()
+                grads = grads[:-1]
     if counter is not None:
         counter.add(forward=x.shape[0], backward=x.shape[0])
     # start relevance: logits times the score's derivative w.r.t. them (= the score for a class logit)
@@ -629,9 +645,11 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
     for leaf, g in zip(leaves, grads[1:]):
         if g is not None:
             rel = rel + leaf.detach() * g
-    return {"relevance": rel.detach(), "scores": scores.detach(), "start": start.detach(), "logits": logits.detach(),
-            "merged": merged,
-            "undefined": undefined}
+    out = {"relevance": rel.detach(), "scores": scores.detach(), "start": start.detach(), "logits": logits.detach(),
+           "merged": merged, "undefined": undefined}
+    if condition is not None:
+        out["layer_relevance"], out["layer_mask"], out["layer_output"] = layer_rel, layer_mask, cond.out.detach()
+    return out
 
 
 @register
