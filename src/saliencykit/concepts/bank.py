@@ -63,6 +63,12 @@ class ConceptBank:
         return (f"ConceptBank({self.method}, k={self.n_concepts}, layer={self.layer!r}, channels="
                 f"{self.basis.shape[1]}, reconstruction_error={self.reconstruction_error:.3f})")
 
+    def split(self, k: int, subject, images, layer, n_concepts: int = 3, seed: int | None = None,
+              **kwargs) -> "ConceptBank":
+        """The sub-concepts of concept `k` at an earlier `layer` (CRAFT's recursive split; see
+        `split_concept`)."""
+        return split_concept(self, subject, images, k, layer, n_concepts, seed, **kwargs)
+
     def metadata(self) -> dict:
         from ..explanation import _jsonable, package_versions
 
@@ -157,8 +163,6 @@ def extract(subject, images, layer="auto", method: str = "craft", n_concepts: in
     dataset source: a folder, a list, `parts:N`, ...). See the module docstring for CRAFT, and
     `concepts.ace` for `method="ace"`, whose own settings (`resolutions`, `min_area`, `top`,
     `tcav_runs`, `target`) go in `options`."""
-    from sklearn.decomposition import NMF
-
     if method not in METHODS:
         raise SaliencyError(f"unknown concept extractor {method!r}; available: {', '.join(METHODS)}")
     k = positive_int(n_concepts, "n_concepts")
@@ -187,6 +191,20 @@ def extract(subject, images, layer="auto", method: str = "craft", n_concepts: in
     g = torch.Generator().manual_seed(int(seed))
     crops = random_crops(x.cpu(), per, float(crop), g).to(x.device)
     acts = layer_activations(subject, crops, name, batch_size)       # [n_crops, C, h, w]
+    Wb, err, extras = _nmf(acts, name, k, seed, max_iter)
+    extras = {"crops": n_crops, "images": int(x.shape[0]), **extras}
+    return ConceptBank(basis=torch.from_numpy(Wb).float(), layer=name, method=method, seed=int(seed),
+                       model=getattr(subject, "name", None),
+                       params={"n_concepts": k, "crops_per_image": per, "crop": float(crop), "max_iter": max_iter},
+                       reconstruction_error=err, passes={"forward": float(n_crops) / x.shape[0], "backward": 0.0},
+                       extras=extras)
+
+
+def _nmf(acts: torch.Tensor, name: str, k: int, seed: int, max_iter: int):
+    """CRAFT's factorisation of crop activations [n, C, h, w] at layer `name` (spatial mean,
+    negatives clamped): -> (basis [k, C] numpy, relative reconstruction error, extras)."""
+    from sklearn.decomposition import NMF
+
     negative = float((acts < 0).float().mean())
     A = acts.clamp(min=0).mean((2, 3)).double().numpy()
     if not np.isfinite(A).all():
@@ -197,16 +215,54 @@ def extract(subject, images, layer="auto", method: str = "craft", n_concepts: in
     U = nmf.fit_transform(A)
     Wb = nmf.components_
     err = float(np.linalg.norm(A - U @ Wb) / max(np.linalg.norm(A), 1e-12))
-    extras = {"crops": n_crops, "images": int(x.shape[0]), "negative_fraction_clamped": negative,
-              "nmf_iterations": int(nmf.n_iter_)}
+    extras = {"negative_fraction_clamped": negative, "nmf_iterations": int(nmf.n_iter_)}
     if negative > 0.01:
         extras["warnings"] = [f"{negative:.0%} of the activations at {name} are negative and were clamped to 0: "
                               "NMF needs non-negative features (a layer after a ReLU is the natural choice)"]
-    return ConceptBank(basis=torch.from_numpy(Wb).float(), layer=name, method=method, seed=int(seed),
+    return Wb, err, extras
+
+
+def split_concept(bank: ConceptBank, subject, images, k: int, layer, n_concepts: int = 3, seed: int | None = None,
+                  max_iter: int = 500, batch_size: int = 32) -> ConceptBank:
+    """CRAFT's recursive split: the sub-concepts of concept `k` of `bank` at an EARLIER `layer`.
+    Random crops of `images` are made as the bank's were (its `crops_per_image`, `crop`; `seed`
+    defaults to the bank's); the crops where concept k has the largest part `|u_k| |W_k|` of the
+    activation at the bank's layer (u: NNLS coefficients) are kept, and NMF of their activations at `layer` gives `n_concepts`
+    sub-concepts. The new bank records its parent in `extras["parent"]`."""
+    m = positive_int(n_concepts, "n_concepts")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < bank.n_concepts:
+        raise SaliencyError(f"concept index {k!r} is not in 0..{bank.n_concepts - 1}")
+    seed = bank.seed if seed is None else seed
+    seed = int(seed) if seed is not None else 0
+    x = _as_input(subject, images)
+    name = subject.find_layer(layer, x[:1])[0]
+    order = list(subject.named_layers())
+    if name == bank.layer or (name in order and bank.layer in order and order.index(name) > order.index(bank.layer)):
+        raise SaliencyError(f"split a concept at a layer before the bank's ({bank.layer!r}); {name!r} is not earlier")
+    per = int(bank.params.get("crops_per_image", 8))
+    g = torch.Generator().manual_seed(seed)
+    crops = random_crops(x.cpu(), per, float(bank.params.get("crop", 0.5)), g).to(x.device)
+    coarse = layer_activations(subject, crops, bank.layer, batch_size)
+    if coarse.dim() != 4 or coarse.shape[1] != bank.basis.shape[1]:
+        raise SaliencyError(f"the bank has {bank.basis.shape[1]} channels and layer {bank.layer!r} has "
+                            f"{coarse.shape[1]}: the bank was made on another model or layer")
+    W = bank.basis.double().numpy()
+    U = nnls(coarse.clamp(min=0).mean((2, 3)).double().numpy(), W)
+    part = U * np.linalg.norm(W, axis=1)              # each concept's part of the crop's activation, |u_k W_k|
+    chosen = np.nonzero((part.argmax(1) == k) & (part[:, k] > 0))[0]
+    if len(chosen) < 2 * m:
+        raise SaliencyError(f"concept {k} leads only {len(chosen)} of {len(U)} crops, too few for {m} sub-concepts "
+                            f"(need {2 * m}): give more images or ask for fewer sub-concepts")
+    fine = layer_activations(subject, crops[torch.from_numpy(chosen).to(crops.device)], name, batch_size)
+    Wb, err, extras = _nmf(fine, name, m, seed, max_iter)
+    extras = {"crops": int(len(chosen)), "crops_made": int(len(U)), "images": int(x.shape[0]), **extras,
+              "parent": {"layer": bank.layer, "concept": k, "method": bank.method, "n_concepts": bank.n_concepts}}
+    return ConceptBank(basis=torch.from_numpy(Wb).float(), layer=name, method="craft", seed=seed,
                        model=getattr(subject, "name", None),
-                       params={"n_concepts": k, "crops_per_image": per, "crop": float(crop), "max_iter": max_iter},
-                       reconstruction_error=err, passes={"forward": float(n_crops) / x.shape[0], "backward": 0.0},
-                       extras=extras)
+                       params={"n_concepts": m, "crops_per_image": per, "crop": float(bank.params.get("crop", 0.5)),
+                               "max_iter": max_iter},
+                       reconstruction_error=err,
+                       passes={"forward": (len(U) + len(chosen)) / x.shape[0], "backward": 0.0}, extras=extras)
 
 
 # ------------------------------------------------------------------------------ where concepts sit
@@ -285,5 +341,5 @@ def best_match_iou(maps: torch.Tensor, masks: dict) -> dict:
     return out
 
 
-__all__ = ["ConceptBank", "ConceptMaps", "extract", "concept_maps", "decompose", "layer_activations", "random_crops", "nnls",
+__all__ = ["ConceptBank", "ConceptMaps", "extract", "split_concept", "concept_maps", "decompose", "layer_activations", "random_crops", "nnls",
            "best_match_iou"]
