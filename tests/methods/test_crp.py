@@ -114,6 +114,9 @@ def test_crp_from_threads_and_the_model_left_as_found(x64):
 
 
 def test_bad_concepts_are_named(x64):
+    # crp cannot run without a concept: listings of "every method" know to leave it out
+    assert sk.methods.available()["crp"]["requires"] == ["concept"]
+    assert sk.methods.available()["lrp"]["requires"] == []
     s = _subject()
     with pytest.raises(SaliencyError, match="crp needs concept"):
         sk.explain(s, x64, "crp", target=0)

@@ -184,7 +184,7 @@ def cmd_benchmark(args):
     if args.method and args.all_methods:
         raise SaliencyError("give --method or --all-methods, not both")
     if args.all_methods:
-        methods = [k for k, v in registry.available(include_experimental=False).items()]
+        methods = [k for k, v in registry.available(include_experimental=False).items() if not v["requires"]]
     else:
         methods = args.method or ["saliency", "gradxinput", "integrated_gradients", "gradcam", "rise"]
     for m in methods:

@@ -53,6 +53,9 @@ class Method:
     # the target itself (under its own rules: `Context.prime_under`); None otherwise
     prime = None
     defaults: dict = {}
+    # parameters a call must give, no default working (CRP's `concept`): runs over "every method"
+    # (the benchmark's --all-methods, the web app's list) leave such a method out
+    requires: tuple = ()
     description: str = ""
 
     def run(self, ctx: "Context", target: ResolvedTarget, layer, **params) -> dict:
@@ -69,7 +72,8 @@ class Method:
     def info(cls) -> dict:
         return {"name": cls.name, "family": cls.family, "cost": cls.cost, "signed": cls.signed, "kinds": list(cls.kinds),
                 "randomized": cls.randomized, "experimental": cls.experimental, "uses_layer": cls.uses_layer,
-                "defaults": dict(cls.defaults), "description": cls.description, "aliases": list(cls.aliases)}
+                "defaults": dict(cls.defaults), "description": cls.description, "aliases": list(cls.aliases),
+                "requires": list(cls.requires)}
 
 
 def available(include_experimental: bool = True) -> dict[str, dict]:

@@ -104,6 +104,7 @@ class CRP(Method):
     cost = "1F+1B (modified)"
     signed = True
     defaults = {**LRP.defaults, "concept": None}
+    requires = ("concept",)
     description = ("Concept relevance propagation (Achtibat et al. 2023): LRP whose relevance at a layer is "
                    "restricted to chosen channels or to a concept bank direction before it reaches the input.")
 

@@ -10,7 +10,7 @@ METHOD_NAMES = {
     "guided_backprop": "Guided Backprop", "deconvnet": "DeconvNet", "occlusion": "Occlusion", "rise": "RISE",
     "lime": "LIME", "kernelshap": "KernelSHAP", "random": "A random map", "cf_cam": "CF-CAM",
     "smoothgrad_sq": "SmoothGrad²", "blur_ig": "Blur IG", "guided_ig": "Guided IG", "iia": "IIA", "dix": "DIX",
-    "fullgrad": "FullGrad", "normgrad": "NormGrad", "lrp": "LRP", "xrai": "XRAI", "drise": "D-RISE",
+    "fullgrad": "FullGrad", "normgrad": "NormGrad", "lrp": "LRP", "crp": "CRP", "xrai": "XRAI", "drise": "D-RISE",
     "extremal_perturbation": "Extremal perturbation", "meaningful_perturbation": "Meaningful perturbation",
 }
 # families whose maps are pixel-level (gradients, paths, propagation): speckled, so pictures clip
