@@ -180,3 +180,18 @@ def test_bad_input_is_named():
         tcav(subject, inputs, {"one": concepts["blobs"][:1]}, randoms, layer="act2")
     with pytest.raises(SaliencyError, match="non-empty dict"):
         tcav(subject, inputs, {}, randoms, layer="act2")
+
+
+def test_tcav_at_a_dense_layer_follows_the_definition():
+    # after the last hidden ReLU the class gradient is the head's weight row w_c for every input,
+    # so each run's score is 1 when w_c . v > 0 and 0 otherwise: known for every CAV v
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                        nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    subject = sk.Subject(net, mean=(0, 0, 0), std=(1, 1, 1), input_size=(16, 16), layer="1")
+    inputs, concepts, randoms = _sets()
+    res = tcav(subject, inputs, {"stripes": concepts["stripes"]}, randoms[:5], layer="5", target=sk.Class(2), seed=0)
+    w = net[6].weight[2].detach().double()
+    assert res.cavs["stripes"].shape == (4, 6)
+    assert res.run_scores["stripes"] == [float(w @ v > 0) for v in res.cavs["stripes"]]
+    assert res.random_scores == [float(w @ v > 0) for v in res.random_cavs]

@@ -107,9 +107,10 @@ class ConceptBank:
 
 # ------------------------------------------------------------------------------ activations
 def layer_activations(subject, x: torch.Tensor, layer: str, batch_size: int = 32, counter=None,
-                      with_logits: bool = False):
+                      with_logits: bool = False, spatial: bool = True):
     """[N, C, h, w] activations of `layer` for `x`, without gradient, in chunks; with `with_logits`
-    also the model's logits of the same passes (`(acts, logits)`). Rows are counted in `counter`."""
+    also the model's logits of the same passes (`(acts, logits)`). Rows are counted in `counter`.
+    `spatial=False` accepts a layer of any output shape (TCAV works on flattened activations)."""
     outs, logits = [], []
     with torch.no_grad(), subject.explaining():
         for s in range(0, x.shape[0], batch_size):
@@ -118,7 +119,7 @@ def layer_activations(subject, x: torch.Tensor, layer: str, batch_size: int = 32
                 a = cap.get(layer)
             if counter is not None:
                 counter.add(forward=logits[-1].shape[0])
-            if not isinstance(a, torch.Tensor) or a.dim() != 4:
+            if not isinstance(a, torch.Tensor) or (spatial and a.dim() != 4):
                 shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
                 raise SaliencyError(f"layer {layer!r} has no spatial output [B,C,h,w] (got {shape}); concepts "
                                     "need a convolutional feature map: pick a conv block's layer")

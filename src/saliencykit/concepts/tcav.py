@@ -2,7 +2,7 @@
 
 As implemented here, following the paper:
   * a layer's activation is the FLATTENED feature map `f_l(x)` ([C*h*w], the paper's definition;
-    not the spatial mean);
+    not the spatial mean); any layer works, a dense one too;
   * a concept activation vector (CAV) `v_C` is the unit normal of a linear classifier
     (scikit-learn `SGDClassifier`, hinge loss, alpha 0.01 as in the paper, `random_state` from the
     seed) separating the activations of the concept's examples (label 1) from those of a random
@@ -85,7 +85,8 @@ def train_cav(positive: np.ndarray, negative: np.ndarray, seed: int) -> tuple[np
 
 
 def layer_gradients(subject, x: torch.Tensor, layer: str, target, batch_size: int | None = None, counter=None):
-    """(d score / d activation at `layer` [N, C, h, w], the resolved target) for the target of each
+    """(d score / d activation at `layer` (its output's shape, [N, C, h, w] for a conv layer), the
+    resolved target) for the target of each
     input: one clean forward to fix the target (skipped when `target` is already resolved), then
     one forward and backward per input."""
     from ..engine import chunked_gradient
@@ -94,7 +95,7 @@ def layer_gradients(subject, x: torch.Tensor, layer: str, target, batch_size: in
     if isinstance(target, ResolvedTarget):
         resolved = target
     else:
-        _, logits = layer_activations(subject, x, layer, batch_size or 32, counter, with_logits=True)
+        _, logits = layer_activations(subject, x, layer, batch_size or 32, counter, with_logits=True, spatial=False)
         resolved = as_target(target).resolve(subject, logits)
     grads = []
     with subject.explaining():
@@ -168,7 +169,7 @@ def tcav(subject, inputs: torch.Tensor, concepts: dict, random_sets, layer="auto
     counter = PassCounter()
 
     def flat(t):
-        return layer_activations(subject, t, name, batch_size or 32, counter).flatten(1).double().numpy()
+        return layer_activations(subject, t, name, batch_size or 32, counter, spatial=False).flatten(1).double().numpy()
 
     grads, resolved = layer_gradients(subject, x, name, target, batch_size, counter)
     grads = grads.flatten(1)
