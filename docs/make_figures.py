@@ -6,6 +6,8 @@ one grid of targets (one photo, one row per target).
     python docs/make_figures.py cam        # only the named figures (gradient, cam, perturbation,
                                            # propagation, targets, concepts)
 
+    python docs/make_concept_figures.py    # the concepts page's MACO, counterfactual and prototypes pictures
+
     python docs/make_figures.py --demo demo-output/grid.png   # the README's picture, demo-grid.jpg
                                                               # (after `make demo`)
 
