@@ -1,0 +1,3 @@
+"""Procedural 3-D volumes with known organ masks (`dataset`) and the training of the tiny 3-D
+U-Net that segments them (`models`; architecture and shipped weights in
+`saliencykit.models.small`)."""
