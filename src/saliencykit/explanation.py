@@ -30,6 +30,13 @@ COMPLETENESS_LIMIT = 0.05   # relative completeness error above which a path met
 UNSURE_BELOW = 0.25         # top-1 probability below which the prediction is flagged as unsure
 
 
+def _as_stored(t: torch.Tensor) -> torch.Tensor:
+    """A map as an Explanation keeps it: on the CPU, float64 when computed in float64 (a float64
+    model keeps its precision), float32 otherwise (half, bfloat16 and integer maps widened)."""
+    t = t.detach().cpu()
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _pct(v: float) -> str:
     return f"{100 * float(v):.0f} %" if float(v) >= 0.01 else f"{100 * float(v):.1f} %"
 
@@ -85,7 +92,7 @@ def map_warnings(signed: bool, maps: torch.Tensor, target: list, params: dict, e
 
 @dataclass
 class Explanation:
-    maps: torch.Tensor                      # [B,H,W] float32 at input resolution
+    maps: torch.Tensor                      # [B,H,W] at input resolution: float32, or float64 from a float64 model
     method: str
     signed: bool = False
     target: list = field(default_factory=list)   # per example: kind, indices, name (+ vs_*)
@@ -104,11 +111,11 @@ class Explanation:
         if not isinstance(self.maps, torch.Tensor) or self.maps.dim() != 3:
             raise SaliencyError(f"Explanation maps must be a [B,H,W] tensor, got "
                                 f"{getattr(self.maps, 'shape', type(self.maps))}")
-        self.maps = self.maps.detach().float().cpu()
+        self.maps = _as_stored(self.maps)
         if self.raw is not None:
-            self.raw = self.raw.detach().float().cpu()
+            self.raw = _as_stored(self.raw)
         if self.attributions is not None:
-            self.attributions = self.attributions.detach().float().cpu()
+            self.attributions = _as_stored(self.attributions)
         if not self.versions:
             self.versions = package_versions()
 

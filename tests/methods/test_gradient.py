@@ -796,3 +796,32 @@ def test_relu_rule_is_not_applied_to_other_clamps():
     with pytest.warns(UserWarning, match="reached no ReLU-family"):
         e = explain(s, x, "guided_backprop")
     assert torch.equal(e.attributions, explain(s, x, "saliency").attributions)
+
+
+# ------------------------------------------------------------------------------ float64 models
+INPUT_SPACE = GRADIENT_METHODS + ["blur_ig", "guided_ig", "fullgrad", "lrp"]
+
+
+@pytest.mark.parametrize("method", INPUT_SPACE)
+def test_float64_model_keeps_float64_attributions(method):
+    # Captum's convention: attributions come back in the model's dtype. A float64 model gives
+    # float64 attributions and maps (no float32 round trip), a float32 model float32 ones.
+    torch.manual_seed(0)
+    params = {method: {**CHEAP.get(method, {}), **({"steps": 2} if method in ("blur_ig", "guided_ig") else {})}}
+    for dtype in (torch.float64, torch.float32):
+        s = Subject(SmallNet().to(dtype).eval(), input_size=(16, 16), name="small")
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3), dtype=dtype)
+        e = explain(s, x, method, target=1, params=params)
+        assert e.attributions.dtype == dtype and e.maps.dtype == dtype, (method, dtype)
+
+
+def test_float64_saliency_is_the_float64_gradient():
+    # the float64 gradient itself, not a float32 copy of it: equal to autograd to 1e-15 relative,
+    # which a float32 round trip (~6e-8 relative) cannot reach
+    torch.manual_seed(0)
+    net = SmallNet().double().eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    e = explain(Subject(net, input_size=(16, 16)), x, "gradxinput", target=2)
+    xr = x.clone().requires_grad_(True)
+    g, = torch.autograd.grad(net(xr)[:, 2].sum(), xr)
+    assert torch.allclose(e.attributions, g * x, rtol=1e-15, atol=1e-18)

@@ -412,3 +412,58 @@ def test_chelsea_cat_box(lite0, chelsea, method):
     box = data.box_mask("chelsea", tuple(x.shape[-2:]), "cat")
     pos = e.maps[0].clamp_min(0)
     assert pos[box].mean() > pos[~box].mean()
+
+
+class TanhNet(nn.Module):
+    """conv-tanh-conv-sigmoid-GAP-linear: element-wise activations for which LRP has no rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.act1 = nn.Tanh()
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1, stride=2)
+        self.act2 = nn.Sigmoid()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.act2(self.conv2(self.act1(self.conv1(x))))).flatten(1))
+
+
+def test_lrp_identity_passes_elementwise_activations_like_zennit(x64):
+    # unsupported="identity" is Zennit's Pass rule on Tanh/Sigmoid (relevance handed through
+    # unchanged) with epsilon on every conv/linear layer and the Norm rule on the average pool (what
+    # our value x gradient form gives a pool): the same relevance in float64, up to the stabilisers
+    # (ours: none on the pool, Zennit's Norm: 1e-6 on pooled values ~0.5, i.e. ~2e-6 relative;
+    # measured 2.0e-6 of the largest relevance), hence 1e-5.
+    pytest.importorskip("zennit")
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import Epsilon, Norm, Pass
+    from zennit.types import AvgPool, Convolution, Linear
+
+    torch.manual_seed(1)
+    s = Subject(TanhNet().double().eval(), input_size=(32, 32), name="tanhnet")
+    with pytest.raises(SaliencyError, match="identity"):
+        sk.explain(s, x64, "lrp", composite="epsilon")
+    ours = sk.explain(s, x64, "lrp", composite="epsilon", epsilon=1e-6, unsupported="identity", target=2)
+    composite = LayerMapComposite(layer_map=[((nn.Tanh, nn.Sigmoid), Pass()), (Convolution, Epsilon(1e-6)),
+                                             (Linear, Epsilon(1e-6)), (AvgPool, Norm())])
+    xin = x64.clone().requires_grad_(True)
+    with composite.context(s.model) as m:
+        out = m(xin)
+        onehot = torch.zeros_like(out)
+        onehot[:, 2] = 1
+        ref, = torch.autograd.grad(out, xin, grad_outputs=onehot * out)
+    assert ours.attributions.dtype == torch.float64
+    assert torch.allclose(ours.attributions, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert ours.extras["identity_through"] == ["Sigmoid", "Tanh"]
+    # the plain-gradient pass gives another answer (it scales relevance by z f'(z) / f(z))
+    grad = sk.explain(s, x64, "lrp", composite="epsilon", epsilon=1e-6, unsupported="gradient", target=2)
+    assert not torch.allclose(grad.attributions, ref, rtol=1e-3)
+    # identity is for element-wise activations only
+    s_ln = Subject(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.LayerNorm(4 * 30 * 30),
+                                 nn.Linear(4 * 30 * 30, 3)).double(), input_size=(32, 32), name="ln")
+    with pytest.raises(SaliencyError, match="not element-wise"):
+        sk.explain(s_ln, x64, "lrp", unsupported="identity")
+    with pytest.raises(SaliencyError, match="'identity'"):
+        sk.explain(s, x64, "lrp", unsupported="skip")

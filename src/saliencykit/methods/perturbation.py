@@ -336,6 +336,41 @@ def weighted_ridge(X: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, alph
     return beta, ym - xm @ beta
 
 
+def weighted_lasso(X: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, alpha: float, tol: float = 1e-10,
+                   max_iter: int = 100_000):
+    """argmin_{beta, c} 1/(2 sum w) sum_i w_i (y_i - c - X_i beta)^2 + alpha |beta|_1 (intercept not
+    penalised): scikit-learn's `Lasso` objective with `sample_weight` (what Captum's `SkLearnLasso`
+    fits), solved in float64 by cyclic coordinate descent on the weighted-centred data until no
+    coefficient moves by more than `tol` (relative to the largest one) in a sweep."""
+    X = X.detach().double().cpu().numpy()
+    y = y.detach().double().cpu().numpy()
+    v = weights.detach().double().cpu().numpy()
+    v = v / v.sum()
+    xm, ym = v @ X, float(v @ y)
+    Xc, r = X - xm, y - ym                     # r: the residual of beta = 0
+    z = v @ (Xc * Xc)
+    beta = np.zeros(X.shape[1])
+    for _ in range(int(max_iter)):
+        biggest, moved = 0.0, 0.0
+        for j in range(X.shape[1]):
+            if z[j] <= 0:                      # a feature constant over the samples: no information
+                continue
+            rho = float(v @ (Xc[:, j] * r)) + z[j] * beta[j]
+            new = np.sign(rho) * max(abs(rho) - alpha, 0.0) / z[j]
+            if new != beta[j]:
+                r -= Xc[:, j] * (new - beta[j])
+                moved = max(moved, abs(new - beta[j]))
+                beta[j] = new
+            biggest = max(biggest, abs(new))
+        if moved <= tol * max(biggest, 1e-300):
+            break
+    beta_t = torch.from_numpy(beta).to(weights.device)
+    return beta_t, ym - float(xm @ beta)
+
+
+SURROGATES = {"ridge": weighted_ridge, "lasso": weighted_lasso}
+
+
 def _paint(coef: list[torch.Tensor], seg: torch.Tensor) -> torch.Tensor:
     return torch.stack([c.to(seg.device).float()[seg[i]] for i, c in enumerate(coef)])
 
@@ -353,19 +388,27 @@ class Lime(Method):
     signed = True
     randomized = True
     defaults = {"n_samples": 1000, "n_segments": 50, "segments": None, "compactness": 10.0,
-                "baseline": "segment_mean", "kernel_width": 0.25, "alpha": 1.0, "output": "prob"}
+                "baseline": "segment_mean", "kernel_width": 0.25, "surrogate": "ridge", "alpha": None,
+                "output": "prob"}
     description = ("LIME on superpixels (Ribeiro et al. 2016): random on/off superpixel samples (first one "
                    "all on), hidden ones filled with their mean colour; weighted ridge regression "
                    "(alpha=1, intercept) with kernel sqrt(exp(-d^2/w^2)), d = cosine distance to the "
                    "all-on sample, w=0.25; coefficients painted on the superpixels. SLIC segments by "
-                   "default (n_segments), or segments=[H,W] labels.")
+                   "default (n_segments), or segments=[H,W] labels. surrogate='lasso' fits scikit-learn's "
+                   "weighted Lasso instead (Captum's default surrogate; alpha defaults to 0.01 there).")
+    #: alpha of each surrogate when none is given (ridge: LIME's; lasso: Captum's SkLearnLasso default)
+    DEFAULT_ALPHA = {"ridge": 1.0, "lasso": 0.01}
 
     def run(self, ctx, target, layer, n_samples=1000, n_segments=50, segments=None, compactness=10.0,
-             baseline="segment_mean", kernel_width=0.25, alpha=1.0, output="prob"):
+             baseline="segment_mean", kernel_width=0.25, surrogate="ridge", alpha=None, output="prob"):
         n = positive_int(n_samples, "lime n_samples", 2)
         width = positive_float(kernel_width, "lime kernel_width")
+        if surrogate not in SURROGATES:
+            raise SaliencyError(f"lime surrogate must be one of {', '.join(SURROGATES)}, got {surrogate!r}")
+        alpha = self.DEFAULT_ALPHA[surrogate] if alpha is None else alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
             raise SaliencyError(f"lime alpha must be >= 0, got {alpha!r}")
+        fit = SURROGATES[surrogate]
         out = _output(target, output)
         seg, counts = _segment_params(ctx, n_segments, segments, compactness)
         b, mmax = len(counts), max(counts)
@@ -382,12 +425,13 @@ class Lime(Method):
             d = 1 - on.sqrt() / math.sqrt(m)           # cosine distance to the all-ones vector
             d = torch.where(on > 0, d, torch.ones_like(d))
             wts = torch.sqrt(torch.exp(-d ** 2 / width ** 2))
-            beta, c = weighted_ridge(zi, y[i], wts, float(alpha))
+            beta, c = fit(zi, y[i], wts, float(alpha))
             coefs.append(beta)
             intercepts.append(float(c))
             weights_all.append(wts)
         return {"maps": _paint(coefs, seg), "signed": True,
-                "extras": {"segments": seg, "coefficients": [c.float() for c in coefs], "intercept": intercepts}}
+                "extras": {"segments": seg, "coefficients": [c.float() for c in coefs], "intercept": intercepts,
+                           "surrogate": surrogate, "alpha": float(alpha)}}
 
 
 def shapley_kernel(m: int, size: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,9 @@ LRP (`lrp`)
     "epsilon", "zero", "gamma", "alpha_beta", "zplus"; `rules={layer_name: rule}` overrides.
     Layers for which LRP rules are not defined (LayerNorm, GroupNorm, GELU, SiLU, Hardswish,
     sigmoid gates, softmax/attention) raise `SaliencyError` unless `unsupported="gradient"`, which
-    lets the plain gradient pass through them (no conservation; the error is in the extras).
+    lets the plain gradient pass through them (no conservation; the error is in the extras), or,
+    for element-wise activations only (Tanh, Sigmoid, GELU, SiLU, ...), `unsupported="identity"`,
+    which passes their relevance through unchanged (Zennit's Pass rule; Captum's Tanh).
     Start relevance: the target score itself (`R_out = one_hot(c) * s_c`), so
     `sum(R_input) ~= s_c` when the rules conserve and there are no biases (for a Contrast,
     `+s_a` and `-s_b`; in general logits times the score's derivative w.r.t. them). The rule
@@ -339,6 +341,11 @@ COMPOSITES = {
     "alpha_beta": (None, "alpha_beta", "alpha_beta"),
     "zplus": (None, "zplus", "zplus"),
 }
+#: element-wise activations: relevance can pass through them unchanged (`unsupported="identity"`,
+#: Zennit's Pass rule and Captum's treatment of Tanh)
+ELEMENTWISE = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.ELU, nn.SELU, nn.CELU,
+               nn.Mish, nn.Softplus)
+UNSUPPORTED_MODES = ("raise", "gradient", "identity")
 UNDEFINED_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                     nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.ELU, nn.SELU,
                     nn.CELU, nn.Mish, nn.Softplus, nn.Softmax, nn.MultiheadAttention)
@@ -360,6 +367,41 @@ def _first_tensor(out):
     if hasattr(out, "values"):
         return next((v for v in out.values() if isinstance(v, torch.Tensor)), None)
     return None
+
+
+class _HookSet:
+    """Forward hooks (this thread's calls only) on `self.modules`, put on at `with` and removed at
+    its end, whatever happens inside."""
+
+    modules: list = []
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(this_thread_only(self.hook)) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False
+
+
+class _PassThrough(_HookSet):
+    """Forward hooks on element-wise activations y = f(z) that keep y but give it the local
+    derivative y / z, so relevance R = value * gradient passes unchanged: R_z = z * (y / z) * g_y =
+    R_y (where z = 0 the relevance there, if any, is dropped: it has no gradient form)."""
+
+    def __init__(self, modules):
+        self.modules = list(modules)
+
+    @staticmethod
+    def hook(_m, inputs, out):
+        z = inputs[0]
+        if not isinstance(out, torch.Tensor) or not isinstance(z, torch.Tensor) or z.shape != out.shape:
+            return None
+        path = z * _ratio(out.detach(), z.detach())
+        return out.detach() + (path - path.detach())
+
 
 
 @contextlib.contextmanager
@@ -462,29 +504,18 @@ def _merged_batchnorm_held(model: nn.Module, probe: torch.Tensor) -> Iterator[li
                 bn.eps = rec["eps"]
 
 
-class _RuleHooks:
+class _RuleHooks(_HookSet):
     """Forward hooks that keep each Conv/Linear output but route its gradient through an LRP rule."""
 
     def __init__(self, model, assign, first_rule, xin, eps, gamma, alpha, beta, low, high, user_set=()):
         self.model, self.assign, self.first_rule, self.xin = model, assign, first_rule, xin
+        self.modules = list(assign)
         self.user_set = set(user_set)  # layers whose rule the caller chose (wins over the first-layer rule)
         self.eps, self.gamma, self.alpha, self.beta = eps, gamma, alpha, beta
         self.low, self.high = low, high
         self.leaves: list[torch.Tensor] = []  # extra relevance carriers of the first layer (flat, z-box)
         self.seen_first = False
         self.busy = False
-        self.handles = []
-
-    def __enter__(self):
-        for m in self.assign:
-            self.handles.append(m.register_forward_hook(this_thread_only(self.hook)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        return False
 
     def _call(self, m, a, wmod, bmod):
         w = wmod(m.weight)
@@ -578,8 +609,8 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
     (`"layer_mask"`, broadcastable to it) and the layer's output (`"layer_output"`)."""
     if composite not in COMPOSITES:
         raise SaliencyError(f"unknown LRP composite {composite!r}; use one of {', '.join(COMPOSITES)}")
-    if unsupported not in ("raise", "gradient"):
-        raise SaliencyError(f"unsupported must be 'raise' or 'gradient', got {unsupported!r}")
+    if unsupported not in UNSUPPORTED_MODES:
+        raise SaliencyError(f"unsupported must be 'raise', 'gradient' or 'identity', got {unsupported!r}")
     for name, val in (("epsilon", epsilon), ("gamma", gamma)):
         if not (isinstance(val, (int, float)) and val >= 0):
             raise SaliencyError(f"LRP {name} must be a non-negative number, got {val!r}")
@@ -592,8 +623,17 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
                          if isinstance(m, BATCHNORMS) and m.running_var is None})
     if undefined and unsupported == "raise":
         raise SaliencyError(f"LRP rules are not defined for {', '.join(undefined)} in {subject.name}; pass "
-                            "unsupported='gradient' to let the plain gradient pass through them (relevance is "
-                            "then not conserved), or use a gradient method")
+                            "unsupported='identity' to pass relevance unchanged through element-wise activations "
+                            "(Tanh, Sigmoid, GELU, ...: Zennit's Pass rule), or unsupported='gradient' to let the "
+                            "plain gradient pass through them (relevance is then not conserved), or use a gradient "
+                            "method")
+    passed = [m for m in model.modules() if isinstance(m, ELEMENTWISE)] if unsupported == "identity" else []
+    if unsupported == "identity":
+        other = sorted({u for u in undefined if u not in {type(m).__name__ for m in passed}})
+        if other:
+            raise SaliencyError(f"unsupported='identity' passes relevance through element-wise activations only; "
+                                f"{', '.join(other)} in {subject.name} are not element-wise: use "
+                                "unsupported='gradient' for them")
     first, conv_rule, lin_rule = COMPOSITES[composite]
     by_name = dict(model.named_modules())
     assign = {m: (lin_rule if isinstance(m, nn.Linear) else conv_rule) for m in model.modules()
@@ -619,7 +659,7 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
             xin = x.detach().clone().requires_grad_(True)
             cond = GradientMask(model, *condition) if condition is not None else contextlib.nullcontext()
             with _RuleHooks(model, assign, first, xin, float(epsilon), float(gamma), float(alpha), float(beta),
-                            lo, hi, user_set) as hooks, cond:
+                            lo, hi, user_set) as hooks, cond, _PassThrough(passed):
                 logits = subject.forward(xin)
             scores = target.score(logits)
             leaves = hooks.leaves
@@ -646,7 +686,7 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
         if g is not None:
             rel = rel + leaf.detach() * g
     out = {"relevance": rel.detach(), "scores": scores.detach(), "start": start.detach(), "logits": logits.detach(),
-           "merged": merged, "undefined": undefined}
+           "merged": merged, "undefined": undefined, "mode": unsupported}
     if condition is not None:
         out["layer_relevance"], out["layer_mask"], out["layer_output"] = layer_rel, layer_mask, cond.out.detach()
     return out
@@ -680,6 +720,6 @@ class LRP(Method):
                   "conservation_error": (total - out["start"]).abs().tolist(),
                   "merged_batchnorm": [list(p) for p in out["merged"]], "composite": composite}
         if out["undefined"]:
-            extras["gradient_through"] = out["undefined"]
+            extras["identity_through" if out["mode"] == "identity" else "gradient_through"] = out["undefined"]
         return {"maps": reduce_channels(rel, reduce), "attributions": rel, "signed": reduce in ("sum", "mean"),
                 "extras": extras}
