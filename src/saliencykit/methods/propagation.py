@@ -68,6 +68,7 @@ from ..errors import SaliencyError
 from ..hooks import GradientMask, model_lock, this_thread_only
 from .base import Method, register
 from .cam import as_grid, normalize01, resolve_layers
+from .lrp_rules import ELEMENTWISE, RULES, PassThrough, RuleHooks
 
 RULE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -327,8 +328,6 @@ class NormGrad(Method):
 
 
 # --------------------------------------------------------------------------------- LRP
-RULES = ("epsilon", "zero", "gamma", "alpha_beta", "zplus", "flat", "zbox")
-FIRST_ONLY = ("flat", "zbox")
 # composite -> (first layer rule or None, conv rule, linear rule)
 COMPOSITES = {
     "epsilon_plus_flat": ("flat", "zplus", "epsilon"),
@@ -341,22 +340,10 @@ COMPOSITES = {
     "alpha_beta": (None, "alpha_beta", "alpha_beta"),
     "zplus": (None, "zplus", "zplus"),
 }
-#: element-wise activations: relevance can pass through them unchanged (`unsupported="identity"`,
-#: Zennit's Pass rule and Captum's treatment of Tanh)
-ELEMENTWISE = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.ELU, nn.SELU, nn.CELU,
-               nn.Mish, nn.Softplus)
 UNSUPPORTED_MODES = ("raise", "gradient", "identity")
 UNDEFINED_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                     nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.ELU, nn.SELU,
                     nn.CELU, nn.Mish, nn.Softplus, nn.Softmax, nn.MultiheadAttention)
-
-
-def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
-    return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def _first_tensor(out):
@@ -367,41 +354,6 @@ def _first_tensor(out):
     if hasattr(out, "values"):
         return next((v for v in out.values() if isinstance(v, torch.Tensor)), None)
     return None
-
-
-class _HookSet:
-    """Forward hooks (this thread's calls only) on `self.modules`, put on at `with` and removed at
-    its end, whatever happens inside."""
-
-    modules: list = []
-
-    def __enter__(self):
-        self.handles = [m.register_forward_hook(this_thread_only(self.hook)) for m in self.modules]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        return False
-
-
-class _PassThrough(_HookSet):
-    """Forward hooks on element-wise activations y = f(z) that keep y but give it the local
-    derivative y / z, so relevance R = value * gradient passes unchanged: R_z = z * (y / z) * g_y =
-    R_y (where z = 0 the relevance there, if any, is dropped: it has no gradient form)."""
-
-    def __init__(self, modules):
-        self.modules = list(modules)
-
-    @staticmethod
-    def hook(_m, inputs, out):
-        z = inputs[0]
-        if not isinstance(out, torch.Tensor) or not isinstance(z, torch.Tensor) or z.shape != out.shape:
-            return None
-        path = z * _ratio(out.detach(), z.detach())
-        return out.detach() + (path - path.detach())
-
 
 
 @contextlib.contextmanager
@@ -504,86 +456,6 @@ def _merged_batchnorm_held(model: nn.Module, probe: torch.Tensor) -> Iterator[li
                 bn.eps = rec["eps"]
 
 
-class _RuleHooks(_HookSet):
-    """Forward hooks that keep each Conv/Linear output but route its gradient through an LRP rule."""
-
-    def __init__(self, model, assign, first_rule, xin, eps, gamma, alpha, beta, low, high, user_set=()):
-        self.model, self.assign, self.first_rule, self.xin = model, assign, first_rule, xin
-        self.modules = list(assign)
-        self.user_set = set(user_set)  # layers whose rule the caller chose (wins over the first-layer rule)
-        self.eps, self.gamma, self.alpha, self.beta = eps, gamma, alpha, beta
-        self.low, self.high = low, high
-        self.leaves: list[torch.Tensor] = []  # extra relevance carriers of the first layer (flat, z-box)
-        self.seen_first = False
-        self.busy = False
-
-    def _call(self, m, a, wmod, bmod):
-        w = wmod(m.weight)
-        params = {"weight": w}
-        if m.bias is not None:
-            params["bias"] = bmod(m.bias)
-        return torch.func.functional_call(m, params, (a,))
-
-    def hook(self, m, inputs, out):
-        if self.busy or not isinstance(out, torch.Tensor):
-            return None
-        rule = self.assign[m]
-        if not self.seen_first:
-            self.seen_first = True
-            if self.first_rule is not None and m not in self.user_set:
-                rule = self.first_rule
-        a = inputs[0]
-        if rule in FIRST_ONLY and a is not self.xin:
-            raise SaliencyError(f"LRP rule {rule!r} belongs to the first layer, whose input must be the model input; "
-                                f"layer {type(m).__name__} receives a transformed tensor; use another composite")
-        self.busy = True
-        try:
-            path = self._path(m, a, out.detach(), rule)
-        finally:
-            self.busy = False
-        return out.detach() + (path - path.detach())
-
-    def _path(self, m, a, z, rule):
-        ident = lambda p: p  # noqa: E731
-        pos = lambda p: p.clamp(min=0)  # noqa: E731
-        neg = lambda p: p.clamp(max=0)  # noqa: E731
-        zero = torch.zeros_like
-        call = lambda inp, w, b: self._call(m, inp, w, b)  # noqa: E731
-        if rule in ("epsilon", "zero"):
-            zp = call(a, ident, ident)
-            eps = 0.0 if rule == "zero" else self.eps
-            return zp * _ratio(z, _stab(zp.detach(), eps)).detach()
-        if rule == "zplus":
-            zp = call(a.clamp(min=0), pos, pos) + call(a.clamp(max=0), neg, zero)
-            return zp * _ratio(z, _stab(zp.detach(), self.eps)).detach()
-        if rule == "alpha_beta":
-            zp = call(a.clamp(min=0), pos, pos) + call(a.clamp(max=0), neg, zero)
-            zn = call(a.clamp(min=0), neg, neg) + call(a.clamp(max=0), pos, zero)
-            return (self.alpha * zp * _ratio(z, _stab(zp.detach(), self.eps)).detach()
-                    - self.beta * zn * _ratio(z, _stab(zn.detach(), self.eps)).detach())
-        if rule == "gamma":
-            g = self.gamma
-            up = lambda p: p + g * p.clamp(min=0)  # noqa: E731
-            dn = lambda p: p + g * p.clamp(max=0)  # noqa: E731
-            zp = call(a.clamp(min=0), up, up) + call(a.clamp(max=0), dn, zero)
-            zn = call(a.clamp(min=0), dn, dn) + call(a.clamp(max=0), up, zero)
-            sp = torch.where(z > 0, _ratio(z, _stab(zp.detach(), self.eps)), torch.zeros_like(z))
-            sn = torch.where(z < 0, _ratio(z, _stab(zn.detach(), self.eps)), torch.zeros_like(z))
-            return zp * sp.detach() + zn * sn.detach()
-        if rule == "flat":
-            ones = torch.ones_like(a).requires_grad_(True)
-            self.leaves.append(ones)
-            zp = call(ones, lambda p: torch.ones_like(p), zero)
-            return zp * _ratio(z, _stab(zp.detach(), self.eps)).detach()
-        if rule == "zbox":
-            low = self.low.to(a).expand_as(a).clone().requires_grad_(True)
-            high = self.high.to(a).expand_as(a).clone().requires_grad_(True)
-            self.leaves += [low, high]
-            zp = call(a, ident, ident) - call(low, pos, pos) - call(high, neg, neg)
-            return zp * _ratio(z, _stab(zp.detach(), self.eps)).detach()
-        raise SaliencyError(f"unknown LRP rule {rule!r}; use one of {', '.join(RULES)}")
-
-
 def _bound(value, subject, x, pixel):
     if value is None:
         value = pixel
@@ -658,8 +530,8 @@ def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None,
         with torch.enable_grad():
             xin = x.detach().clone().requires_grad_(True)
             cond = GradientMask(model, *condition) if condition is not None else contextlib.nullcontext()
-            with _RuleHooks(model, assign, first, xin, float(epsilon), float(gamma), float(alpha), float(beta),
-                            lo, hi, user_set) as hooks, cond, _PassThrough(passed):
+            with RuleHooks(model, assign, first, xin, float(epsilon), float(gamma), float(alpha), float(beta),
+                            lo, hi, user_set) as hooks, cond, PassThrough(passed):
                 logits = subject.forward(xin)
             scores = target.score(logits)
             leaves = hooks.leaves
