@@ -26,16 +26,16 @@ def x64():
 
 def test_crp_over_all_channels_is_lrp(x64):
     # the backward below the layer is linear in the relevance arriving there, and the 0/1 masks of
-    # the 8 channels sum to 1. The model runs in float64 but explanations are stored in float32:
-    # summing 8 float32 maps is exact to ~1e-7 of the largest value (measured 1.1e-7), so 1e-6
+    # the 8 channels sum to 1. The model runs in float64 and its explanations keep float64: the
+    # sum of 8 maps is exact to rounding (measured 2e-16 of the largest value), so 1e-12
     s = _subject()
     lrp = sk.explain(s, x64, "lrp", target=1).attributions
     exps = [sk.explain(s, x64, "crp", target=1, concept=("act1", c)) for c in range(8)]
     parts = [e.attributions for e in exps]
-    assert torch.allclose(sum(parts), lrp, rtol=0, atol=1e-6 * lrp.abs().max().item())
+    assert torch.allclose(sum(parts), lrp, rtol=0, atol=1e-12 * lrp.abs().max().item())
     # a list of channels is the sum of its channels
     pair = sk.explain(s, x64, "crp", target=1, concept=("act1", [2, 5]))
-    assert torch.allclose(pair.attributions, parts[2] + parts[5], atol=1e-6 * lrp.abs().max().item())
+    assert torch.allclose(pair.attributions, parts[2] + parts[5], atol=1e-12 * lrp.abs().max().item())
     assert pair.extras["concept"] == {"layer": "act1", "channels": [2, 5]}
     # the relevance each channel kept at the layer adds up to all the relevance that reached it
     kept = torch.tensor([e.extras["concept_relevance"] for e in exps], dtype=torch.float64).sum(0)
@@ -45,14 +45,14 @@ def test_crp_over_all_channels_is_lrp(x64):
 
 def test_crp_over_all_concepts_of_a_bank_is_lrp(x64):
     # each channel's relevance at each location is split between the bank's concepts by their part
-    # of the activation there; the shares sum to 1, so the concepts' maps sum to LRP's (float32
-    # storage as above: measured 1.1e-7 of the largest value)
+    # of the activation there; the shares sum to 1, so the concepts' maps sum to LRP's (float64
+    # as above: measured 3e-16 of the largest value)
     s = _subject()
     g = torch.Generator().manual_seed(0)
     bank = _Bank(torch.rand(3, 16, generator=g, dtype=torch.float64), "act2")
     lrp = sk.explain(s, x64, "lrp", target=2).attributions
     maps = [sk.explain(s, x64, "crp", target=2, concept=("act2", (bank, k))).attributions for k in range(3)]
-    assert torch.allclose(sum(maps), lrp, rtol=0, atol=1e-6 * lrp.abs().max().item())
+    assert torch.allclose(sum(maps), lrp, rtol=0, atol=1e-12 * lrp.abs().max().item())
     assert not torch.allclose(maps[0], maps[1])
     same = sk.explain(s, x64, "crp", target=2, concept=(bank, 1))      # the bank's own layer
     assert torch.equal(same.attributions, maps[1])
@@ -61,8 +61,8 @@ def test_crp_over_all_concepts_of_a_bank_is_lrp(x64):
 def test_crp_agrees_with_zennit_and_a_gradient_mask(x64):
     # Zennit's EpsilonPlusFlat (with its batch-norm canonizer) and a tensor hook that multiplies the
     # gradient at act1's output by the channel mask: in Zennit the gradient there is the relevance.
-    # Zennit stabilises average pooling with 1e-6 and we do not, and explanations are stored in
-    # float32: allow 2e-4 of the largest relevance (measured 3-4e-5)
+    # Zennit stabilises average pooling with 1e-6 and we do not: allow 2e-4 of the largest
+    # relevance (measured 3-4e-5)
     pytest.importorskip("zennit")
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.composites import EpsilonPlusFlat
