@@ -40,6 +40,23 @@ def test_small_budget_gives_the_same_maps_in_more_chunks(tiny, monkeypatch):
     assert small["integrated_gradients"].passes["model_calls"] > ref["integrated_gradients"].passes["model_calls"]
 
 
+def test_spans_are_the_fewest_even_chunks():
+    # every row once, in order; no chunk above the cap; as few chunks as the cap allows; sizes
+    # differ by at most one (8 rows at 6 per chunk: 4 + 4, not 6 + 2, whose 2-row call costs
+    # nearly a full call on a CPU)
+    assert engine.spans(8, 6) == [(0, 4), (4, 8)]
+    assert engine.spans(5, 32) == [(0, 5)]
+    assert engine.spans(0, 4) == []
+    for n in range(0, 60):
+        for most in (1, 2, 3, 6, 7, 32):
+            sp = engine.spans(n, most)
+            sizes = [b - a for a, b in sp]
+            assert [r for a, b in sp for r in range(a, b)] == list(range(n)), (n, most)
+            assert all(0 < k <= most for k in sizes), (n, most)
+            assert len(sp) == -(-n // most), (n, most)
+            assert not sizes or max(sizes) - min(sizes) <= 1, (n, most)
+
+
 def test_progress_rate_leaves_out_the_warm_up_step():
     # a 1 s first step then 0.05 s steps: the rate shown is about 20/s (steps after the first
     # only), where counting the first step would give about 3/s; before a second step there is

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..engine import DEFAULT_BATCH, GradResult, PassCounter, Progress, auto_batch, forward_logits, gradient_pass
+from ..engine import (DEFAULT_BATCH, GradResult, PassCounter, Progress, auto_batch, forward_logits, gradient_pass,
+                      spans)
 from ..errors import SaliencyError, positive_int, resolve_seed
 from ..hooks import model_lock
 from ..explanation import Explanation, map_warnings
@@ -142,7 +143,7 @@ class Context:
         Its logits fix the target, and every later backward on the clean input (gradient CAMs,
         saliency, gradient x input) reuses it: a call asking for the target and several such
         methods costs one forward in total instead of one per method plus one for the target.
-        The rows run in chunks of `chunk` (default: all at once), each with its own graph; on a
+        The rows run in even chunks of at most `chunk` (default: all at once), each with its own graph; on a
         CPU cache-sized chunks are faster per row, forward and backward (EfficientNet-Lite0,
         10 rows: 0.65 s in one chunk, 0.38 s in two).
         """
@@ -150,8 +151,8 @@ class Context:
         chunk = max(1, int(chunk or b))
         parts = []
         with torch.enable_grad():
-            for start in range(0, b, chunk):
-                xin = self.x[start:start + chunk].detach().clone().requires_grad_(True)
+            for start, stop in spans(b, chunk):
+                xin = self.x[start:stop].detach().clone().requires_grad_(True)
                 capture = self.subject.capture(layers) if layers else None
                 if capture is not None:
                     with capture:

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from ..engine import auto_batch, forward_logits, gradient_pass, upsample
+from ..engine import auto_batch, forward_logits, gradient_pass, spans, upsample
 from ..errors import SaliencyError, positive_int
 from ..hooks import this_thread_only
 from .base import Method, register
@@ -63,8 +63,8 @@ def integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, s
     bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
     # interpolants are made chunk by chunk: [steps*B] images never all in memory at once
     n = steps * b
-    for start in range(0, n, bs):
-        idx = torch.arange(start, min(n, start + bs), device=x.device)
+    for start, stop in spans(n, bs):
+        idx = torch.arange(start, stop, device=x.device)
         a = alphas[idx // b].view(-1, 1, 1, 1)
         ex = idx % b
         inputs = baseline[ex] + a * diff[ex]
@@ -120,8 +120,8 @@ def _native_logits(ctx, x: torch.Tensor, batch_size=None) -> torch.Tensor:
     bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
     outs = []
     with torch.inference_mode():
-        for start in range(0, x.shape[0], bs):
-            chunk = x[start:start + bs]
+        for start, stop in spans(x.shape[0], bs):
+            chunk = x[start:stop]
             outs.append(ctx.subject.forward(chunk))
             ctx.counter.add(forward=chunk.shape[0])
     return torch.cat(outs)
@@ -368,8 +368,8 @@ def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torc
     n_calls = _count_calls(ctx, name)
     bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
     out = None
-    for start in range(0, inputs.shape[0], bs):
-        sl = slice(start, start + bs)
+    for start, stop in spans(inputs.shape[0], bs):
+        sl = slice(start, stop)
         rep = _ReplaceOutput(module, betas[sl], base, n_calls - 1)
         with torch.enable_grad(), rep:
             logits = ctx.subject.forward(inputs[sl].detach())
@@ -431,8 +431,8 @@ def iia_attention(ctx, target, inputs: torch.Tensor, rows: torch.Tensor, betas: 
     last = _timm_attention(ctx.subject.model)[-1]
     bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
     acc = None
-    for start in range(0, inputs.shape[0], bs):
-        sl = slice(start, start + bs)
+    for start, stop in spans(inputs.shape[0], bs):
+        sl = slice(start, stop)
         beta = betas[sl]
 
         def scale(_m, _i, out, beta=beta):
