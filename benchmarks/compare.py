@@ -11,7 +11,11 @@ computing something else. Then: all gradient-CAM variants of one layer in one ca
 Grad-CAM; the metric rows against Quantus (from `benchmarks/metrics.py`); RSS over 1,000
 consecutive `explain` calls; and the cost of single levers (channels_last, inference_mode).
 
-    python benchmarks/compare.py [--repeats 5] [--quick] [--out benchmarks/results.md]
+    python benchmarks/compare.py [--repeats 5] [--device cuda] [--methods a,b] [--batches 1,8]
+                                 [--skip sharing ...] [--out benchmarks/results.md]
+
+`--methods`, `--models`, `--batches`, `--heavy-models` and `--skip` pick the rows (a row filter for
+quick runs); `--device cuda` runs every library on the GPU (`benchmarks/gpu.sh`).
 """
 from __future__ import annotations
 
@@ -58,6 +62,11 @@ def _hwm_mb() -> float:
     return float("nan")
 
 
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def measure(calls: dict, repeats: int, n_images: int, warmup: bool = True) -> dict:
     """calls: label -> fn() returning [B,H,W] maps. One warm-up each (unless `warmup` is False: rows
     of thousands of passes, run after lighter rows on the same model), then `repeats` rounds in
@@ -75,6 +84,7 @@ def measure(calls: dict, repeats: int, n_images: int, warmup: bool = True) -> di
             ok = _hwm_reset()
             t, c = time.perf_counter(), time.process_time()
             maps = calls[k]()
+            _sync()
             out[k]["cpu"].append(time.process_time() - c)
             if out[k]["maps"] is None:
                 out[k]["maps"] = maps
@@ -89,8 +99,8 @@ def measure(calls: dict, repeats: int, n_images: int, warmup: bool = True) -> di
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over images of the Pearson correlation of two [B,H,W] maps (b resized to a)."""
-    a = torch.as_tensor(a).float()
-    b = torch.as_tensor(b).float()
+    a = torch.as_tensor(a).detach().float().cpu()
+    b = torch.as_tensor(b).detach().float().cpu()
     if b.dim() == 4:
         b = b[:, 0]
     if b.shape[-2:] != a.shape[-2:]:
@@ -406,7 +416,7 @@ def metric_rows(args, lines):
     import metrics as bm
 
     t0 = time.perf_counter()
-    rows = bm.main(["--images", str(args.metric_images), "--threads", str(args.threads), "--skip", "road"])
+    rows = bm.main(["--images", str(args.metric_images), "--threads", str(args.threads), "--device", args.device])
     lines += ["| metric | library | wall s / image | CPU s / image | note |", "|---|---|---:|---:|---|"]
     for metric, lib, sec, note, cpu in rows:
         fmt = (lambda v: f"{v:.2f}x") if lib.startswith("ratio") else (lambda v: f"{v:.2f}")
@@ -415,6 +425,10 @@ def metric_rows(args, lines):
     ms = "max-sensitivity, 10 samples"
     if (ms, "quantus") in by and (ms, "saliencykit") in by:
         lines.append(f"| {ms} | ratio quantus/ours | {by[(ms, 'quantus')] / by[(ms, 'saliencykit')]:.2f}x | | |")
+    rd = "ROAD MoRF, 9 levels"
+    for lib in ("quantus", "pytorch-grad-cam"):
+        if (rd, lib) in by and (rd, "saliencykit") in by and by[(rd, lib)] == by[(rd, lib)]:
+            lines.append(f"| {rd} | ratio {lib}/ours | {by[(rd, lib)] / by[(rd, 'saliencykit')]:.2f}x | | |")
     lines.append(f"\n(metric section: {time.perf_counter() - t0:.0f} s)")
 
 
@@ -462,21 +476,24 @@ def main(argv=None):
                     help="batch 8 runs only these (cost); '' for the same as batch 1")
     ap.add_argument("--heavy-repeats", type=int, default=1,
                     help="repeats for thousand-pass rows (Score-CAM, occlusion, KernelSHAP, LIME)")
-    ap.add_argument("--heavy-anchors", default="captum,pytorch-grad-cam")
+    ap.add_argument("--heavy-anchors", default="captum,pytorch-grad-cam,torchcam")
     ap.add_argument("--heavy-models", default="efficientnet_lite0,resnet50",
                     help="models on which the thousand-pass rows run")
     ap.add_argument("--metric-images", type=int, default=1)
     ap.add_argument("--explain-calls", type=int, default=1000)
     ap.add_argument("--skip", action="append", default=[], help="methods, sharing, metrics, memory, levers")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where every library runs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     load0 = os.getloadavg()
     lines = ["# saliencykit beside Captum, pytorch-grad-cam, torchcam and Quantus", "",
-             f"Machine: {machine()}; {args.threads} threads (`torch.set_num_threads`).  ",
+             f"Machine: {machine()}; {args.threads} threads (`torch.set_num_threads`)"
+             + (f"; device {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "") + ".  ",
              f"Anchors: {versions()}.  ",
-             "Reproduce: `make bench` (= `python benchmarks/compare.py " + " ".join(argv or sys.argv[1:]) + "`).",
+             "Reproduce: `python benchmarks/compare.py " + " ".join(argv or sys.argv[1:]) + "`"
+             + (" (`make bench`)." if argv is None and sys.argv[1:] == ["--out", "benchmarks/results.md"] else "."),
              "", f"Load average (1/5/15 min) at start: {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}. "
              "Timings are medians; within a row all libraries run interleaved in rotating order after one "
              "warm-up call each, so machine drift hits them alike.", ""]
@@ -492,7 +509,7 @@ def main(argv=None):
         if model_name not in subjects:
             torch.manual_seed(0)  # the random-weight resnet50 is the same model in every run
             subjects[model_name] = sk.load_model("efficientnet_lite0" if model_name == "efficientnet_lite0"
-                                                 else f"torchvision:{model_name}:random")
+                                                 else f"torchvision:{model_name}:random", device=args.device)
         return subjects[model_name]
 
     costs = {}
@@ -532,7 +549,8 @@ def main(argv=None):
             lines.append("")
             dump()
 
-    if "methods" not in args.skip:
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if "methods" not in args.skip and 1 in batches:
         methods_section(1, False)
     if "sharing" not in args.skip:
         lines += ["## All gradient-CAM variants of one layer in one call (" + ", ".join(GRAD_CAMS) + ")", "",
@@ -559,15 +577,16 @@ def main(argv=None):
     dump()
     if "memory" not in args.skip:
         lines += ["## Memory over consecutive calls", ""]
-        subject = sk.load_model("efficientnet_lite0")
+        subject = sk.load_model("efficientnet_lite0", device=args.device)
         x = subject.preprocess(sk.data.image("chelsea"))
         memory_flat(subject, x, args.explain_calls, lines)
         lines.append("")
     dump()
     if "methods" not in args.skip:
-        for B in [int(b) for b in args.batches.split(",") if int(b) != 1]:
+        for B in [b for b in batches if b != 1]:
             methods_section(B, False)
-        methods_section(1, True)
+        if 1 in batches:
+            methods_section(1, True)
     load1 = os.getloadavg()
     lines.append(f"Load average at end: {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f}; "
                  f"whole run {time.perf_counter() - t_start:.0f} s.")

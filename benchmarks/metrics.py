@@ -88,7 +88,7 @@ def main(argv=None):
                      CPU_TIMES[-2] / B))
         rows.append(("deletion, 224 steps", "saliencykit", t_del / B, "223 + 2 shared passes", CPU_TIMES[-1] / B))
         if quantus is not None:
-            a = maps[:, None].numpy()
+            a = maps[:, None].cpu().numpy()
             metric = quantus.PixelFlipping(features_in_step=224, perturb_baseline=0.0, normalise=False,
                                            disable_warnings=True)
             t_q, _ = _timed(lambda: metric(a_batch=a, softmax=True, batch_size=B, **qkw))
@@ -106,10 +106,10 @@ def main(argv=None):
         if quantus is not None:
             def explain_func(model, inputs, targets, **kw):
                 xi = torch.as_tensor(inputs, device=args.device)
-                return sk.explain(subject, xi, "saliency", target=[int(t) for t in targets]).maps[:, None].numpy()
+                return sk.explain(subject, xi, "saliency", target=[int(t) for t in targets]).maps[:, None].cpu().numpy()
 
             metric = quantus.MaxSensitivity(nr_samples=10, lower_bound=0.02, disable_warnings=True)
-            t_q, _ = _timed(lambda: metric(a_batch=exps["saliency"].maps[:, None].numpy(), explain_func=explain_func,
+            t_q, _ = _timed(lambda: metric(a_batch=exps["saliency"].maps[:, None].cpu().numpy(), explain_func=explain_func,
                                            batch_size=B, **qkw))
             rows.append(("max-sensitivity, 10 samples", "quantus", t_q / B, "same explainer", CPU_TIMES[-1] / B))
 
@@ -121,7 +121,7 @@ def main(argv=None):
         if quantus is not None:
             metric = quantus.ROAD(percentages=list(range(10, 100, 10)), disable_warnings=True)
             try:
-                t_q, _ = _timed(lambda: metric(a_batch=maps[:, None].numpy(), batch_size=B, **qkw))
+                t_q, _ = _timed(lambda: metric(a_batch=maps[:, None].cpu().numpy(), batch_size=B, **qkw))
                 rows.append(("ROAD MoRF, 9 levels", "quantus", t_q / B, "removes p/3 of the pixels (see docs)",
                              CPU_TIMES[-1] / B))
             except IndexError as err:
@@ -134,7 +134,7 @@ def main(argv=None):
 
             road = ROADMostRelevantFirstAverage(percentiles=list(range(10, 100, 10)))
             targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in y]
-            t_g, _ = _timed(lambda: road(x, maps.numpy(), targets, subject.model))
+            t_g, _ = _timed(lambda: road(x, maps.cpu().numpy(), targets, subject.model))
             rows.append(("ROAD MoRF, 9 levels", "pytorch-grad-cam", t_g / B, "ROADMostRelevantFirstAverage",
                          CPU_TIMES[-1] / B))
         except ImportError:

@@ -376,8 +376,8 @@ def _cluster_filter(gbar: torch.Tensor, spatial_sigma: float, range_sigma: float
     centred on the map times (unless range_sigma is None) a range term exp(-(g - mean g)^2 / 2 rs^2);
     2-D convolution with 'same' padding."""
     h, w = gbar.shape
-    yy = torch.arange(h, dtype=gbar.dtype) - h // 2
-    xx = torch.arange(w, dtype=gbar.dtype) - w // 2
+    yy = torch.arange(h, dtype=gbar.dtype, device=gbar.device) - h // 2
+    xx = torch.arange(w, dtype=gbar.dtype, device=gbar.device) - w // 2
     r2 = yy.view(-1, 1) ** 2 + xx.view(1, -1) ** 2
     k = torch.exp(-r2 / (2 * spatial_sigma ** 2))
     if range_sigma is not None:
