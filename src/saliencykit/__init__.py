@@ -13,7 +13,7 @@ from .explanation import Explanation  # noqa: E402
 from .methods import explain  # noqa: E402
 from .metrics import evaluate  # noqa: E402
 from .subject import Subject, load_image  # noqa: E402
-from .targets import Class, Contrast, Group, Target, TopK  # noqa: E402
+from .targets import Class, Contrast, Group, OutputRegion, Pixel, Region, Target, TopK  # noqa: E402
 from .tasks.similarity import Similarity  # noqa: E402
 from .tasks.clip import CLIPSubject, Text, load_clip  # noqa: E402
 from .tasks import grad_eclip  # noqa: E402, F401  (registers the grad_eclip method)
@@ -28,6 +28,6 @@ from .concepts.counterfactual import counterfactual  # noqa: E402
 from .datasets import load_run, run  # noqa: E402
 
 __all__ = ["load_model", "explain", "evaluate", "verbalize", "Verbalization", "Subject", "Explanation", "Target",
-           "Class", "Contrast", "Group", "TopK", "SaliencyError", "methods", "metrics", "data", "viz",
+           "Class", "Contrast", "Group", "TopK", "Region", "Pixel", "OutputRegion", "SaliencyError", "methods", "metrics", "data", "viz",
            "available_models", "load_image", "Similarity", "Text", "CLIPSubject", "load_clip", "Box", "Detector",
            "drise", "load_detector", "datasets", "run", "load_run", "concepts", "Concept", "counterfactual", "__version__"]

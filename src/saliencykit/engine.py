@@ -304,27 +304,40 @@ def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: 
 
 
 def upsample(maps: torch.Tensor, size, mode: str = "bilinear", align_corners: bool = False) -> torch.Tensor:
-    """[B,h,w] or [B,C,h,w] -> same at `size` (bilinear, align_corners=False by default)."""
-    squeeze = maps.dim() == 3
+    """[B,h,w] or [B,C,h,w] -> same at `size` (bilinear, align_corners=False by default). A 1-D
+    `size` (a series) resamples linearly, a 3-D one (a volume) trilinearly."""
+    size = tuple(size)
+    squeeze = maps.dim() == len(size) + 1
     m = maps.unsqueeze(1) if squeeze else maps
-    if tuple(m.shape[-2:]) != tuple(size):
-        m = F.interpolate(m.float(), size=tuple(size), mode=mode,
-                          align_corners=align_corners if mode in ("bilinear", "bicubic") else None)
+    if tuple(m.shape[2:]) != size:
+        if len(size) != 2 and mode in ("bilinear", "bicubic"):
+            mode = {1: "linear", 3: "trilinear"}[len(size)]
+        m = F.interpolate(m.float(), size=size, mode=mode,
+                          align_corners=align_corners if mode in ("linear", "bilinear", "bicubic", "trilinear") else None)
     return m.squeeze(1) if squeeze else m
 
 
-def reduce_channels(attr: torch.Tensor, mode: str) -> torch.Tensor:
-    """[B,C,H,W] -> [B,H,W]: "sum", "abs_sum", "max_abs", "l2", "mean"."""
+def reduce_channels(attr: torch.Tensor, mode: str, layout: str | None = None) -> torch.Tensor:
+    """[B,C,H,W] -> [B,H,W]: "sum", "abs_sum", "max_abs", "l2", "mean", over the channel axis of
+    `layout` (default BCHW: axis 1; BTCHW: axis 2). A flat BF input has no channel axis: the
+    map is the attribution itself (its magnitude for the unsigned reductions)."""
+    from .subject import channel_axis
+
+    axis = 1 if layout is None else channel_axis(layout)
+    if axis is None:
+        if mode not in ("sum", "abs_sum", "max_abs", "l2", "mean"):
+            raise SaliencyError(f"unknown channel reduction {mode!r}; use sum, abs_sum, max_abs, l2 or mean")
+        return attr if mode in ("sum", "mean") else attr.abs()
     if mode == "sum":
-        return attr.sum(1)
+        return attr.sum(axis)
     if mode == "abs_sum":
-        return attr.abs().sum(1)
+        return attr.abs().sum(axis)
     if mode == "max_abs":
-        return attr.abs().amax(1)
+        return attr.abs().amax(axis)
     if mode == "l2":
-        return attr.pow(2).sum(1).sqrt()
+        return attr.pow(2).sum(axis).sqrt()
     if mode == "mean":
-        return attr.mean(1)
+        return attr.mean(axis)
     raise SaliencyError(f"unknown channel reduction {mode!r}; use sum, abs_sum, max_abs, l2 or mean")
 
 

@@ -92,7 +92,7 @@ def map_warnings(signed: bool, maps: torch.Tensor, target: list, params: dict, e
 
 @dataclass
 class Explanation:
-    maps: torch.Tensor                      # [B,H,W] at input resolution: float32, or float64 from a float64 model
+    maps: torch.Tensor                      # [B,H,W] at input resolution ([B,T], [B,D,H,W], [B,F]: `layout`): float32, or float64 from a float64 model
     method: str
     signed: bool = False
     target: list = field(default_factory=list)   # per example: kind, indices, name (+ vs_*)
@@ -102,14 +102,19 @@ class Explanation:
     passes: dict = field(default_factory=lambda: {"forward": 0, "backward": 0})
     seconds: float = 0.0
     raw: torch.Tensor | None = None          # [B,h,w] layer-resolution map, when there is one
-    attributions: torch.Tensor | None = None  # [B,C,H,W] input-space attributions, when there are
+    attributions: torch.Tensor | None = None  # [B,C,H,W] input-space attributions (the input's shape), when there are
     versions: dict = field(default_factory=dict)
     model: str | None = None
     extras: dict = field(default_factory=dict)
+    layout: str = "BCHW"                    # the input's axes (`subject.LAYOUTS`); maps drop its channel axis
 
     def __post_init__(self):
-        if not isinstance(self.maps, torch.Tensor) or self.maps.dim() != 3:
-            raise SaliencyError(f"Explanation maps must be a [B,H,W] tensor, got "
+        from .subject import LAYOUTS, check_layout
+
+        self.layout = check_layout(self.layout)
+        axes = LAYOUTS[self.layout][0].replace("C", "")
+        if not isinstance(self.maps, torch.Tensor) or self.maps.dim() != len(axes) + 1:
+            raise SaliencyError(f"Explanation maps of a {self.layout} input must be a [B,{','.join(axes)}] tensor, got "
                                 f"{getattr(self.maps, 'shape', type(self.maps))}")
         self.maps = _as_stored(self.maps)
         if self.raw is not None:
@@ -136,7 +141,7 @@ class Explanation:
             layer=self.layer, params=dict(self.params), seed=self.seed, passes=dict(self.passes),
             seconds=self.seconds, raw=None if self.raw is None else self.raw[sl],
             attributions=None if self.attributions is None else self.attributions[sl],
-            versions=dict(self.versions), model=self.model, extras=_extras_of(self.extras, i))
+            versions=dict(self.versions), model=self.model, extras=_extras_of(self.extras, i), layout=self.layout)
 
     @property
     def warnings(self) -> list[dict]:
@@ -150,7 +155,7 @@ class Explanation:
         return {"method": self.method, "signed": self.signed, "target": self.target, "layer": self.layer,
                 "params": _jsonable(self.params), "seed": self.seed, "passes": self.passes,
                 "seconds": self.seconds, "versions": self.versions, "model": self.model,
-                "shape": list(self.maps.shape), "extras": _jsonable(self.extras)}
+                "shape": list(self.maps.shape), "extras": _jsonable(self.extras), "layout": self.layout}
 
     @staticmethod
     def random_like(exp: "Explanation", seed: int = 0) -> "Explanation":
@@ -158,13 +163,16 @@ class Explanation:
         g = torch.Generator().manual_seed(seed)
         maps = torch.rand(exp.maps.shape, generator=g)
         return Explanation(maps=maps, method="random", signed=False, target=list(exp.target),
-                           params={}, seed=seed, model=exp.model)
+                           params={}, seed=seed, model=exp.model, layout=exp.layout)
 
     # ------------------------------------------------------------------------------ display
     def overlay(self, image, index: int = 0, alpha: float = 0.5, cmap: str | None = None):
         """The map blended over the photo (resized to the photo), as a PIL image."""
         from .maps import overlay
 
+        if self.layout != "BCHW":
+            raise SaliencyError(f"overlay draws a map over a photo; this explanation is of a {self.layout} input "
+                                "(for a series use saliencykit.present.viz.series_plot)")
         return overlay(image, self.maps[index], signed=self.signed, alpha=alpha, cmap=cmap)
 
     # ------------------------------------------------------------------------------ saving
@@ -210,7 +218,7 @@ class Explanation:
                    layer=meta.get("layer"), params=meta.get("params", {}), seed=meta.get("seed"),
                    passes=meta.get("passes", {}), seconds=meta.get("seconds", 0.0), raw=arrays.get("raw"),
                    attributions=arrays.get("attributions"), versions=meta.get("versions", {}),
-                   model=meta.get("model"), extras=meta.get("extras", {}))
+                   model=meta.get("model"), extras=meta.get("extras", {}), layout=meta.get("layout", "BCHW"))
 
 
 def _extras_of(extras: dict, i) -> dict:

@@ -66,7 +66,7 @@ class Plan:
         from .subject import extract_logits
 
         if self.form in TRACED:
-            return extract_logits(self.module(x))
+            return extract_logits(self.module(x), dense=True)
         if self.form == "channels_last":
             return subject.forward(x.contiguous(memory_format=torch.channels_last))
         return subject.forward(x)
@@ -137,7 +137,7 @@ class _Logits(torch.nn.Module):
     def forward(self, x):
         from .subject import extract_logits
 
-        return extract_logits(self.model(x))
+        return extract_logits(self.model(x), dense=True)
 
 
 def _onnxruntime(model, x: torch.Tensor):

@@ -25,8 +25,38 @@ from .hooks import model_lock, this_thread_only
 from .images import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, load_image  # noqa: F401  (re-exported)
 
 
-def extract_logits(output) -> torch.Tensor:
-    """Find the logits in a model's output: a tensor, a tuple/list, a dict or a ModelOutput."""
+# The input layouts a Subject explains: name -> (axes after the batch axis, the channel axis or
+# None, whether the input is a normalised image). Maps keep every axis but the channel axis.
+LAYOUTS = {
+    "BCHW": ("CHW", 1, True),      # images
+    "BCDHW": ("CDHW", 1, False),   # volumes (CT, MRI): tensors as given
+    "BCT": ("CT", 1, False),       # series: channels x time steps
+    "BTCHW": ("TCHW", 2, True),    # clips: frames of normalised images
+    "BF": ("F", None, False),      # flat feature vectors (tabular)
+}
+
+
+def check_layout(layout) -> str:
+    """A layout name in canonical spelling, or a SaliencyError naming the known ones."""
+    key = layout.upper() if isinstance(layout, str) else layout
+    if key not in LAYOUTS:
+        raise SaliencyError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    return key
+
+
+def channel_axis(layout: str | None) -> int | None:
+    """The channel axis of `layout` (1 for BCHW, 2 for BTCHW, None for flat inputs)."""
+    return LAYOUTS[layout or "BCHW"][1]
+
+
+def extract_logits(output, dense: bool = False) -> torch.Tensor:
+    """Find the scores in a model's output: a tensor, a tuple/list, a dict or a ModelOutput.
+
+    Logits `[B, classes]` as they are; one score per example `[B]` as `[B, 1]` (explained as that
+    score). With `dense=True` (what `Subject.forward` asks) an output with more axes is kept as it
+    is, for the dense targets to read: segmentation `[B,K,H,W]` (also under torchvision's `"out"`
+    key), an image-to-image model's `[B,C,H,W]`, a mask without a class axis `[B,H,W]`.
+    """
     if isinstance(output, torch.Tensor):
         logits = output
     elif isinstance(output, dict) or hasattr(output, "keys"):
@@ -45,10 +75,12 @@ def extract_logits(output) -> torch.Tensor:
         raise SaliencyError(
             f"model output not understood: got {type(output).__name__}; expected logits [B, classes], "
             "a tuple whose first item is logits, or a dict/ModelOutput with 'logits'")
-    if logits.dim() != 2:
-        raise SaliencyError(
-            f"model output not understood: logits should be [B, classes], got shape {tuple(logits.shape)}")
-    return logits
+    if logits.dim() == 1:
+        return logits.unsqueeze(1)
+    if logits.dim() == 2 or (dense and logits.dim() > 2):
+        return logits
+    raise SaliencyError(
+        f"model output not understood: logits should be [B, classes], got shape {tuple(logits.shape)}")
 
 
 # model -> [calls inside `Subject.explaining()`, training flags, in-place flags] as the first call
@@ -123,6 +155,11 @@ class Subject:
         mean, std: the per-channel normalisation, used for baselines ("black" image) and display.
         layer: the default layer for layer methods (name), or "auto".
         name: a short name shown in reports.
+        layout: the input's axes: "BCHW" (images, the default for 4-D inputs), "BCDHW" (volumes),
+            "BCT" (series), "BTCHW" (clips of frames) or "BF" (flat feature vectors; an `[F]`
+            input is a batch of one). None infers it from each input's number of axes and refuses
+            an input it cannot tell (a 5-D tensor could be a volume or a clip). Only images and
+            clips are normalised with `mean`/`std`; the other layouts are explained as given.
         fast: how forward-only runs of many perturbed inputs (occlusion, RISE, Score-CAM,
             deletion, ...) may run the model on a CPU (see `saliencykit.inference`): None or True
             (default) times the eager model, channels-last input and a frozen trace once per
@@ -136,7 +173,7 @@ class Subject:
                  labels: Sequence[str] | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  input_size=(224, 224), layer: str = "auto", name: str | None = None,
                  device: str | torch.device | None = None, groups: dict | None = None,
-                 fast: bool | str | None = None):
+                 fast: bool | str | None = None, layout: str | None = None):
         if not isinstance(model, nn.Module):
             raise SaliencyError(f"Subject needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -154,6 +191,7 @@ class Subject:
         self._auto_layer_cache: dict[tuple, str] = {}
         self.grid_fn: Callable | None = None
         self.fast = fast
+        self.layout = None if layout is None else check_layout(layout)
 
     # ----------------------------------------------------------------------------- basics
     def __repr__(self):
@@ -180,6 +218,48 @@ class Subject:
     def in_channels(self) -> int:
         return len(self.mean)
 
+    def layout_for(self, x: torch.Tensor) -> str:
+        """The layout of input `x`: the declared one (checked against `x`'s axes) or the one its
+        number of axes tells; a SaliencyError when it does not match or cannot be told."""
+        dims = x.dim()
+        declared = getattr(self, "layout", None)
+        if declared is not None:
+            want = len(LAYOUTS[declared][0]) + 1
+            if dims != want and not (declared == "BF" and dims == 1):
+                hint = (" (add a batch dimension: x.unsqueeze(0))" if dims == want - 1 else "")
+                raise SaliencyError(f"the subject's layout is {declared} ({want} axes) but the input has "
+                                    f"{dims}: shape {tuple(x.shape)}{hint}; give a {declared} tensor or "
+                                    "declare the input's layout with Subject(model, layout=...)")
+            return declared
+        if dims == 4:
+            return "BCHW"
+        if dims == 2:
+            return "BF"
+        if dims == 3:
+            if x.shape[0] == self.in_channels and tuple(x.shape[-2:]) == tuple(self.input_size):
+                return "BCHW"  # an image without its batch axis: check_input says what to do
+            return "BCT"
+        if dims == 5:
+            c = self.in_channels
+            if x.shape[1] == c and x.shape[2] != c:
+                return "BCDHW"
+            if x.shape[2] == c and x.shape[1] != c:
+                return "BTCHW"
+            raise SaliencyError(f"a 5-D input {tuple(x.shape)} may be a volume [B,C,D,H,W] or a clip "
+                                "[B,T,C,H,W]: declare which with Subject(model, layout='BCDHW') or layout='BTCHW'")
+        raise SaliencyError(f"input must have 4 dimensions [B,C,H,W] (or declare another layout with "
+                            f"Subject(model, layout=...): {', '.join(LAYOUTS)}); got shape {tuple(x.shape)}")
+
+    def _channel_view(self, x: torch.Tensor, values) -> torch.Tensor:
+        """Per-channel `values` shaped to broadcast over `x` along its layout's channel axis."""
+        axis = channel_axis(self.layout_for(x))
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return torch.tensor(values, device=x.device, dtype=x.dtype).view(shape)
+
+    def _is_image(self, x: torch.Tensor) -> bool:
+        return LAYOUTS[self.layout_for(x)][2]
+
     def preprocess(self, images) -> torch.Tensor:
         """Photo(s) -> `[B,C,H,W]` float tensor on the model's device."""
         if not isinstance(images, (list, tuple)):
@@ -193,16 +273,25 @@ class Subject:
         return torch.stack(tensors).to(self.device)
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised input -> pixel values in [0,1]."""
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return (x * std + mean).clamp(0, 1)
+        """Normalised input -> pixel values in [0,1] (a series, volume or feature vector as it is)."""
+        if x.dim() == 4 and getattr(self, "layout", None) in (None, "BCHW"):  # the image path, unchanged
+            mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            return (x * std + mean).clamp(0, 1)
+        if not self._is_image(x):
+            return x
+        return (x * self._channel_view(x, self.std) + self._channel_view(x, self.mean)).clamp(0, 1)
 
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixel values in [0,1] -> the model's normalised input space."""
-        mean = torch.tensor(self.mean, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
-        return (pixels - mean) / std
+        """Pixel values in [0,1] -> the model's normalised input space (other layouts: as they are,
+        so the "black" baseline of a series or a volume is zeros)."""
+        if pixels.dim() == 4 and getattr(self, "layout", None) in (None, "BCHW"):
+            mean = torch.tensor(self.mean, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
+            return (pixels - mean) / std
+        if not self._is_image(pixels):
+            return pixels
+        return (pixels - self._channel_view(pixels, self.mean)) / self._channel_view(pixels, self.std)
 
     def black(self, x: torch.Tensor) -> torch.Tensor:
         """The black image in the model's input space (not zeros: zeros are the mean colour)."""
@@ -219,11 +308,15 @@ class Subject:
         if not isinstance(x, torch.Tensor):
             raise SaliencyError(f"input must be a torch.Tensor [B,C,H,W]; got {type(x).__name__} "
                                 "(use subject.preprocess(image) for photos)")
-        if x.dim() != 4:
+        layout = self.layout_for(x)
+        if layout == "BCHW" and x.dim() != 4:
             hint = " (add a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
             raise SaliencyError(f"input must have 4 dimensions [B,C,H,W]; got shape {tuple(x.shape)}{hint}")
-        if x.shape[1] != self.in_channels:
-            raise SaliencyError(f"input has {x.shape[1]} channels; the model expects {self.in_channels}")
+        if layout == "BF" and x.dim() == 1:
+            x = x.unsqueeze(0)  # one feature vector: a batch of one
+        axis = channel_axis(layout)
+        if LAYOUTS[layout][2] and x.shape[axis] != self.in_channels:
+            raise SaliencyError(f"input has {x.shape[axis]} channels; the model expects {self.in_channels}")
         if not x.is_floating_point():
             raise SaliencyError(f"input must be a floating-point tensor, got {x.dtype}")
         if x.shape[0] == 0:
@@ -256,7 +349,7 @@ class Subject:
     # --------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the model and return logits `[B, classes]`."""
-        return extract_logits(self.model(x))
+        return extract_logits(self.model(x), dense=True)
 
     __call__ = forward
 
@@ -265,7 +358,11 @@ class Subject:
         """Top-k classes per example: `[{"index", "label", "prob"}, ...]`."""
         x = self.check_input(x)
         with self.explaining():
-            probs = self.forward(x).float().softmax(-1)
+            probs = self.forward(x).float()
+        if probs.dim() != 2:
+            raise SaliencyError(f"predict reads class scores [B, classes]; the model's output is dense, shape "
+                                f"{tuple(probs.shape)}")
+        probs = probs.softmax(-1)
         top = probs.topk(min(k, probs.shape[1]), dim=1)
         return [[{"index": int(i), "label": self.label(int(i)), "prob": float(p)}
                  for p, i in zip(ps, idx)] for ps, idx in zip(top.values, top.indices)]
@@ -342,8 +439,11 @@ class Subject:
         adaptive pooling layers excepted.
 
         That is the last convolutional feature map before global pooling: the standard
-        Grad-CAM layer. Found with one dry forward pass on a probe input.
+        Grad-CAM layer. Found with one dry forward pass on a probe input. For a series or a
+        volume: the last module whose output has the input's axes (each longer than 1).
         """
+        if x is not None and self.layout_for(x) not in ("BCHW",):
+            return self._auto_layer_along_axes(x)
         size = tuple(x.shape[-2:]) if x is not None else self.input_size
         if size in self._auto_layer_cache:
             return self._auto_layer_cache[size]
@@ -381,6 +481,33 @@ class Subject:
         name = finished[-1]
         self._auto_layer_cache[size] = name
         return name
+
+    def _auto_layer_along_axes(self, x: torch.Tensor) -> str:
+        key = (self.layout_for(x), tuple(x.shape[1:]))
+        if key in self._auto_layer_cache:
+            return self._auto_layer_cache[key]
+        finished: list[str] = []
+        dims = x.dim()
+
+        def hook(name):
+            def record(_m, _i, out):
+                if isinstance(out, torch.Tensor) and out.dim() == dims and all(n > 1 for n in out.shape[2:]):
+                    finished.append(name)
+            return record
+
+        handles = [mod.register_forward_hook(this_thread_only(hook(name)))
+                   for name, mod in self.model.named_modules() if name]
+        try:
+            with self.explaining(), torch.no_grad():
+                self.forward(torch.zeros_like(x[:1]))
+        finally:
+            for h in handles:
+                h.remove()
+        if not finished:
+            raise SaliencyError(f"no layer of {self.name} outputs a map with the axes of the {key[0]} input; "
+                                "pass layer=NAME")
+        self._auto_layer_cache[key] = finished[-1]
+        return finished[-1]
 
     def capture(self, layers: Sequence[str], call: int = -1) -> LayerCapture:
         modules = {}

@@ -13,6 +13,15 @@ on batches made of repeated examples.
 
 The contrastive/pointwise x class/group grid of the RFxG taxonomy is covered by Class, Group and
 Contrast of either (Contrast(Group("dog"), vs=Group("cat")) is "why dog and not cat?").
+
+Dense targets read a model whose output has axes of its own (segmentation `[B,K,H,W]`, an
+image-to-image model's `[B,C,H,W]`, a volume's `[B,K,D,H,W]`):
+
+    Region(mask, label=c)   s = sum over the mask of out[c]        "why are these pixels c?"
+                              (reduce="mean": the mean; score="prob": softmax over the class axis)
+    Pixel(y, x, label=c)    Region of that one pixel
+    OutputRegion(mask)      s = sum over the mask and the channels of the output
+                              (change=True: of out - out(clean input); same gradient, s(x) = 0)
 """
 from __future__ import annotations
 
@@ -280,4 +289,237 @@ def repeat_rows(batch: int, times: int, device=None) -> torch.Tensor:
     return torch.arange(batch, device=device).repeat_interleave(times)
 
 
-__all__ = ["Target", "Class", "Contrast", "Group", "TopK", "ResolvedTarget", "as_target", "repeat_rows"]
+# ----------------------------------------------------------------------------- dense targets
+
+REDUCES = ("sum", "mean")
+
+
+def _as_mask(mask, what: str) -> torch.Tensor:
+    """A mask (tensor, array, nested list; bool or weights) as a float tensor with >= 1 axis."""
+    import numpy as np
+
+    if isinstance(mask, torch.Tensor):
+        t = mask.detach()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(mask))
+        except (TypeError, ValueError, RuntimeError):
+            raise SaliencyError(f"{what} mask must be a tensor or an array, got {type(mask).__name__}") from None
+    if t.dim() == 0:
+        raise SaliencyError(f"{what} mask must have the output's spatial axes, got a single number")
+    if t.dtype == torch.bool or not t.is_floating_point():
+        t = t != 0 if t.dtype != torch.bool else t
+    t = t.float()
+    if not torch.isfinite(t).all():
+        raise SaliencyError(f"{what} mask contains NaN or infinite values")
+    if (t < 0).any():
+        raise SaliencyError(f"{what} mask has negative entries; a mask is 0/1 (or non-negative weights)")
+    return t
+
+
+class _DenseTarget(Target):
+    """A score summed over part of a dense output. `mask`: the output's spatial axes (`[H,W]`,
+    `[T]`, `[D,H,W]`), shared by the batch, or a list of one per example."""
+
+    dense = True
+    kind = "region"
+
+    def _masks(self, out: torch.Tensor, spec=None) -> tuple[torch.Tensor, bool]:
+        """([B, *S] float masks on out's device, whether `out` has a class axis). A list or tuple
+        of tensors / arrays gives one mask per example; anything else is one mask for all."""
+        import numpy as np
+
+        b = out.shape[0]
+        spec = self.mask if spec is None else spec
+        if isinstance(spec, (list, tuple)) and spec and isinstance(spec[0], (torch.Tensor, np.ndarray)):
+            if len(spec) != b:
+                raise SaliencyError(f"{type(self).__name__}: {len(spec)} masks for a batch of {b} examples")
+            masks = [_as_mask(m, type(self).__name__) for m in spec]
+            if len({tuple(m.shape) for m in masks}) != 1:
+                raise SaliencyError(f"{type(self).__name__}: the masks differ in shape "
+                                    f"{sorted({tuple(m.shape) for m in masks})}")
+            mask = torch.stack(masks)
+        else:
+            m = _as_mask(spec, type(self).__name__)
+            mask = m.unsqueeze(0).expand(b, *m.shape)
+        n = mask.dim() - 1
+        if out.dim() == n + 2:
+            has_classes = True
+        elif out.dim() == n + 1:
+            has_classes = False
+        else:
+            raise SaliencyError(f"{type(self).__name__}: a mask of shape {tuple(mask.shape[1:])} ({n} axes) does not fit "
+                                f"the model's output of shape {tuple(out.shape)}: give a mask with the output's "
+                                "spatial axes (e.g. [H,W] for [B,K,H,W])")
+        if tuple(out.shape[-n:]) != tuple(mask.shape[1:]):
+            raise SaliencyError(f"{type(self).__name__}: the mask is {tuple(mask.shape[1:])} but the model's output is "
+                                f"{tuple(out.shape[-n:])} ({'x'.join(map(str, out.shape))}); give a mask at the output's "
+                                "size")
+        if not bool((mask.flatten(1).sum(1) > 0).all()):
+            raise SaliencyError(f"{type(self).__name__}: the mask is empty (all zeros) for some example: there is "
+                                "nothing to explain")
+        return mask.to(out.device), has_classes
+
+
+class Region(_DenseTarget):
+    """Why the output is class `label` over `mask`: the logit of `label` summed over the mask
+    (Aggregated Attribution). `reduce="mean"` averages it over the mask instead (weights: the
+    mask's values); `score="prob"` sums softmax probabilities (softmax over the class axis).
+    `label=None`: per example, the class predicted most often inside the mask on the clean input.
+    On an output without a class axis (`[B,H,W]`), `Region(mask)` sums the output over the mask."""
+
+    def __init__(self, mask, label=None, reduce: str = "sum", score: str = "logit"):
+        self.mask, self.label = mask, label
+        if reduce not in REDUCES:
+            raise SaliencyError(f"Region reduce must be one of {REDUCES}, got {reduce!r}")
+        if score not in ("logit", "prob", "log_prob"):
+            raise SaliencyError(f"Region score must be 'logit', 'prob' or 'log_prob', got {score!r}")
+        self.reduce, self.output = reduce, score
+
+    def __repr__(self):
+        return f"{type(self).__name__}(label={self.label!r}, reduce={self.reduce!r}, score={self.output!r})"
+
+    def _mask_spec(self, out):
+        return self._masks(out)
+
+    def resolve(self, subject, logits):
+        out = logits
+        masks, has_classes = self._mask_spec(out)
+        b = out.shape[0]
+        if not has_classes:
+            if self.label is not None:
+                raise SaliencyError(f"{type(self).__name__}(label={self.label!r}) needs an output with a class axis "
+                                    f"[B,K,...]; the model's output {tuple(out.shape)} has none (one value per "
+                                    "position): use sk.OutputRegion(mask), or Region(mask) without a label")
+            classes = [None] * b
+        elif self.label is None:
+            pred = out.argmax(1)                          # [B, *S] predicted class per position
+            classes = []
+            for i in range(b):
+                inside = pred[i][masks[i] > 0]
+                classes.append(int(torch.bincount(inside.flatten(), minlength=out.shape[1]).argmax()))
+        else:
+            labels = self.label if isinstance(self.label, (list, tuple)) else [self.label] * b
+            if len(labels) != b:
+                raise SaliencyError(f"{type(self).__name__}: {len(labels)} labels for a batch of {b} examples")
+            classes = [subject.class_index(c, out.shape[1]) for c in labels]
+        pixels = [int((m > 0).sum()) for m in masks]
+        where = "position" if masks.dim() == 2 else "pixel"
+        sides = [Side([] if c is None else [c], "region",
+                      f"{'output' if c is None else subject.label(c)} over {n} {where}{'s' if n != 1 else ''}")
+                 for c, n in zip(classes, pixels)]
+        return DenseResolvedTarget(sides, [None] * b, self.output, self.kind, masks=masks, classes=classes,
+                                   reduce=self.reduce, has_classes=has_classes)
+
+
+class Pixel(Region):
+    """Why position (y, x) of the output is class `label`: `Region` of that one pixel (one index
+    per spatial axis of the output: `Pixel(t, label=c)` for a series, `Pixel(z, y, x, ...)` for a volume)."""
+
+    kind = "pixel"
+
+    def __init__(self, *position, label=None, score: str = "logit"):
+        if not position or not all(isinstance(p, int) and not isinstance(p, bool) for p in position):
+            raise SaliencyError(f"Pixel needs integer positions, one per spatial axis of the output; got {position!r}")
+        self.position = tuple(position)
+        super().__init__(None, label=label, reduce="sum", score=score)
+
+    def __repr__(self):
+        return f"Pixel{self.position}(label={self.label!r})"
+
+    def _mask_spec(self, out):
+        n = len(self.position)
+        size = tuple(out.shape[-n:]) if out.dim() > n else ()
+        if len(size) != n or any(not 0 <= p < s for p, s in zip(self.position, size)):
+            raise SaliencyError(f"Pixel{self.position} is outside the model's output of shape {tuple(out.shape)}")
+        mask = torch.zeros(size)
+        mask[self.position] = 1
+        return self._masks(out, mask)
+
+
+class OutputRegion(_DenseTarget):
+    """For image-to-image models (denoising, restoration, super-resolution): the output summed
+    over `mask` and over all channels. `change=True` scores the change of that sum against the
+    output of the clean input instead (zero on the clean input; a constant apart, so the same
+    gradient and the same drops under occlusion)."""
+
+    kind = "output_region"
+
+    def __init__(self, mask, change: bool = False, reduce: str = "sum"):
+        if reduce not in REDUCES:
+            raise SaliencyError(f"OutputRegion reduce must be one of {REDUCES}, got {reduce!r}")
+        self.mask, self.change, self.reduce, self.output = mask, bool(change), reduce, "logit"
+
+    def __repr__(self):
+        return f"OutputRegion(change={self.change}, reduce={self.reduce!r})"
+
+    def resolve(self, subject, logits):
+        masks, has_classes = self._masks(logits)
+        b = logits.shape[0]
+        pixels = [int((m > 0).sum()) for m in masks]
+        sides = [Side([], "output_region", f"{'change of the ' if self.change else ''}output over {n} pixels")
+                 for n in pixels]
+        resolved = DenseResolvedTarget(sides, [None] * b, "logit", self.kind, masks=masks, classes=[None] * b,
+                                       reduce=self.reduce, has_classes=has_classes, fixed_output=True)
+        if self.change:
+            resolved.reference = resolved.score(logits.detach()).detach()
+        return resolved
+
+
+@dataclass
+class DenseResolvedTarget(ResolvedTarget):
+    """A dense target fixed against the clean output: per example its mask and class."""
+
+    masks: torch.Tensor | None = None       # [B, *S] float
+    classes: list = field(default_factory=list)   # per example a class index, or None (no class / all channels)
+    reduce: str = "sum"
+    has_classes: bool = True
+    fixed_output: bool = False              # OutputRegion: the output is scored as it is, never softmaxed
+    reference: torch.Tensor | None = None   # [B] scores subtracted (OutputRegion(change=True))
+
+    def transform(self, logits: torch.Tensor, output: str | None = None) -> torch.Tensor:
+        """The output as scored: softmax / log-softmax over the class axis (axis 1)."""
+        output = output or self.output
+        if output == "logit" or self.fixed_output or not self.has_classes:
+            return logits
+        if output == "prob":
+            return logits.softmax(1)
+        if output == "log_prob":
+            return logits.log_softmax(1)
+        raise SaliencyError(f"unknown output {output!r}")
+
+    def score(self, logits: torch.Tensor, rows: torch.Tensor | None = None,
+              output: str | None = None) -> torch.Tensor:
+        if rows is None:
+            if logits.shape[0] != len(self.pos):
+                raise SaliencyError(f"{logits.shape[0]} outputs for {len(self.pos)} targets")
+            rows = torch.arange(logits.shape[0], device=logits.device)
+        rows = rows.to(self.masks.device)
+        out = logits
+        if self.has_classes:
+            out = self.transform(out, output)
+            if self.classes[0] is None:
+                out = out.sum(1)                     # every channel (an image-to-image output)
+            else:
+                cls = torch.tensor(self.classes, device=out.device)[rows.to(out.device)]
+                index = cls.view(-1, 1, *[1] * (out.dim() - 2)).expand(-1, 1, *out.shape[2:])
+                out = out.gather(1, index).squeeze(1)
+        m = self.masks[rows].to(out.device, out.dtype)
+        s = (out * m).flatten(1).sum(1)
+        if self.reduce == "mean":
+            s = s / m.flatten(1).sum(1)
+        if self.reference is not None:
+            s = s - self.reference.to(s.device, s.dtype)[rows.to(s.device)]
+        return s
+
+    def describe(self) -> list[dict]:
+        return [{"kind": self.kind, "indices": p.indices, "name": p.name, "output": self.output,
+                 "pixels": int((m > 0).sum()), "reduce": self.reduce} for p, m in zip(self.pos, self.masks)]
+
+    def key(self) -> tuple:
+        return (self.kind, self.output, self.reduce, tuple(self.classes), self.masks.data_ptr(),
+                tuple(self.masks.shape), self.reference is not None)
+
+
+__all__ = ["Target", "Class", "Contrast", "Group", "TopK", "ResolvedTarget", "as_target", "repeat_rows",
+           "Region", "Pixel", "OutputRegion", "DenseResolvedTarget"]

@@ -13,9 +13,11 @@ from ..engine import (DEFAULT_BATCH, GradResult, PassCounter, Progress, auto_bat
 from ..errors import SaliencyError, positive_int, resolve_seed
 from ..hooks import model_lock
 from ..explanation import Explanation, map_warnings
+from ..subject import LAYOUTS
 from ..targets import ResolvedTarget, Target
 
 REGISTRY: dict[str, type["Method"]] = {}
+ANY_LAYOUT = tuple(LAYOUTS)  # `Method.layouts` of a method that never looks at the input's axes
 # (subject kind, name or alias) -> the method that runs under that name on that kind of subject:
 # "gradcam" is one method on a classifier and another on a detector
 BY_KIND: dict[tuple[str, str], type["Method"]] = {}
@@ -58,6 +60,9 @@ class Method:
     # (the benchmark's --all-methods, the web app's list) leave such a method out
     requires: tuple = ()
     description: str = ""
+    # the input layouts it can explain (`subject.LAYOUTS`); asked for another, `explain` refuses
+    # before any pass: a window, a superpixel or a token grid means nothing on axes it does not know
+    layouts: tuple = ("BCHW",)
 
     def run(self, ctx: "Context", target: ResolvedTarget, layer, **params) -> dict:
         raise NotImplementedError
@@ -125,6 +130,8 @@ class Context:
         self.batch_size = batch_size
         self.progress = progress
         self.counter = PassCounter()
+        layout_for = getattr(subject, "layout_for", None)
+        self.layout = layout_for(x) if callable(layout_for) else "BCHW"
         self._logits: torch.Tensor | None = None
         self._captures: dict = {}
         # [(first row, input, logits, activations)] per chunk of one clean forward that kept its graph
@@ -253,8 +260,13 @@ class Context:
         logits = self.logits()
         if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and logits.shape[0] != self.batch:
             raise SaliencyError(f"the model returned {logits.shape[0]} row(s) of scores for a batch of {self.batch} "
-                                "inputs; its output must have one row per input, whatever the batch size")
+                                "inputs; its output must have one row per input, whatever the batch size (logits [B, classes], "
+                                "or one score per example [B])")
         check_finite_output(logits, self.subject)
+        if isinstance(logits, torch.Tensor) and logits.dim() > 2 and not getattr(target, "dense", False):
+            raise SaliencyError(f"the model's output is dense, shape {tuple(logits.shape)}, not logits [B, classes]: "
+                                f"{target!r} needs one score per class; explain a region of the output with "
+                                "sk.Region(mask, label=c), sk.Pixel(y, x, label=c) or sk.OutputRegion(mask)")
         resolved = target.resolve(self.subject, logits)
         if len(resolved) != self.batch:
             raise SaliencyError(f"target resolved to {len(resolved)} examples for a batch of {self.batch}")
@@ -423,6 +435,7 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
         if isinstance(x, torch.Tensor) and x.is_inference():
             x = x.clone()
         x = subject.check_input(x)
+        check_layouts(subject, x, classes)
         # the subject reads the target (a detector: Box targets); e.g. Text expands the batch to one
         # row per prompt explained for one image
         x, tgt = subject.target_for(target).expand_batch(x)
@@ -431,6 +444,20 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
     if isinstance(method, str):
         return results[classes[0].name]
     return results
+
+
+def check_layouts(subject, x: torch.Tensor, classes) -> None:
+    """Refuse, naming the layout, the methods that cannot explain an input of `x`'s layout."""
+    layout_for = getattr(subject, "layout_for", None)
+    layout = layout_for(x) if callable(layout_for) else "BCHW"
+    refused = [cls for cls in classes if layout not in cls.layouts]
+    if refused:
+        kind = getattr(subject, "subject_kind", "classifier")
+        able = sorted(name for name, c in REGISTRY.items() if name == c.name and layout in c.layouts and kind in c.kinds)
+        works_on = sorted({lay for cls in refused for lay in cls.layouts})
+        raise SaliencyError(f"method(s) {', '.join(cls.name for cls in refused)} cannot explain a {layout} input "
+                            f"(shape {tuple(x.shape)}): they work on {', '.join(works_on)} inputs; for {layout} use "
+                            f"{', '.join(able) or 'none yet'}")
 
 
 def _auto_layer_note(ctx, layer, classes) -> dict:
@@ -442,6 +469,9 @@ def _auto_layer_note(ctx, layer, classes) -> dict:
     if getattr(subject, "default_layer", "auto") not in (None, "auto"):
         return {"layer_choice": f"the subject's default layer {subject.default_layer!r}"}
     picked = subject.auto_layer(ctx.x)
+    if ctx.layout != "BCHW":
+        return {"layer_choice": f"layer='auto' picked {picked!r}: the last layer whose output has the axes of the "
+                                f"{ctx.layout} input, each longer than 1"}
     size = tuple(ctx.x.shape[-2:])
     note = {"layer_choice": f"layer='auto' picked {picked!r}: the last layer whose output is a spatial map "
                             f"(height and width > 1) at input {size[0]}x{size[1]}"}
@@ -519,4 +549,5 @@ def _run_one(ctx, cls, resolved, layer, seed, all_params, t_call, layer_note, to
             target=described, layer=out.get("layer"),
             params={k: v for k, v in all_params[cls.name].items()},
             seed=seed if cls.randomized else None, passes=passes, seconds=seconds,
-            raw=out.get("raw"), attributions=out.get("attributions"), model=subject.name, extras=extras)
+            raw=out.get("raw"), attributions=out.get("attributions"), model=subject.name, extras=extras,
+            layout=ctx.layout)

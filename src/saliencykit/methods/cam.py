@@ -40,8 +40,20 @@ def resolve_layers(ctx, layer) -> list[str]:
     return names
 
 
+def _spatial(t: torch.Tensor) -> tuple:
+    """The axes after the channel axis of a layer map: (2, 3) for [B,C,h,w], (2,) for a series'
+    [B,C,t], (2, 3, 4) for a volume's [B,C,d,h,w]."""
+    return tuple(range(2, t.dim()))
+
+
 def as_grid(ctx, name: str, t: torch.Tensor) -> torch.Tensor:
-    """Layer output -> [B,C,h,w] (token outputs of transformers become a patch grid)."""
+    """Layer output -> [B,C,h,w] (token outputs of transformers become a patch grid); a series'
+    or a volume's layer keeps its [B,C,t] / [B,C,d,h,w]."""
+    if ctx.layout != "BCHW":
+        if t.dim() != ctx.x.dim():
+            raise SaliencyError(f"layer {name!r} outputs shape {tuple(t.shape)}; a CAM of a {ctx.layout} input needs "
+                                f"a layer map with {ctx.x.dim()} axes like the input's; choose a convolutional layer")
+        return t
     if t.dim() == 4:
         return t
     if t.dim() == 3:
@@ -74,7 +86,7 @@ def fuse_layers(raws: list[torch.Tensor], size, how: str = "mean") -> torch.Tens
 
 def _finish(ctx, names, raws, relu, how="mean", extras=None) -> dict:
     raws = [r.clamp_min(0) if relu else r for r in raws]
-    out = {"maps": fuse_layers(raws, ctx.x.shape[-2:], how), "raw": raws[0] if len(raws) == 1 else None,
+    out = {"maps": fuse_layers(raws, ctx.x.shape[2:], how), "raw": raws[0] if len(raws) == 1 else None,
            "layer": ",".join(names), "signed": not relu}
     if extras:
         out["extras"] = extras
@@ -90,6 +102,7 @@ class _GradCamBase(Method):
     clean_pass = True
     defaults = {"relu": True}
     fuse = "mean"
+    layouts = ("BCHW", "BCT", "BCDHW")   # 1-D maps upsample linearly, 3-D ones trilinearly
 
     def combine(self, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -112,7 +125,7 @@ class GradCAM(_GradCamBase):
     description = "Channel weights = spatial mean of gradients (Selvaraju et al. 2017)."
 
     def combine(self, A, G):
-        return (G.mean((2, 3), keepdim=True) * A).sum(1)
+        return (G.mean(_spatial(G), keepdim=True) * A).sum(1)
 
 
 @register
@@ -130,11 +143,11 @@ def gradcam_pp_weights(A, D1, D2, D3):
 
     Grad-CAM++ passes D1, D2, D3 = G, G^2, G^3; Smooth Grad-CAM++ their means over noisy copies.
     """
-    sum_a = A.sum((2, 3), keepdim=True)
+    sum_a = A.sum(_spatial(A), keepdim=True)
     denom = 2 * D2 + sum_a * D3
     safe = torch.where(denom != 0, denom, torch.full_like(denom, EPS))
     alpha = torch.where(D2 != 0, D2 / safe, torch.zeros_like(D2))
-    return (alpha * D1.clamp_min(0)).sum((2, 3), keepdim=True)
+    return (alpha * D1.clamp_min(0)).sum(_spatial(D1), keepdim=True)
 
 
 @register
@@ -153,8 +166,8 @@ class XGradCAM(_GradCamBase):
     description = "Channel weights = sum(G*A)/sum(A) (Fu et al. 2020); channels with sum(A) = 0 get weight 0."
 
     def combine(self, A, G):
-        num = (G * A).sum((2, 3), keepdim=True)
-        den = A.sum((2, 3), keepdim=True) + EPS
+        num = (G * A).sum(_spatial(A), keepdim=True)
+        den = A.sum(_spatial(A), keepdim=True) + EPS
         w = torch.where(den.abs() > 1e-12, num / torch.where(den.abs() > 1e-12, den, torch.ones_like(den)),
                         torch.zeros_like(num))
         return (w * A).sum(1)

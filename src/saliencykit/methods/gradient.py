@@ -17,13 +17,13 @@ from torch.overrides import TorchFunctionMode
 from ..engine import chunked_gradient, generator, reduce_channels
 from ..errors import SaliencyError, positive_float, positive_int
 from ..filters import gaussian_blur
-from .base import Method, register
+from .base import ANY_LAYOUT, Method, register
 
 SIGNED_REDUCTIONS = ("sum", "mean")
 
 
-def _maps(attr: torch.Tensor, reduce: str) -> dict:
-    return {"maps": reduce_channels(attr, reduce), "attributions": attr, "signed": reduce in SIGNED_REDUCTIONS}
+def _maps(attr: torch.Tensor, reduce: str, layout: str | None = None) -> dict:
+    return {"maps": reduce_channels(attr, reduce, layout), "attributions": attr, "signed": reduce in SIGNED_REDUCTIONS}
 
 
 def make_baseline(subject, x: torch.Tensor, baseline, seed=0) -> torch.Tensor:
@@ -62,6 +62,9 @@ def make_baseline(subject, x: torch.Tensor, baseline, seed=0) -> torch.Tensor:
     if baseline == "mean":
         return torch.zeros_like(x)
     if baseline == "blur":
+        if x.dim() != 4:
+            raise SaliencyError(f"the 'blur' baseline blurs an image [B,C,H,W]; the input has shape {tuple(x.shape)}: "
+                                "use 'zero', 'mean', a value or a tensor")
         return gaussian_blur(x, sigma=max(x.shape[-1], x.shape[-2]) / 16)
     if baseline == "noise":
         g = generator(seed)
@@ -91,6 +94,7 @@ def _check_reduce(reduce):
 
 @register
 class Saliency(Method):
+    layouts = ANY_LAYOUT
     name = "saliency"
     aliases = ("vanilla_gradient", "gradient")
     family = "gradient"
@@ -102,11 +106,12 @@ class Saliency(Method):
     def run(self, ctx, target, layer, abs=False, reduce="max_abs"):
         _check_reduce(reduce)
         g = _input_gradient(ctx, target)
-        return _maps(g.abs() if abs else g, reduce)
+        return _maps(g.abs() if abs else g, reduce, ctx.layout)
 
 
 @register
 class GradientXInput(Method):
+    layouts = ANY_LAYOUT
     name = "gradxinput"
     aliases = ("gradient_x_input", "input_x_gradient")
     family = "gradient"
@@ -119,7 +124,7 @@ class GradientXInput(Method):
     def run(self, ctx, target, layer, reduce="sum"):
         _check_reduce(reduce)
         g = _input_gradient(ctx, target)
-        return _maps(ctx.x.detach() * g, reduce)
+        return _maps(ctx.x.detach() * g, reduce, ctx.layout)
 
 
 def noisy_gradients(ctx, target, samples: int, noise: float, noise_abs: float | None, base: str,
@@ -138,10 +143,11 @@ def noisy_gradients(ctx, target, samples: int, noise: float, noise_abs: float | 
     x = ctx.x.detach()
     b = x.shape[0]
     if noise_abs is not None:
-        sigma = torch.full((b, 1, 1, 1), positive_float(noise_abs, "noise_abs", allow_zero=True), device=x.device, dtype=x.dtype)
+        sigma = torch.full((b, *[1] * (x.dim() - 1)), positive_float(noise_abs, "noise_abs", allow_zero=True),
+                           device=x.device, dtype=x.dtype)
     else:
         flat = x.reshape(b, -1)
-        sigma = (positive_float(noise, "noise", allow_zero=True) * (flat.amax(1) - flat.amin(1))).view(b, 1, 1, 1)
+        sigma = (positive_float(noise, "noise", allow_zero=True) * (flat.amax(1) - flat.amin(1))).view(b, *[1] * (x.dim() - 1))
     g = generator(ctx.seed)
     noisy = torch.cat([x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
                        for _ in range(samples)])
@@ -157,6 +163,7 @@ def noisy_gradients(ctx, target, samples: int, noise: float, noise_abs: float | 
 
 
 class _SmoothGradFamily(Method):
+    layouts = ANY_LAYOUT
     family = "gradient"
     randomized = True
     cost = "25F+25B"
@@ -171,14 +178,14 @@ class _SmoothGradFamily(Method):
         _check_reduce(reduce)
         grads, _ = noisy_gradients(ctx, target, samples, noise, noise_abs, base, batch_size)
         if self.kind == "smoothgrad":
-            return _maps(grads.mean(0), reduce)
+            return _maps(grads.mean(0), reduce, ctx.layout)
         if self.kind == "smoothgrad_sq":
             attr = grads.pow(2).mean(0)  # squared before any channel reduction
         else:
             # E[g^2] - E[g]^2, accumulated in float64; exact arithmetic is >= 0, the clamp removes rounding
             gd = grads.double()
             attr = (gd.pow(2).mean(0) - gd.mean(0).pow(2)).clamp_min(0).to(grads.dtype)
-        out = _maps(attr, reduce)
+        out = _maps(attr, reduce, ctx.layout)
         out["signed"] = False  # squares and variances are never negative
         return out
 
@@ -352,6 +359,7 @@ def _rule_report(rule: ModifiedReLURule, method: str) -> dict:
 
 
 class _ModifiedBackprop(Method):
+    layouts = ANY_LAYOUT
     family = "gradient"
     cost = "1F+1B"
     defaults = {"reduce": "max_abs"}
@@ -371,7 +379,7 @@ class _ModifiedBackprop(Method):
         else:
             with modified_relu_backward(self.guided) as rule:
                 g = _input_gradient(ctx, target, reuse_primed=False)
-        out = _maps(g, reduce)
+        out = _maps(g, reduce, ctx.layout)
         out["extras"] = _rule_report(rule, self.name)
         return out
 

@@ -19,7 +19,7 @@ import torch
 from ..engine import auto_batch, forward_logits, gradient_pass, spans, upsample
 from ..errors import SaliencyError, positive_int
 from ..hooks import this_thread_only
-from .base import Method, register
+from .base import ANY_LAYOUT, Method, register
 from .cam import as_grid, resolve_layers
 from ..filters import gaussian_blur, gaussian_kernels, separable
 from .gradient import _check_reduce, _maps, make_baseline
@@ -65,16 +65,17 @@ def integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, s
     n = steps * b
     for start, stop in spans(n, bs):
         idx = torch.arange(start, stop, device=x.device)
-        a = alphas[idx // b].view(-1, 1, 1, 1)
+        a = alphas[idx // b].view(-1, *[1] * (x.dim() - 1))
         ex = idx % b
         inputs = baseline[ex] + a * diff[ex]
         g = gradient_pass(ctx.subject, inputs, target, rows=rows[idx], counter=ctx.counter).input_grad
-        total.index_add_(0, ex, g.double() * weights[idx // b].view(-1, 1, 1, 1))
+        total.index_add_(0, ex, g.double() * weights[idx // b].view(-1, *[1] * (x.dim() - 1)))
     return (diff.double() * total).to(x.dtype)
 
 
 @register
 class IntegratedGradients(Method):
+    layouts = ANY_LAYOUT
     name = "integrated_gradients"
     aliases = ("ig",)
     family = "gradient"
@@ -110,7 +111,7 @@ class IntegratedGradients(Method):
         diff = s_x - sum(s_b) / len(s_b)
         err = attr.double().reshape(x.shape[0], -1).sum(1) - diff
         rel = err.abs() / diff.abs().clamp_min(1e-12)
-        return {**_maps(attr, reduce), "extras": {"completeness_error": err.tolist(),
+        return {**_maps(attr, reduce, ctx.layout), "extras": {"completeness_error": err.tolist(),
                                                   "relative_completeness_error": rel.tolist(),
                                                   "score_difference": diff.tolist()}}
 
@@ -212,12 +213,12 @@ class BlurIG(Method):
         x = ctx.x.detach()
         if max_sigma == 0:
             attr = torch.zeros_like(x)
-            return {**_maps(attr, reduce), "extras": {"completeness_error": [0.0] * x.shape[0]}}
+            return {**_maps(attr, reduce, ctx.layout), "extras": {"completeness_error": [0.0] * x.shape[0]}}
         attr = blur_integrated_gradients(ctx, target, x, float(max_sigma), steps,
                                          None if grad_step is None else float(grad_step), sqrt,
                                          batch_size)
         extras = _completeness(ctx, target, attr, gaussian_blur(x, float(max_sigma)), batch_size)
-        return {**_maps(attr, reduce), "extras": extras}
+        return {**_maps(attr, reduce, ctx.layout), "extras": extras}
 
 
 # =========================================================================== Guided IG
@@ -310,7 +311,7 @@ class GuidedIG(Method):
         x = ctx.x.detach()
         base = make_baseline(ctx.subject, x, baseline, ctx.seed)
         attr = guided_integrated_gradients(ctx, target, x, base, steps, float(fraction), float(max_dist))
-        return {**_maps(attr, reduce), "extras": _completeness(ctx, target, attr, base, batch_size)}
+        return {**_maps(attr, reduce, ctx.layout), "extras": _completeness(ctx, target, attr, base, batch_size)}
 
 
 # =========================================================================== IIA / DIX

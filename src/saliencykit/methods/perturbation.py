@@ -27,6 +27,7 @@ from ..filters import gaussian_blur
 from ..targets import OUTPUTS
 from .base import Method, register
 from .surrogates import SURROGATES
+from .along_axes import occlusion_along_axes, series_segments, time_segments, window_starts  # noqa: F401
 from .gradient import make_baseline
 
 
@@ -85,13 +86,6 @@ def _baseline(ctx, baseline) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- occlusion
 
-def window_starts(length: int, window: int, stride: int) -> list[tuple[int, int]]:
-    """[(start, stop)] of the sliding windows along one axis: ceil((L - w) / s) + 1 windows,
-    the last one clipped at the border."""
-    n = int(math.ceil((length - window) / stride)) + 1
-    return [(k * stride, min(k * stride + window, length)) for k in range(n)]
-
-
 @register
 class Occlusion(Method):
     name = "occlusion"
@@ -104,8 +98,12 @@ class Occlusion(Method):
                    "it (Zeiler & Fergus 2014). baseline: 'mean' (0 in normalised space), 'zero', 'blur' "
                    "or a tensor.")
 
+    layouts = ("BCHW", "BCT", "BCDHW")
+
     def run(self, ctx, target, layer, patch=15, stride=8, baseline="mean", output=None):
         x = ctx.x.detach()
+        if x.dim() != 4:
+            return occlusion_along_axes(ctx, target, patch, stride, _output(target, output), _baseline(ctx, baseline))
         b, _, h, w = x.shape
         ph, pw = _pair(patch, "occlusion patch")
         sh, sw = _pair(stride, "occlusion stride")
@@ -154,23 +152,22 @@ class RiseMasks:
     ever built for the rows of one chunk.
     """
 
-    def __init__(self, n: int, cell: int, p: float, size: tuple[int, int], seed, device="cpu"):
-        self.n, self.cell, self.p, self.size = n, cell, p, size
+    def __init__(self, n: int, cell: int, p: float, size: tuple[int, ...], seed, device="cpu"):
+        self.n, self.cell, self.p, self.size = n, cell, p, tuple(size)
         g = generator(seed)
-        self.grids = (torch.rand(n, 1, cell, cell, generator=g) < p).float().to(device)
-        self.step = (int(math.ceil(size[0] / cell)), int(math.ceil(size[1] / cell)))
-        self.shift_y = torch.randint(0, self.step[0], (n,), generator=g).tolist()
-        self.shift_x = torch.randint(0, self.step[1], (n,), generator=g).tolist()
+        # a series' masks are 1-D (linear upsampling), a volume's 3-D (trilinear); an image's as always
+        self.grids = (torch.rand(n, 1, *[cell] * len(size), generator=g) < p).float().to(device)
+        self.step = tuple(int(math.ceil(length / cell)) for length in size)
+        self.shifts = [torch.randint(0, st, (n,), generator=g).tolist() for st in self.step]
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        """Masks for the given mask indices: [k,1,H,W] in [0,1]."""
-        up = ((self.cell + 1) * self.step[0], (self.cell + 1) * self.step[1])
-        big = F.interpolate(self.grids[index], size=up, mode="bilinear", align_corners=False).clamp_(0, 1)
-        h, w = self.size
-        out = torch.empty(len(index), 1, h, w, device=big.device)
+        """Masks for the given mask indices: [k,1,*size] in [0,1]."""
+        up = tuple((self.cell + 1) * st for st in self.step)
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(self.size)]
+        big = F.interpolate(self.grids[index], size=up, mode=mode, align_corners=False).clamp_(0, 1)
+        out = torch.empty(len(index), 1, *self.size, device=big.device)
         for r, i in enumerate(index.tolist()):
-            dy, dx = self.shift_y[i], self.shift_x[i]
-            out[r] = big[r, :, dy:dy + h, dx:dx + w]
+            out[r] = big[(r, slice(None), *(slice(sh[i], sh[i] + length) for sh, length in zip(self.shifts, self.size)))]
         return out
 
 
@@ -186,15 +183,18 @@ class Rise(Method):
                    "shifts). Softmax probabilities by default (the authors' code). classes=[...] or 'all' "
                    "also returns per-class maps from the same N passes (extras['class_maps']).")
 
+    layouts = ("BCHW", "BCT", "BCDHW")
+
     def run(self, ctx, target, layer, n_masks=4000, cell=7, p=0.5, output="prob", classes=None):
         x = ctx.x.detach()
-        b, _, h, w = x.shape
+        b, axes = x.shape[0], tuple(x.shape[2:])
         n = positive_int(n_masks, "rise n_masks")
         cell = positive_int(cell, "rise cell")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
             raise SaliencyError(f"rise p (keep probability) must be in (0, 1], got {p!r}")
-        if cell > min(h, w):
-            raise SaliencyError(f"rise cell grid {cell} is finer than the image {(h, w)}")
+        if cell > min(axes):
+            raise SaliencyError(f"rise cell grid {cell} is finer than the {'image' if len(axes) == 2 else 'input'} {axes}")
+        hw = math.prod(axes)
         out = _output(target, output)
         k_classes = ctx.logits().shape[1]
         if classes is None:
@@ -205,14 +205,14 @@ class Rise(Method):
             if isinstance(classes, (int, str)):
                 classes = [classes]
             cls_idx = torch.tensor([ctx.subject.class_index(c, k_classes) for c in classes], dtype=torch.long)
-        if cls_idx is not None and b * len(cls_idx) * h * w * 4 > 4 * 2 ** 30:
-            raise SaliencyError(f"rise classes: {len(cls_idx)} per-class maps of {b} x {h} x {w} need more than "
-                                "4 GiB; ask for the classes you need (classes=[...])")
-        gen = RiseMasks(n, cell, float(p), (h, w), ctx.seed, device=x.device)
-        acc = torch.zeros(b, h * w, device=x.device, dtype=torch.float64)
+        if cls_idx is not None and b * len(cls_idx) * hw * 4 > 4 * 2 ** 30:
+            raise SaliencyError(f"rise classes: {len(cls_idx)} per-class maps of {b} x {' x '.join(map(str, axes))} "
+                                "need more than 4 GiB; ask for the classes you need (classes=[...])")
+        gen = RiseMasks(n, cell, float(p), axes, ctx.seed, device=x.device)
+        acc = torch.zeros(b, hw, device=x.device, dtype=torch.float64)
         # float32 per-class maps: B x classes x H x W (classes="all" on 1000 classes at 224 px is 200 MB
         # per image; ask for the classes needed)
-        acc_cls = (torch.zeros(b, len(cls_idx), h * w, device=x.device, dtype=torch.float32)
+        acc_cls = (torch.zeros(b, len(cls_idx), hw, device=x.device, dtype=torch.float32)
                    if cls_idx is not None else None)
         current: dict = {}
 
@@ -233,10 +233,10 @@ class Rise(Method):
         perturbed_scores(ctx.subject, x, torch.zeros_like(x), target, masks, b * n, batch_size=ctx.batch_size,
                          counter=ctx.counter, output=out, progress=ctx.progress, desc="rise", on_chunk=on_chunk)
         norm = n * float(p)
-        maps = (acc / norm).float().view(b, h, w)
+        maps = (acc / norm).float().view(b, *axes)
         extras = {}
         if acc_cls is not None:
-            extras["class_maps"] = (acc_cls / norm).float().view(b, len(cls_idx), h, w)
+            extras["class_maps"] = (acc_cls / norm).float().view(b, len(cls_idx), *axes)
             extras["classes"] = cls_idx.tolist()
         return {"maps": maps, "signed": out == "log_prob" or target.kind == "contrast", "extras": extras}
 
@@ -294,15 +294,17 @@ def superpixels(subject, x: torch.Tensor, n_segments: int = 50, compactness: flo
 
 
 def _segment_baseline(x: torch.Tensor, seg: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Each pixel replaced by the mean colour of its segment (LIME's hide_color=None)."""
-    b, c, h, w = x.shape
+    """Each pixel replaced by the mean colour of its segment (LIME's hide_color=None); a series'
+    steps by the mean of their time segment, channel by channel."""
+    b, c = x.shape[:2]
+    n = seg[0].numel()   # pixels (or time steps) per channel
     m = max(counts)
-    flat = seg.view(b, 1, h * w).expand(b, c, h * w)
-    sums = torch.zeros(b, c, m, dtype=x.dtype, device=x.device).scatter_add_(2, flat, x.reshape(b, c, h * w))
+    flat = seg.reshape(b, 1, n).expand(b, c, n)
+    sums = torch.zeros(b, c, m, dtype=x.dtype, device=x.device).scatter_add_(2, flat, x.reshape(b, c, n))
     size = torch.zeros(b, 1, m, dtype=x.dtype, device=x.device).scatter_add_(
-        2, seg.view(b, 1, h * w), torch.ones(b, 1, h * w, dtype=x.dtype, device=x.device))
+        2, seg.reshape(b, 1, n), torch.ones(b, 1, n, dtype=x.dtype, device=x.device))
     means = sums / size.clamp_min(1)
-    return means.gather(2, flat).view(b, c, h, w)
+    return means.gather(2, flat).view(x.shape)
 
 
 def _coalition_scores(ctx, target, z: torch.Tensor, seg: torch.Tensor, base: torch.Tensor, out: str,
@@ -310,14 +312,13 @@ def _coalition_scores(ctx, target, z: torch.Tensor, seg: torch.Tensor, base: tor
     """Scores of x with the segments where z == 0 replaced by the baseline. z: [B, S, M]."""
     x = ctx.x.detach()
     b, s, m = z.shape
-    h, w = x.shape[-2:]
-    segflat = seg.view(b, h * w)
+    segflat = seg.reshape(b, -1)
 
     def masks(start, stop):
         idx = torch.arange(start, stop, device=x.device)
         ex, j = idx // s, idx % s
         keep = z[ex, j].gather(1, segflat[ex])                 # [k, HW]
-        return ex, keep.view(-1, 1, h, w)
+        return ex, keep.view(-1, 1, *x.shape[2:])
 
     return perturbed_scores(ctx.subject, x, base, target, masks, b * s, batch_size=ctx.batch_size,
                             counter=ctx.counter, output=out, progress=ctx.progress, desc=desc).view(b, s)
@@ -328,6 +329,8 @@ def _paint(coef: list[torch.Tensor], seg: torch.Tensor) -> torch.Tensor:
 
 
 def _segment_params(ctx, n_segments, segments, compactness):
+    if ctx.layout == "BCT":   # a series: time segments
+        return series_segments(ctx.x, n_segments, segments)
     seg, counts = superpixels(ctx.subject, ctx.x, n_segments, compactness, segments)
     return seg, counts
 
@@ -342,6 +345,7 @@ class Lime(Method):
     defaults = {"n_samples": 1000, "n_segments": 50, "segments": None, "compactness": 10.0,
                 "baseline": "segment_mean", "kernel_width": 0.25, "surrogate": "ridge", "alpha": None,
                 "output": "prob"}
+    layouts = ("BCHW", "BCT")   # a series' features are equal time segments
     description = ("LIME on superpixels (Ribeiro et al. 2016): random on/off superpixel samples (first one "
                    "all on), hidden ones filled with their mean colour; weighted ridge regression "
                    "(alpha=1, intercept) with kernel sqrt(exp(-d^2/w^2)), d = cosine distance to the "
@@ -439,6 +443,7 @@ class KernelShap(Method):
     randomized = True
     defaults = {"n_samples": 1000, "n_segments": 50, "segments": None, "compactness": 10.0,
                 "baseline": "mean", "output": None}
+    layouts = ("BCHW", "BCT")
     description = ("KernelSHAP on superpixels (Lundberg & Lee 2017): Shapley-kernel weighted least squares "
                    "with phi_0 = f(baseline) and sum(phi) = f(x) - f(baseline) imposed exactly; all "
                    "coalitions when 2^M - 2 <= n_samples (exact Shapley values), else kernel-distributed "

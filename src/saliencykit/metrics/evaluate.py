@@ -304,6 +304,10 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
         first = next(iter(exps.values()))
         exps["random"] = Explanation.random_like(first, seed=0 if seed is None else seed)
     B = x.shape[0]
+    layouts = {getattr(e, "layout", "BCHW") for e in exps.values()}
+    if layouts != {"BCHW"}:
+        raise SaliencyError(f"the metrics score maps of images [B,C,H,W]; these explanations are of "
+                            f"{', '.join(sorted(layouts - {'BCHW'}))} inputs, which no metric reads yet")
     if masks is not None:
         masks = torch.as_tensor(masks)
         if masks.dim() == 2:

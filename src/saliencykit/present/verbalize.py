@@ -386,6 +386,10 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
     """
     from ..methods.gradient import make_baseline
 
+    layout = getattr(explanation, "layout", "BCHW")
+    if layout != "BCHW":
+        raise SaliencyError(f"verbalize describes maps of photos [B,C,H,W]; this explanation is of a {layout} "
+                            "input: series, volumes and features have no words yet")
     if not 0 < threshold <= 1:
         raise SaliencyError(f"threshold must be in (0, 1], got {threshold}")
     if not isinstance(max_regions, int) or max_regions < 1:
