@@ -132,6 +132,76 @@ def target_from_args(args):
     return None
 
 
+ARRAY_SUFFIXES = (".npy", ".csv")   # inputs read as tensors (a series [C,T] or [T], a volume, features)
+
+
+def load_array(path, layout: str):
+    """A `.npy` or `.csv` file as a batch of one in `layout`: the array holds one example, with or
+    without its channel axis (a series `[C,T]` or `[T]`; a `.csv` is a `[T]` column or row, or `C`
+    rows of `T` values)."""
+    import numpy as np
+    import torch
+
+    from ..subject import LAYOUTS
+
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else \
+            np.loadtxt(path, delimiter=",", ndmin=2)
+    except (OSError, ValueError) as err:
+        raise SaliencyError(f"{path} cannot be read as a {path.suffix} array: {str(err).splitlines()[0][:160]}") from None
+    if path.suffix.lower() == ".csv" and 1 in arr.shape:
+        arr = arr.reshape(-1)                        # one row or one column: a single channel
+    if not np.issubdtype(arr.dtype, np.number):
+        raise SaliencyError(f"{path} holds {arr.dtype} values, not numbers")
+    axes = LAYOUTS[layout][0]
+    if arr.ndim == len(axes) - 1 and "C" in axes:
+        arr = np.expand_dims(arr, axes.index("C"))   # no channel axis: one channel
+    if arr.ndim != len(axes):
+        raise SaliencyError(f"{path} has shape {arr.shape}; a {layout} example is [{','.join(axes)}]"
+                            + (f" or [{','.join(a for a in axes if a != 'C')}]" if "C" in axes else ""))
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+
+
+def load_region_mask(path, size_hw, photo_size_wh=None):
+    """A PNG mask (nonzero = inside) at the model's input size `(H, W)`, or at the photo's size
+    (resized to the input size by nearest neighbour, as the photo is resized), as a bool [H, W]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise SaliencyError(f"--region {path}: no such file")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, ValueError) as err:
+        raise SaliencyError(f"--region {path}: not an image ({err})") from None
+    h, w = size_hw
+    if img.size != (w, h):
+        if photo_size_wh is None or img.size != tuple(photo_size_wh):
+            raise SaliencyError(f"--region {path} is {img.size[0]}x{img.size[1]}; it must be at the model's input "
+                                f"size {w}x{h}" + (f" or the photo's {photo_size_wh[0]}x{photo_size_wh[1]}"
+                                                    if photo_size_wh else ""))
+        img = img.resize((w, h), Image.NEAREST)
+    mask = torch.from_numpy(np.asarray(img.convert("L")) > 0)
+    if not mask.any():
+        raise SaliencyError(f"--region {path} is empty: no nonzero pixel")
+    return mask
+
+
+def region_target(kind: str, label, mask):
+    """The target of `--region`: a Region of class `label` (None: the class predicted most often
+    inside), or for `kind` "output" / "change" an OutputRegion (image-to-image models)."""
+    from ..targets import OutputRegion, Region
+
+    if kind == "class":
+        return Region(mask, label=None if label is None else _label(label))
+    if label is not None:
+        raise SaliencyError(f"--region-of {kind} sums the output over the region: it takes no --target")
+    return OutputRegion(mask, change=kind == "change")
+
+
 def _label(s: str):
     s = s.strip()
     return int(s) if s.isdigit() else s
@@ -150,6 +220,18 @@ def add_model_args(p, method_params: bool = True):
         p.add_argument("--param", action="append", help="method parameter METHOD.NAME=VALUE, e.g. "
                                                         "integrated_gradients.steps=200")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_dense_args(p):
+    """`explain`'s options for inputs that are not photos and outputs that are not class scores."""
+    p.add_argument("--region", metavar="MASK.png", help="explain a region of a dense output (segmentation, "
+                                                        "image-to-image): a PNG at the input or photo size, "
+                                                        "nonzero = inside; with --target the class")
+    p.add_argument("--region-of", choices=("class", "output", "change"), default="class",
+                   help="with --region: the class's logit summed over it (default), the output summed over it "
+                        "('output', image-to-image models) or its change against the clean output ('change')")
+    p.add_argument("--layout", choices=("BCHW", "BCT", "BCDHW", "BF"), default=None,
+                   help="the input's axes; .npy/.csv inputs are series (BCT) unless told otherwise")
 
 
 def parse_params(items, what: str = "METHOD") -> dict:

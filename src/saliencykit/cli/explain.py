@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_args, demo_steps, parse_params, photo_sources, progress, target_from_args, unique_stems
+from ..errors import SaliencyError
+from .common import (ARRAY_SUFFIXES, add_dense_args, add_model_args, demo_steps, load_array, load_region_mask,
+                     parse_params, photo_sources, progress, region_target, target_from_args, unique_stems)
 
 DEMO_METHODS = ["gradcam", "gradcam_pp", "hirescam", "layercam", "eigencam", "saliency", "integrated_gradients",
                 "smoothgrad", "guided_backprop"]
@@ -25,11 +27,12 @@ GRID_SMOOTH = 0.006  # display-only smoothing of pixel-level maps in the grid (0
 
 def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=None, layer="auto", seed=0,
                 batch_size=None, quiet=False, grid_path: Path | None = None, params: dict | None = None,
-                grid_smooth: float = 0.0) -> dict:
+                grid_smooth: float = 0.0, region: tuple | None = None) -> dict:
     """Explain each photo with each method; write overlays, raw maps and summary.json.
 
     One progress bar per method (over the photos). All files are written only after every map
-    has been computed, so an error leaves no partial output behind.
+    has been computed, so an error leaves no partial output behind. `region`: (PNG path, "class" |
+    "output" | "change", class label or None) explains that region of a dense output instead.
     """
     import torch
 
@@ -51,20 +54,24 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     subject = load_model(model)
     sources = photo_sources(photos, quiet)
     stems = unique_stems([stem for _, stem in sources])
-    inputs = []
+    inputs, targets = [], []
     for src, _ in sources:
         image = load_image(src)
         x = subject.preprocess(image)
         with torch.no_grad():
-            probs = subject.forward(x).float().softmax(-1)[0]
-        inputs.append((image, x, subject.predict(x, k=5)[0], probs, transparency_note(src)))
-    tgt = as_target(target)
+            scores = subject.forward(x).float()
+        if scores.dim() == 2:
+            inputs.append((image, x, subject.predict(x, k=5)[0], scores.softmax(-1)[0], transparency_note(src)))
+        else:   # a dense output (segmentation, image-to-image): no class probabilities to list
+            inputs.append((image, x, [], None, transparency_note(src)))
+        targets.append(as_target(target) if region is None else
+                       region_target(region[1], region[2], load_region_mask(region[0], tuple(x.shape[-2:]), image.size)))
     exps: list[dict] = [{} for _ in inputs]
     width = max(len(method_title(m)) for m in methods)
     for m in methods:
         for i in progress(range(len(inputs)), quiet, method_title(m).ljust(width), unit="photo"):
-            e = explain(subject, inputs[i][1], method=m, target=tgt, layer=layer, seed=seed, batch_size=batch_size,
-                        params=params)
+            e = explain(subject, inputs[i][1], method=m, target=targets[i], layer=layer, seed=seed,
+                        batch_size=batch_size, params=params)
             if inputs[i][4]:
                 e.extras["warnings"] = e.warnings + [{"code": "alpha", "example": 0, "message": inputs[i][4],
                                                       "short": "transparent pixels shown as white"}]
@@ -117,17 +124,92 @@ def print_warnings(summary) -> None:
                     print(f"warning: {p['photo']}, {method_title(name)}: {w['message']}", file=sys.stderr)
 
 
+def run_explain_arrays(paths, methods, out: Path, model: str, layout: str = "BCT", target=None, layer="auto",
+                       seed=0, batch_size=None, quiet=False, params: dict | None = None) -> dict:
+    """Explain `.npy` / `.csv` inputs (a series [C,T] or [T], or any `layout`) with each method:
+    per input and method the map (`STEM_METHOD.npz`, key `maps` `[1, ...]`), for a series a line
+    plot with the map as a coloured band (`STEM_METHOD.png`), and summary.json; written only after
+    every map is computed."""
+    import numpy as np
+
+    from .. import methods as registry
+    from ..datasets.runner import load_subject as load_model
+    from ..explanation import package_versions
+    from ..files import atomic_write, check_writable_dir
+    from ..methods import explain
+    from ..present import viz
+    from ..present.names import method_title
+    from ..subject import check_layout
+
+    for m in methods:
+        registry.get(m)
+    layout = check_layout(layout)
+    check_writable_dir(out, "the output")
+    params = params or {}
+    subject = load_model(model)
+    subject.layout = layout
+    inputs = []
+    for spec in paths:
+        if not Path(spec).is_file():
+            raise SaliencyError(f"no such file: {spec!r}")
+        inputs.append((Path(spec).stem, load_array(spec, layout)))
+    stems = unique_stems([stem for stem, _ in inputs])
+    width = max(len(method_title(m)) for m in methods)
+    exps: list[dict] = [{} for _ in inputs]
+    for m in methods:
+        for i in progress(range(len(inputs)), quiet, method_title(m).ljust(width), unit="input"):
+            exps[i][m] = explain(subject, inputs[i][1], method=m, target=target, layer=layer, seed=seed,
+                                 batch_size=batch_size, params=params)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"model": model, "seed": seed, "methods": list(methods), "params": params, "layout": layout,
+               "versions": package_versions(), "photos": []}
+    for stem, (_, x), row in zip(stems, inputs, exps):
+        entry = {"photo": stem, "predictions": [], "warnings": [], "maps": {}}
+        for name, exp in row.items():
+            npz = out / f"{stem}_{name}.npz"
+            arr = exp.maps[:1].numpy()
+            atomic_write(npz, lambda p, arr=arr: np.savez_compressed(p, maps=arr))
+            meta = exp[0].metadata()
+            meta.pop("versions", None)
+            entry["maps"][name] = {"map": npz.name, **meta}
+            if layout == "BCT":
+                png = out / f"{stem}_{name}.png"
+                viz.series_plot(x[0], exp.maps[0], exp.signed, name, exp.target[0].get("name"), path=png)
+                entry["maps"][name]["overlay"] = png.name
+        summary["photos"].append(entry)
+    atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+    return summary
+
+
 def cmd_explain(args):
-    target = target_from_args(args)
-    summary = run_explain(args.photos, args.method or ["gradcam"], Path(args.out), model=args.model, target=target,
-                          layer=args.layer, seed=args.seed, batch_size=args.batch_size, quiet=args.quiet,
-                          grid_path=Path(args.out) / "grid.png" if args.grid else None,
-                          params=parse_params(args.param), grid_smooth=GRID_SMOOTH)
+    arrays = [p for p in args.photos if Path(p).suffix.lower() in ARRAY_SUFFIXES]
+    if arrays or args.layout not in (None, "BCHW"):
+        if len(arrays) != len(args.photos):
+            raise SaliencyError("give either photos or .npy/.csv arrays, not both in one call")
+        if args.region is not None:
+            raise SaliencyError("--region reads a PNG mask for image models; it does not apply to .npy/.csv inputs")
+        summary = run_explain_arrays(args.photos, args.method or ["saliency"], Path(args.out), model=args.model,
+                                     layout=args.layout or "BCT", target=target_from_args(args), layer=args.layer,
+                                     seed=args.seed, batch_size=args.batch_size, quiet=args.quiet,
+                                     params=parse_params(args.param))
+    else:
+        region = None
+        if args.region is not None:
+            if args.contrast is not None or args.vs is not None or args.group is not None:
+                raise SaliencyError("--region explains a region of a dense output: give its class with --target, "
+                                    "not --contrast/--vs or --group")
+            region = (args.region, args.region_of, args.target)
+        summary = run_explain(args.photos, args.method or ["gradcam"], Path(args.out), model=args.model,
+                              target=None if region else target_from_args(args), layer=args.layer, seed=args.seed,
+                              batch_size=args.batch_size, quiet=args.quiet,
+                              grid_path=Path(args.out) / "grid.png" if args.grid else None,
+                              params=parse_params(args.param), grid_smooth=GRID_SMOOTH, region=region)
     if not args.quiet:
         print_warnings(summary)
         for p in summary["photos"]:
-            top = p["predictions"][0]
-            print(f"{p['photo']}: {top['label']} ({top['prob']:.1%}) -> {len(p['maps'])} maps")
+            top = p["predictions"][0] if p["predictions"] else None
+            said = f"{top['label']} ({top['prob']:.1%})" if top else next(iter(p["maps"].values()))["target"][0]["name"]
+            print(f"{p['photo']}: {said} -> {len(p['maps'])} maps")
         print(f"wrote {args.out}/summary.json")
 
 
@@ -180,6 +262,7 @@ def register(sub):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--grid", action="store_true", help="also write grid.png")
     add_model_args(p)
+    add_dense_args(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="explain the bundled photos with the bundled model")

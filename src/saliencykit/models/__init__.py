@@ -30,9 +30,10 @@ BUNDLED = {
     **{name: entry[2] + " (weights shipped)" for name, entry in _small.SMALL.items()},
 }
 PREFIXES = {
-    "torchvision:NAME[:random]": "any torchvision classifier (pretrained weights when available)",
+    "torchvision:NAME[:random]": "any torchvision classifier or segmentation model (pretrained weights when available)",
     "timm:NAME[:random]": "any timm model (needs timm installed)",
     "hf:REPO": "a Hugging Face image classifier (needs transformers installed)",
+    "python:FILE.py:FUNCTION": "the nn.Module (or Subject) your own FUNCTION() builds: any model, any layout",
 }
 
 
@@ -108,11 +109,40 @@ def load_model(name: str = "efficientnet_lite0", device=None) -> Subject:
         return _load_timm(name.split(":", 1)[1], device)
     if name.startswith("hf:"):
         return _load_hf(name.split(":", 1)[1], device)
+    if name.startswith("python:"):
+        return _load_python(name.split(":", 1)[1], device)
     import difflib
 
     close = difflib.get_close_matches(name, list(BUNDLED), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise SaliencyError(f"unknown model {name!r}{hint} Known: {', '.join(available_models())}")
+
+
+def _load_python(spec: str, device) -> Subject:
+    """`FILE.py:FUNCTION`: the model your own code builds (and loads weights into): FUNCTION() is
+    called and must return an `nn.Module` or a `Subject`; a bare module gets no class names and
+    the default normalisation (declare the layout on the command line with `--layout`)."""
+    import importlib.util as iu
+
+    path, _, func = spec.rpartition(":")
+    if not path.endswith(".py") or not func or not Path(path).is_file():
+        raise SaliencyError(f"python:{spec}: expected python:FILE.py:FUNCTION with an existing FILE.py")
+    module_spec = iu.spec_from_file_location(f"saliencykit_user_model_{Path(path).stem}", path)
+    module = iu.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    build = getattr(module, func, None)
+    if not callable(build):
+        raise SaliencyError(f"python:{spec}: {path} has no function {func!r}")
+    made = build()
+    if isinstance(made, Subject):
+        subject = made
+    elif isinstance(made, torch.nn.Module):
+        subject = Subject(made.eval(), name=func)
+    else:
+        raise SaliencyError(f"python:{spec}: {func}() returned {type(made).__name__}, not an nn.Module or a Subject")
+    if device is not None:
+        subject.model.to(device)
+    return subject
 
 
 def _require(module: str, extra: str):
@@ -174,7 +204,11 @@ def _load_torchvision(spec: str, device):
         close = difflib.get_close_matches(name, torchvision.models.list_models(), n=5)
         raise SaliencyError(f"unknown torchvision model {name!r}; closest: {', '.join(close)}") from None
     if mode == "random":
-        model = builder(weights=None)
+        import inspect
+
+        # a segmentation or detection builder would otherwise download its backbone's ImageNet weights
+        extra = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+        model = builder(weights=None, **extra)
         labels = None
     else:
         weights = torchvision.models.get_model_weights(name).DEFAULT
@@ -187,6 +221,8 @@ def _load_torchvision(spec: str, device):
     subject = _imagenet_subject(model.eval(), f"torchvision:{spec}", device=device)
     if labels is None and getattr(model, "fc", None) is not None and getattr(model.fc, "out_features", 1000) != 1000:
         subject.labels = None
+    if labels is None and type(model).__module__.startswith("torchvision.models.segmentation"):
+        subject.labels = None   # its classes are not ImageNet's
     return subject
 
 

@@ -24,7 +24,11 @@ def method_title(name: str) -> str:
 
 
 def target_words(described: dict, probs) -> tuple[str, float | None]:
-    """What a map explains, in words, and the target's probability where it is one number."""
+    """What a map explains, in words, and the target's probability where it is one number (None
+    when `probs` is None: a dense output has no class probabilities)."""
+    if probs is None:
+        return described.get("name", ""), None
+
     def p(indices):
         return float(probs[list(indices)].sum())
 

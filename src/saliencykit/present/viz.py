@@ -381,3 +381,40 @@ def grid(images: Sequence, rows: Sequence[dict], row_titles: Sequence[str] | Non
     _bars_and_caption(sub, kinds, caption_text, total_px)
     return _save(fig, path, dpi)
 
+
+
+def series_plot(series, m, signed: bool = False, method: str | None = None, target: str | None = None,
+                path=None, width: float = 7.0, height: float = 2.4):
+    """A series `[C,T]` (or `[T]`) as lines, with its map `[T]` as a coloured band under them
+    (the map's colour scale: diverging for a signed map, 0 white; sequential otherwise). Returns
+    the path written, or the matplotlib figure when `path` is None."""
+    s = np.asarray(series.detach().cpu() if hasattr(series, "detach") else series, dtype=np.float64)
+    if s.ndim == 1:
+        s = s[None]
+    mm = np.asarray(m.detach().cpu() if hasattr(m, "detach") else m, dtype=np.float32)
+    if s.ndim != 2 or mm.ndim != 1 or mm.shape[0] != s.shape[1]:
+        raise SaliencyError(f"series_plot needs a series [C,T] and a map [T] of the same length; got {s.shape} "
+                            f"and {mm.shape}")
+    from .names import method_title
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(width, height))
+    t = np.arange(s.shape[1])
+    lo, hi = float(s.min()), float(s.max())
+    pad = 0.05 * (hi - lo or 1.0)
+    band = colorize(mm[None], signed)          # [1,T,3] uint8 on the map's own scale
+    ax.imshow(band, aspect="auto", extent=(-0.5, s.shape[1] - 0.5, lo - pad, hi + pad), alpha=0.85,
+              interpolation="nearest", zorder=0)
+    for c in range(s.shape[0]):
+        ax.plot(t, s[c], lw=1.0, color="black" if s.shape[0] == 1 else None, zorder=2, label=f"channel {c}")
+    if s.shape[0] > 1:
+        ax.legend(loc="upper right", fontsize=7, frameon=False)
+    ax.set_xlim(-0.5, s.shape[1] - 0.5)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel("time step")
+    title = method_title(method) if method else "saliency"
+    ax.set_title(f"{title}: {target}" if target else title, fontsize=10)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    return _save(fig, path, dpi=110)
