@@ -307,8 +307,8 @@ def _as_mask(mask, what: str) -> torch.Tensor:
             raise SaliencyError(f"{what} mask must be a tensor or an array, got {type(mask).__name__}") from None
     if t.dim() == 0:
         raise SaliencyError(f"{what} mask must have the output's spatial axes, got a single number")
-    if t.dtype == torch.bool or not t.is_floating_point():
-        t = t != 0 if t.dtype != torch.bool else t
+    if not t.is_floating_point():
+        t = t != 0          # a bool or integer mask (a label image): nonzero is inside
     t = t.float()
     if not torch.isfinite(t).all():
         raise SaliencyError(f"{what} mask contains NaN or infinite values")
