@@ -122,3 +122,26 @@ def test_bad_input(denoiser, noisy):
     classifier = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(SaliencyError, match=r"\[B,C,H,W\]"):
         causal_effect(classifier, x, good)
+
+
+def test_zero_intervention_is_occlusion_of_an_output_region(denoiser, noisy):
+    # the same intervention two ways: causal_effect(zero) scores the mean over the region and its 3
+    # channels; occlusion on sk.OutputRegion(reduce="mean") the channel sum of the pixel mean, with
+    # non-overlapping 8 px windows of zeros: equal up to the factor 3 (float32 noise only)
+    _, x = noisy
+    mask = torch.zeros(48, 48, dtype=torch.bool)
+    mask[20:26, 20:26] = True
+    region = sk.OutputRegion(mask, reduce="mean")
+    ce = causal_effect(denoiser, x, region, patch=8, intervention="zero")      # the target is accepted as the mask
+    occ = sk.explain(denoiser, x, "occlusion", target=region,
+                     params={"occlusion": {"patch": 8, "stride": 8, "baseline": "zero"}})
+    assert torch.allclose(ce.maps, occ.maps / 3, atol=1e-6)
+    assert ce.maps.abs().max() > 0.1
+
+
+def test_params_of_no_method_are_refused():
+    # params is per method: settings given at its top level used to be dropped without a word
+    net = nn.Conv2d(3, 3, 1)
+    with pytest.raises(SaliencyError, match="params is per method"):
+        sk.explain(sk.Subject(net, mean=(0, 0, 0), std=(1, 1, 1)), torch.rand(1, 3, 16, 16), "occlusion",
+                   target=sk.OutputRegion(torch.ones(16, 16, dtype=torch.bool)), params={"patch": 8})

@@ -355,6 +355,18 @@ def _split_params(methods: list[type[Method]], params: dict, per_method: dict | 
         names = ", ".join(m.name for m in methods)
         raise SaliencyError(f"unknown parameter(s) {sorted(unknown)} for method(s) {names}; "
                             f"accepted: {sorted(known)}")
+    if not isinstance(per_method, dict):
+        raise SaliencyError(f"params must be a dict of per-method dicts, e.g. {{'occlusion': {{'patch': 8}}}}, "
+                            f"got {type(per_method).__name__}")
+    names = {m.name for m in methods}
+    for key, value in per_method.items():
+        if key in names:
+            continue
+        if not any(method_key(r) == method_key(str(key)) for r in REGISTRY):   # another method's settings are fine
+            raise SaliencyError(f"params is per method, e.g. params={{{sorted(names)[0]!r}: {{{key!r}: {value!r}}}}} "
+                                f"(or {key}={value!r} as a keyword): {key!r} is not a method")
+        if not isinstance(value, dict):
+            raise SaliencyError(f"params[{key!r}] must be a dict of that method's settings, got {value!r}")
     out = {}
     for m in methods:
         p = {k: v for k, v in params.items() if k in m.defaults}

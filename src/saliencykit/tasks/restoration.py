@@ -157,8 +157,13 @@ def causal_effect(model_or_subject, x: torch.Tensor, out_mask, patch: int = 8, i
                   reference: torch.Tensor | None = None, sigma: float = 4.0, seed: int | None = 0,
                   batch_size: int | None = None, progress: bool = False) -> CausalEffect:
     """The signed causal effect of every `patch` x `patch` input region on the output inside
-    `out_mask` (`[H,W]` or `[B,H,W]` bool, the output's size). See the module doc for the score,
-    the interventions and the sign."""
+    `out_mask` (`[H,W]` or `[B,H,W]` bool, the output's size; or the `sk.OutputRegion` target that
+    `sk.explain` takes for the same region). See the module doc for the score, the interventions
+    and the sign."""
+    from ..targets import OutputRegion
+
+    if isinstance(out_mask, OutputRegion):
+        out_mask = out_mask.mask
     subject = as_image_to_image(model_or_subject)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise SaliencyError(f"x must be a float [B,C,H,W] image batch, got {getattr(x, 'shape', type(x).__name__)}")
