@@ -184,7 +184,8 @@ def cmd_benchmark(args):
     if args.method and args.all_methods:
         raise SaliencyError("give --method or --all-methods, not both")
     if args.all_methods:
-        methods = [k for k, v in registry.available(include_experimental=False).items() if not v["requires"]]
+        methods = [k for k, v in registry.available(include_experimental=False).items()
+                   if not v["requires"] and "BCHW" in v["layouts"]]   # photos: no concept-only or series-only method
     else:
         methods = args.method or ["saliency", "gradxinput", "integrated_gradients", "gradcam", "rise"]
     for m in methods:

@@ -79,7 +79,7 @@ class Method:
         return {"name": cls.name, "family": cls.family, "cost": cls.cost, "signed": cls.signed, "kinds": list(cls.kinds),
                 "randomized": cls.randomized, "experimental": cls.experimental, "uses_layer": cls.uses_layer,
                 "defaults": dict(cls.defaults), "description": cls.description, "aliases": list(cls.aliases),
-                "requires": list(cls.requires)}
+                "requires": list(cls.requires), "layouts": list(cls.layouts)}
 
 
 def available(include_experimental: bool = True) -> dict[str, dict]:

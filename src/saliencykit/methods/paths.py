@@ -52,6 +52,14 @@ def quadrature(steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
 def integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, steps: int, rule: str,
                          batch_size=None) -> torch.Tensor:
     """(x - x') * sum_k w_k grad s(x' + a_k (x - x')), all interpolants batched (step-major rows)."""
+    total = path_gradient(ctx, target, x, baseline, steps, rule, batch_size)
+    return ((x - baseline).double() * total).to(x.dtype)
+
+
+def path_gradient(ctx, target, x: torch.Tensor, baseline: torch.Tensor, steps: int, rule: str,
+                  batch_size=None) -> torch.Tensor:
+    """sum_k w_k grad s(x' + a_k (x - x')) in float64: the gradient averaged along the straight
+    path, which IG multiplies by (x - x') and the cross-domain IG maps to another domain."""
     steps = positive_int(steps, "steps")
     alphas, weights = quadrature(steps, rule)
     alphas = alphas.to(x.device, x.dtype)
@@ -70,7 +78,7 @@ def integrated_gradients(ctx, target, x: torch.Tensor, baseline: torch.Tensor, s
         inputs = baseline[ex] + a * diff[ex]
         g = gradient_pass(ctx.subject, inputs, target, rows=rows[idx], counter=ctx.counter).input_grad
         total.index_add_(0, ex, g.double() * weights[idx // b].view(-1, *[1] * (x.dim() - 1)))
-    return (diff.double() * total).to(x.dtype)
+    return total
 
 
 @register

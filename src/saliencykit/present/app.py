@@ -196,7 +196,8 @@ class App:
         from .verbalize import method_title
 
         methods = {n: {"family": i["family"], "cost": i["cost"], "title": method_title(n)}
-                   for n, i in available(include_experimental=False).items() if not i["requires"]}
+                   for n, i in available(include_experimental=False).items()
+                   if not i["requires"] and "BCHW" in i["layouts"]}
         groups = sorted(getattr(self.subjects.get(self.models[0]), "groups", {}) or {}) if self.models[0] in \
             self.subjects else sorted(_imagenet_groups())
         return {"models": self.models, "methods": methods, "default_methods": DEFAULT_METHODS,
