@@ -132,7 +132,10 @@ def test_ctrl_c_is_one_line_and_leaves_no_files(tmp_path):
     import time
 
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(CLI + ["explain", "chelsea", "coffee", "--method", "integrated_gradients", "--out", str(out)],
+    # 2,000 steps: long enough that the signal always lands while the maps are computed (at the
+    # default 50 a fast runner finished the two photos between the first bar and the signal)
+    proc = subprocess.Popen(CLI + ["explain", "chelsea", "coffee", "--method", "integrated_gradients",
+                                   "--param", "integrated_gradients.steps=2000", "--out", str(out)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     seen = ""
     deadline = time.time() + 300
