@@ -136,7 +136,10 @@ def test_ctrl_c_is_one_line_and_leaves_no_files(tmp_path):
     # default 50 a fast runner finished the two photos between the first bar and the signal)
     proc = subprocess.Popen(CLI + ["explain", "chelsea", "coffee", "--method", "integrated_gradients",
                                    "--param", "integrated_gradients.steps=2000", "--out", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            # a job started in the background of a shell inherits SIGINT ignored, and
+                            # Python then never turns it into KeyboardInterrupt: give the child the default
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.time() + 300
     while "%|" not in seen and time.time() < deadline:  # a progress bar: the run is computing
