@@ -93,3 +93,18 @@ def test_bad_input():
     image = sk.Subject(nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten(), nn.LazyLinear(2)))
     with pytest.raises(SaliencyError):
         sk.explain(image, torch.rand(1, 3, 8, 8), "cross_domain_ig")
+
+
+def test_spectrum_plot(tmp_path):
+    # the frequency view draws one bar per bin; an explanation without bins is refused by name
+    from saliencykit.present.viz import spectrum_plot
+
+    subject = sk.Subject(OneFrequency(), layout="BCT")
+    x = torch.randn(1, 1, T, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    e = _cdig(subject, x, sk.Class(0), domain="frequency", steps=4)
+    fig = spectrum_plot(e)
+    assert len(fig.axes[0].patches) == T // 2 + 1
+    tf = _cdig(subject, x, sk.Class(0), domain="time_frequency", steps=4, n_fft=16)
+    assert spectrum_plot(tf, path=tmp_path / "tf.png").exists()
+    with pytest.raises(SaliencyError, match="cross-domain IG"):
+        spectrum_plot(sk.explain(subject, x, "saliency", target=sk.Class(0)))
