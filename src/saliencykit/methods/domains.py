@@ -18,6 +18,8 @@ resolution); the domain's attributions are `Explanation.raw`: `[B,C,F]` per freq
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import SaliencyError, positive_int
@@ -117,4 +119,65 @@ class CrossDomainIG(Method):
         return out
 
 
-__all__ = ["CrossDomainIG", "domain_attributions", "to_domain", "DOMAINS"]
+def blur_series(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A Gaussian blur of every channel of a [B,C,T] series along time (reflected edges)."""
+    from ..filters import gaussian_kernels
+
+    radius = max(1, min(int(math.ceil(3 * sigma)), x.shape[-1] - 1))
+    k, _ = gaussian_kernels(float(sigma), radius, x.dtype, x.device)
+    B, C, T = x.shape
+    flat = torch.nn.functional.pad(x.reshape(B * C, 1, T), (radius, radius), mode="reflect")
+    return torch.nn.functional.conv1d(flat, k.view(1, 1, -1)).reshape(B, C, T)
+
+
+@register
+class LearnedMask(Method):
+    layouts = ("BCT",)
+    name = "learned_mask"
+    aliases = ("dynamask",)
+    family = "perturbation"
+    cost = "300F+300B"
+    signed = False
+    randomized = True
+    description = ("A mask over time steps learned to keep the score (Dynamask-style, Crabbé & van der Schaar "
+                   "2021): x_m = m x + (1 - m) blur(x); minimise -s(x_m) + l1 mean(m) + tv mean|m_t+1 - m_t| "
+                   "with Adam over a sigmoid-parametrised m, seeded start; the map is m. contrast=True keeps "
+                   "the score with m and removes it with 1 - m (the contrastive variant).")
+    defaults = {"steps": 300, "lr": 0.1, "l1": 1.0, "tv": 0.5, "sigma": 4.0, "contrast": False}
+
+    def run(self, ctx, target, layer, steps=300, lr=0.1, l1=1.0, tv=0.5, sigma=4.0, contrast=False):
+        from ..engine import gradient_pass
+        from ..errors import positive_float
+
+        steps = positive_int(steps, "steps")
+        lr, sigma = positive_float(lr, "lr"), positive_float(sigma, "sigma")
+        if l1 < 0 or tv < 0:
+            raise SaliencyError(f"l1 and tv must be >= 0, got l1={l1}, tv={tv}")
+        x = ctx.x.detach()
+        B, C, T = x.shape
+        base = blur_series(x, sigma)
+        g = torch.Generator(device="cpu").manual_seed(int(ctx.seed or 0))
+        logit = (0.1 * torch.randn(B, 1, T, generator=g, dtype=torch.float64)).to(x.device).requires_grad_(True)
+        opt = torch.optim.Adam([logit], lr=lr)
+        scale = target.score(ctx.logits()).detach().abs().clamp_min(1e-6).double().view(B, 1, 1)
+        for _ in range(steps):
+            m = torch.sigmoid(logit)
+            inp = (m * x + (1 - m) * base).to(x.dtype).detach()
+            gs = gradient_pass(ctx.subject, inp, target, counter=ctx.counter).input_grad.double()
+            # d s(x_m) / d m = sum over channels of (x - base) * d s / d x_m
+            dm = ((x - base).double() * gs).sum(1, keepdim=True) / scale
+            if contrast:
+                inv = ((1 - m) * x + m * base).to(x.dtype).detach()
+                gi = gradient_pass(ctx.subject, inv, target, counter=ctx.counter).input_grad.double()
+                dm = dm + ((x - base).double() * gi).sum(1, keepdim=True) / scale      # removing the rest lowers s
+            opt.zero_grad()
+            penalty = l1 * m.mean() + tv * (m[..., 1:] - m[..., :-1]).abs().mean()
+            with torch.enable_grad():
+                (-(dm.detach() * m).sum() + penalty * B).backward()
+            opt.step()
+        mask = torch.sigmoid(logit).detach()[:, 0].to(x.dtype)
+        return {"maps": mask, "signed": False, "extras": {"steps": steps, "l1": l1, "tv": tv, "sigma": sigma,
+                                                         "contrast": bool(contrast)}}
+
+
+__all__ = ["CrossDomainIG", "LearnedMask", "blur_series", "domain_attributions", "to_domain", "DOMAINS"]
