@@ -115,18 +115,19 @@ def cmd_concepts(args):
     rem = removal_effect(subject, bank, x[:m], target=c, batch_size=args.batch_size)
     drop = rem.drop.mean(0)
     importance = drop.clamp(min=0)
-    coef = concept_maps(subject, bank, x[:m], args.batch_size).coefficients.mean(0)
+    cm = concept_maps(subject, bank, x, args.batch_size)       # once: the atlas, the scores and the words read it
+    coef = cm.coefficients[:m].mean(0)
     notes = list(bank.extras.get("warnings", []))
     regions = _known_regions(args.sources, len(sources), chosen)
     parts = scores = None
     if regions is not None:
         from ..concepts import score_bank
 
-        scores = score_bank(subject, bank, x, regions, batch_size=args.batch_size)
+        scores = score_bank(subject, bank, x, regions, batch_size=args.batch_size, maps=cm)
         parts = scores.part
         notes.append("concepts are named by the region of the source's ground truth their maps sit on most "
                      f"(lift >= 2): {', '.join(f'{j}: {p}' for j, p in enumerate(parts) if p)}")
-    atlas = concept_atlas(subject, bank, x, importance=importance, removal=drop, parts=parts)
+    atlas = concept_atlas(subject, bank, x, importance=importance, removal=drop, parts=parts, maps=cm)
     summaries = summ = None
     n_sum = min(args.summaries, x.shape[0])
     if n_sum >= 2:
@@ -137,7 +138,7 @@ def cmd_concepts(args):
         notes.append(f"no class summaries: {x.shape[0]} image(s) of the class, at least 2 are needed")
     words = []
     for i in range(min(3, m)):
-        v = verbalize_concepts(subject, bank, x[:m], i, removal=rem, class_name=class_name, parts=parts)
+        v = verbalize_concepts(subject, bank, x[:m], i, removal=rem, class_name=class_name, parts=parts, maps=cm)
         words.append({"name": names[int(chosen[i])], "text": v.text, "facts": v.facts})
     concepts = [{"concept": j, "importance": float(importance[j]), "removal": float(-drop[j]),
                  "coefficient": float(coef[j]), "part": parts[j] if parts else None} for j in torch.argsort(importance, descending=True, stable=True).tolist()]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import SaliencyError
-from .bank import ConceptBank, concept_maps, decompose, layer_activations
+from .bank import ConceptBank, concept_maps
 
 
 @dataclass
@@ -56,27 +56,20 @@ def removal_effect(subject, bank: ConceptBank, x: torch.Tensor, target=None, bat
     from the activation at its layer: k + 1 forward rows per image (the extra row rebuilds the
     clean activation from the decomposition and checks it gives the model's own score)."""
     from ..engine import PassCounter, forward_scores
-    from ..targets import as_target
-    from .importance import ConceptIntervention, _single, _view
+    from .importance import _single, decomposed, intervention_view
 
     if not isinstance(bank, ConceptBank):
         raise SaliencyError(f"removal_effect needs a ConceptBank, got {type(bank).__name__}")
     x = subject.check_input(x)
     B, k = x.shape[0], bank.n_concepts
     counter = PassCounter()
-    acts, logits = layer_activations(subject, x, bank.layer, batch_size or 32, counter, with_logits=True)
-    resolved = as_target(target).resolve(subject, logits)
-    U_all, _ = decompose(acts, bank)
-    W = bank.basis.to(x.device)
+    acts, resolved, U_all = decomposed(subject, bank, x, target, batch_size, counter)
     masks = torch.cat([torch.ones(1, k), 1 - torch.eye(k)]).to(x.device)          # [k+1, k]
     clean, removed = torch.zeros(B), torch.zeros(B, k)
     for b in range(B):
-        u = U_all[b].to(x.device)
-        residual = acts[b].to(x.device) - torch.einsum("khw,kc->chw", u, W)
-        view = _view(subject, ConceptIntervention(subject.model, bank.layer, x[b:b + 1], u, W, residual))
-        one = _single(resolved, b)
+        view, _ = intervention_view(subject, bank, x, acts, U_all, b)
         with subject.explaining():
-            f = forward_scores(view, lambda s, e: masks[s:e], k + 1, one,
+            f = forward_scores(view, lambda s, e: masks[s:e], k + 1, _single(resolved, b),
                                lambda s, e: torch.zeros(e - s, dtype=torch.long, device=x.device),
                                batch_size=batch_size, counter=counter).double().cpu()
         clean[b], removed[b] = float(f[0]), f[1:].float()
@@ -158,17 +151,18 @@ def _as_masks(part_masks: dict, B: int, hw) -> dict:
 
 def score_bank(subject, bank: ConceptBank, x: torch.Tensor, part_masks: dict, importance: torch.Tensor | None = None,
                part_effect: np.ndarray | None = None, top: int = 3, min_lift: float = 2.0,
-               batch_size: int = 32) -> ConceptScores:
+               batch_size: int = 32, maps=None) -> ConceptScores:
     """Score `bank` on images `x` [B,3,H,W] whose parts are known (`part_masks`: {part: [B,H,W]
     bool}; a part an image lacks has an empty mask there). `importance` [B,k] (e.g. Sobol indices
     from `concepts.importance`) ranks each image's concepts for existence and weighs them for
     global importance; without it the concepts' coefficients are used. `part_effect` [B, parts]
-    (the same part order) is the true effect of removing each part; without it CGIM is NaN."""
+    (the same part order) is the true effect of removing each part; without it CGIM is NaN.
+    `maps`: the `concept_maps` of `x` when the caller has them already (no pass then)."""
     x = subject.check_input(x)
     B = x.shape[0]
     masks = _as_masks(part_masks, B, x.shape[-2:])
     parts = list(masks)
-    cm = concept_maps(subject, bank, x, batch_size)
+    cm = maps if maps is not None else concept_maps(subject, bank, x, batch_size)
     maps = cm.maps.clamp(min=0)                                   # [B,k,H,W]
     k = maps.shape[1]
     weight = cm.coefficients if importance is None else torch.as_tensor(importance, dtype=torch.float32)

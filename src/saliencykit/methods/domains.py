@@ -120,14 +120,12 @@ class CrossDomainIG(Method):
 
 
 def blur_series(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A Gaussian blur of every channel of a [B,C,T] series along time (reflected edges)."""
-    from ..filters import gaussian_kernels
+    """A Gaussian blur of every channel of a [B,C,T] series along time: the perturbation
+    substrates' blur (radius ceil(3 sigma), replicate padding) as one band matrix of `filters`."""
+    from ..filters import band, gaussian_kernels
 
-    radius = max(1, min(int(math.ceil(3 * sigma)), x.shape[-1] - 1))
-    k, _ = gaussian_kernels(float(sigma), radius, x.dtype, x.device)
-    B, C, T = x.shape
-    flat = torch.nn.functional.pad(x.reshape(B * C, 1, T), (radius, radius), mode="reflect")
-    return torch.nn.functional.conv1d(flat, k.view(1, 1, -1)).reshape(B, C, T)
+    k, _ = gaussian_kernels(float(sigma), max(1, int(math.ceil(3 * sigma))), x.dtype, x.device)
+    return x @ band(k, x.shape[-1], "replicate").T
 
 
 @register
@@ -159,20 +157,22 @@ class LearnedMask(Method):
         g = torch.Generator(device="cpu").manual_seed(int(ctx.seed or 0))
         logit = (0.1 * torch.randn(B, 1, T, generator=g, dtype=torch.float64)).to(x.device).requires_grad_(True)
         opt = torch.optim.Adam([logit], lr=lr)
+        rows = torch.arange(B, device=x.device).repeat(2 if contrast else 1)
         scale = target.score(ctx.logits()).detach().abs().clamp_min(1e-6).double().view(B, 1, 1)
         for _ in range(steps):
-            m = torch.sigmoid(logit)
+            with torch.enable_grad():      # the mask's own graph, also when the caller runs under no_grad
+                m = torch.sigmoid(logit)
             inp = (m * x + (1 - m) * base).to(x.dtype).detach()
-            gs = gradient_pass(ctx.subject, inp, target, counter=ctx.counter).input_grad.double()
-            # d s(x_m) / d m = sum over channels of (x - base) * d s / d x_m
+            if contrast:     # the kept and the removed series in one pass: rows 0..B-1, then B..2B-1
+                inp = torch.cat([inp, ((1 - m) * x + m * base).to(x.dtype).detach()])
+            g = gradient_pass(ctx.subject, inp, target, rows=rows, counter=ctx.counter).input_grad.double()
+            # d s(x_m) / d m = sum over channels of (x - base) * d s / d x_m; with the contrast, the
+            # complement's score falls as m grows there too: d s(x_(1-m)) / d m = -(x - base) * d s / d x_(1-m)
+            gs = g[:B] + g[B:] if contrast else g
             dm = ((x - base).double() * gs).sum(1, keepdim=True) / scale
-            if contrast:
-                inv = ((1 - m) * x + m * base).to(x.dtype).detach()
-                gi = gradient_pass(ctx.subject, inv, target, counter=ctx.counter).input_grad.double()
-                dm = dm + ((x - base).double() * gi).sum(1, keepdim=True) / scale      # removing the rest lowers s
             opt.zero_grad()
-            penalty = l1 * m.mean() + tv * (m[..., 1:] - m[..., :-1]).abs().mean()
             with torch.enable_grad():
+                penalty = l1 * m.mean() + tv * (m[..., 1:] - m[..., :-1]).abs().mean()
                 (-(dm.detach() * m).sum() + penalty * B).backward()
             opt.step()
         mask = torch.sigmoid(logit).detach()[:, 0].to(x.dtype)

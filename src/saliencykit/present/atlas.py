@@ -83,19 +83,20 @@ def _label_panel(lines: Sequence[tuple], height: int, bar: float | None = None):
 
 def concept_atlas(subject, bank, x: torch.Tensor, importance=None, parts: Sequence | None = None,
                   removal: torch.Tensor | None = None, n_patches: int = 6, n_maps: int = 3, patch: float = 0.35,
-                  max_concepts: int | None = None, path=None):
+                  max_concepts: int | None = None, path=None, maps=None):
     """The atlas of `bank` on images `x` [N,3,H,W]: one row per concept, most important first.
 
     `importance` [k] (e.g. the mean Sobol index, `ConceptImportance.sobol.mean(0)`) orders the rows
     and draws their bars; `parts` [k] (names from `concepts.score_bank(...).part`) labels what a
     concept's patches are; `removal` [k] (the mean relative drop of `concepts.removal_effect`) is
-    quoted per row. Returns the PIL image, or the path written when `path` is given."""
+    quoted per row; `maps` the `concept_maps` of `x` when the caller has them already. Returns the
+    PIL image, or the path written when `path` is given."""
     from PIL import Image, ImageDraw
 
     from ..concepts.bank import concept_maps
 
     x = subject.check_input(x)
-    cm = concept_maps(subject, bank, x)
+    cm = maps if maps is not None else concept_maps(subject, bank, x)
     k = bank.n_concepts
     imp = None if importance is None else torch.as_tensor(importance, dtype=torch.float32).flatten()
     if imp is not None and imp.numel() != k:
@@ -184,10 +185,11 @@ def _signed_pct(v: float) -> str:
 
 
 def verbalize_concepts(subject, bank, x: torch.Tensor, index: int = 0, removal=None, parts: Sequence | None = None,
-                       top: int = 3, class_name: str | None = None) -> Verbalization:
+                       top: int = 3, class_name: str | None = None, maps=None) -> Verbalization:
     """Sentences on the `top` concepts of image `index` of `x`, ordered by how much removing each
     drops the target's score (`removal`: a `concepts.ConceptRemoval` for `x`; computed when None,
-    k + 1 forwards per image). `parts` [k] names what a concept's patches are when known."""
+    k + 1 forwards per image). `parts` [k] names what a concept's patches are when known; `maps`
+    the `concept_maps` of `x` when the caller has them (no pass then)."""
     from ..concepts.bank import concept_maps
     from ..concepts.metrics import removal_effect
 
@@ -199,16 +201,20 @@ def verbalize_concepts(subject, bank, x: torch.Tensor, index: int = 0, removal=N
         row = 0
     else:
         row = index
-    cm = concept_maps(subject, bank, x[index:index + 1])
+    if maps is None:
+        cm = concept_maps(subject, bank, x[index:index + 1])
+        one = 0
+    else:
+        cm, one = maps, index
     drop = removal.drop[row]
     order = torch.argsort(drop, descending=True, stable=True).tolist()[:max(1, int(top))]
     target = removal.target[row] if removal.target else {}
     name = class_name or (target.get("name") if isinstance(target, dict) else None) or "the predicted class"
     facts = {"class": name, "score": float(removal.clean[row]), "concepts": []}
     for j in order:
-        m = cm.maps[0, j].clamp(min=0).numpy()
+        m = cm.maps[one, j].clamp(min=0).numpy()
         mask = m >= 0.5 * m.max() if m.max() > 0 else np.ones_like(m, bool)
-        facts["concepts"].append({"concept": j, "removed_drop": float(drop[j]), "coefficient": float(cm.coefficients[0, j]),
+        facts["concepts"].append({"concept": j, "removed_drop": float(drop[j]), "coefficient": float(cm.coefficients[one, j]),
                                   "part": None if parts is None else parts[j], "location": _location(mask, m)})
     s = _Sentences(facts)
     for r, c in enumerate(facts["concepts"]):

@@ -253,8 +253,8 @@ def concept_section(subject, x, bank, shown, top: int = 3) -> dict:
     from ..atlas import verbalize_concepts
     from ..viz import overlay
 
-    v = verbalize_concepts(subject, bank, x, 0, top=top)
     cm = concept_maps(subject, bank, x)
+    v = verbalize_concepts(subject, bank, x, 0, top=top, maps=cm)
     side = 160
     tiles = [overlay(shown.resize((side, side)), cm.maps[0, c["concept"]].clamp(min=0), alpha=0.6)
              for c in v.facts["concepts"]]
