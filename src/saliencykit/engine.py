@@ -286,14 +286,14 @@ def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: 
     weight its masks as they go and keep the scores of every class from the same passes (RISE)."""
     bs = batch_size or DEFAULT_BATCH
     scores = []
-    it = with_progress(range(0, n, bs), desc, enabled=progress, total=math.ceil(n / bs))
+    chunks = spans(n, bs) if n > 0 else []     # even chunks, as the gradient passes: no small last call
+    it = with_progress(chunks, desc, enabled=progress, total=len(chunks))
     plan = None
     with torch.inference_mode():
-        for start in it:
-            stop = min(n, start + bs)
+        for start, stop in it:
             chunk = make_inputs(start, stop)
             if start == 0:  # the form of the model this run uses (timed once per model and shape)
-                plan = inference.plan_for(subject, chunk, math.ceil(n / bs))
+                plan = inference.plan_for(subject, chunk, len(chunks))
             logits = _as_scores_input(inference.run(subject, plan, chunk))
             scores.append(target.score(logits, rows=rows_of(start, stop), output=output))
             if on_chunk is not None:
