@@ -274,10 +274,6 @@ class Subject:
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised input -> pixel values in [0,1] (a series, volume or feature vector as it is)."""
-        if x.dim() == 4 and getattr(self, "layout", None) in (None, "BCHW"):  # the image path, unchanged
-            mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-            return (x * std + mean).clamp(0, 1)
         if not self._is_image(x):
             return x
         return (x * self._channel_view(x, self.std) + self._channel_view(x, self.mean)).clamp(0, 1)
@@ -285,10 +281,6 @@ class Subject:
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixel values in [0,1] -> the model's normalised input space (other layouts: as they are,
         so the "black" baseline of a series or a volume is zeros)."""
-        if pixels.dim() == 4 and getattr(self, "layout", None) in (None, "BCHW"):
-            mean = torch.tensor(self.mean, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
-            return (pixels - mean) / std
         if not self._is_image(pixels):
             return pixels
         return (pixels - self._channel_view(pixels, self.mean)) / self._channel_view(pixels, self.std)

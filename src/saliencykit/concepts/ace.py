@@ -59,9 +59,8 @@ def _patch(x: torch.Tensor, mask: np.ndarray) -> tuple[torch.Tensor, list]:
 
 
 def _unnormalise(subject, x: torch.Tensor) -> np.ndarray:
-    mean = torch.tensor(subject.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(subject.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().double().numpy()
+    """[N,H,W,3] pixels in [0,1] for SLIC, through the subject's own `unnormalize`."""
+    return subject.unnormalize(x).permute(0, 2, 3, 1).cpu().double().numpy()
 
 
 def segment_patches(subject, images: torch.Tensor, segments: list[dict], resolutions=RESOLUTIONS,

@@ -146,10 +146,9 @@ def importance(subject, bank: ConceptBank, x: torch.Tensor, target=None, n: int 
         gxc[b] = g.input_grad[0].float().cpu()
     scores = deriv = None
     if tcav:
-        from .tcav import directional_derivatives
+        from .tcav import bank_tcav
 
-        deriv = directional_derivatives(subject, bank, x, resolved, batch_size, counter)
-        scores = (deriv > 0).float().mean(0)
+        scores, deriv = bank_tcav(subject, bank, x, resolved, batch_size, counter)
     return ConceptImportance(sobol, gxc, coefs, resolved.describe(), int(seed), n,
                              counter.per_image(B), scores, deriv)
 

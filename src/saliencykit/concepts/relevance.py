@@ -63,10 +63,10 @@ def relevance_max(subject, images, layer, channel: int, n: int = 8, target=None,
                   composite: str = "epsilon_plus_flat", batch_size: int = 16) -> RelevanceMax:
     """The `n` images (and patches) where `channel` of `layer` is most relevant to the target,
     and the `n` where it is most active. See the module docstring."""
-    from ..engine import PassCounter
+    from ..engine import PassCounter, forward_logits, spans
     from ..methods.propagation import lrp_relevance
     from ..targets import ResolvedTarget, as_target
-    from .bank import _as_input, layer_activations
+    from .bank import _as_input
 
     n = positive_int(n, "n")
     if isinstance(channel, bool) or not isinstance(channel, int):
@@ -76,12 +76,12 @@ def relevance_max(subject, images, layer, channel: int, n: int = 8, target=None,
     x = _as_input(subject, images)
     name = subject.find_layer(layer, x[:1])[0]
     counter = PassCounter()
-    _, logits = layer_activations(subject, x, name, batch_size, counter, with_logits=True)
+    with torch.no_grad(), subject.explaining():      # the logits fix the target; the layer is read by LRP below
+        logits = forward_logits(subject, x, batch_size, counter)
     resolved = as_target(target).resolve(subject, logits)
     rel, act = [], []
     with subject.explaining():
-        for s in range(0, x.shape[0], batch_size):
-            e = min(s + batch_size, x.shape[0])
+        for s, e in spans(x.shape[0], batch_size):
             part = ResolvedTarget(resolved.pos[s:e], resolved.neg[s:e], resolved.output, resolved.kind)
             out = lrp_relevance(subject, x[s:e], part, composite=composite, counter=counter, condition=(name, None))
             a = out["layer_output"]

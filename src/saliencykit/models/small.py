@@ -15,7 +15,6 @@ with `saliencykit train-small NAME --out FILE`.
 """
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
@@ -124,21 +123,15 @@ def load_module(name: str, weights=None) -> tuple[nn.Module, dict]:
     return model.eval(), dict(payload.get("info", {}))
 
 
-def _subject_accepts_layout() -> bool:
-    from ..subject import Subject
-
-    return "layout" in inspect.signature(Subject.__init__).parameters
-
-
 def load_small(name: str, weights=None, device=None):
     """A `Subject` around the small model `name` (series_cnn, denoiser, volume_seg). Its layout
-    (BCT, BCHW, BCDHW) is declared when `Subject` accepts `layout`; `subject.info` holds the
+    (BCT, BCHW, BCDHW) is declared; `subject.info` holds the
     training facts (seed, seconds, held-out accuracy or Dice)."""
     from ..subject import Subject
 
     model, info = load_module(name, weights)
     layout = {"series_cnn": "BCT", "denoiser": "BCHW", "volume_seg": "BCDHW"}[name]
-    kw = {"layout": layout} if _subject_accepts_layout() else {}
+    kw = {"layout": layout}
     if name == "series_cnn":
         subject = Subject(model, preprocess=_no_preprocess, labels=list(SERIES_LABELS), mean=(0.0,), std=(1.0,),
                           input_size=(int(info.get("length", 128)),), layer="features.7", name=name,
