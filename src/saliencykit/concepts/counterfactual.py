@@ -119,10 +119,9 @@ def _one(subject, x, what):
 
 
 def _view(subject, head: nn.Module):
-    from ..subject import Subject
+    from .target import model_view
 
-    return Subject(head, labels=subject.labels, mean=subject.mean, std=subject.std, input_size=subject.input_size,
-                   name=f"{subject.name}:head", fast=False)
+    return model_view(subject, head, "head")
 
 
 def counterfactual(subject, query, distractor, layer="auto", method: str = "greedy", max_edits: int | None = None,

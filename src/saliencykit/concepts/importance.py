@@ -93,10 +93,9 @@ def intervention_view(subject, bank: ConceptBank, x: torch.Tensor, acts: torch.T
 
 
 def _view(subject, module: nn.Module):
-    from ..subject import Subject
+    from .target import model_view
 
-    return Subject(module, labels=subject.labels, mean=subject.mean, std=subject.std, input_size=subject.input_size,
-                   name=f"{subject.name}:concept-masks", fast=False)
+    return model_view(subject, module, "concept-masks")
 
 
 def importance(subject, bank: ConceptBank, x: torch.Tensor, target=None, n: int = 256, seed: int | None = 0,

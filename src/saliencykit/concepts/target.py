@@ -42,6 +42,14 @@ class ConceptHead(nn.Module):
         return u.mean((2, 3))
 
 
+def model_view(subject: Subject, module: nn.Module, what: str, labels=None) -> Subject:
+    """A Subject around `module` (a head or an intervention built on `subject`'s model) that keeps
+    `subject`'s normalisation and input size, named `subject:what`; eager (the module changes per
+    call, so no faster model form is timed for it). The concepts room's one way to wrap its views."""
+    return Subject(module, labels=subject.labels if labels is None else labels, mean=subject.mean, std=subject.std,
+                   input_size=subject.input_size, name=f"{subject.name}:{what}", fast=False)
+
+
 class ConceptSubject(Subject):
     """The subject's model seen through a concept bank: outputs are concept scores; layer names
     of the original model work unchanged."""

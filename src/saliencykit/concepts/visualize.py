@@ -118,10 +118,9 @@ def objective(subject, target):
 
 
 def _view(subject, module, what):
-    from ..subject import Subject
+    from .target import model_view
 
-    return Subject(module, labels=[what], mean=subject.mean, std=subject.std, input_size=subject.input_size,
-                   name=f"{subject.name}:{what}", fast=False)
+    return model_view(subject, module, what, labels=[what])
 
 
 @lru_cache(maxsize=8)
