@@ -1,7 +1,7 @@
-"""Perturbation along the axes of any layout: occlusion windows of a series ([B,C,T]: `patch`
-steps every `stride`) or a volume ([B,C,D,H,W]: cubes), and the equal-length time segments that
-are LIME's and KernelSHAP's features on a series. The 2-D image path stays in `perturbation`;
-both run on the one perturbation runner, `engine.perturbed_scores`.
+"""Perturbation along the axes of any layout: occlusion windows of an image ([B,C,H,W]), a series
+([B,C,T]: `patch` steps every `stride`) or a volume ([B,C,D,H,W]: cubes), and the equal-length
+time segments that are LIME's and KernelSHAP's features on a series; all on the one perturbation
+runner, `engine.perturbed_scores`.
 """
 from __future__ import annotations
 
@@ -34,15 +34,17 @@ def _sizes(value, n: int, what: str) -> tuple[int, ...]:
 
 
 def occlusion_along_axes(ctx, target, patch, stride, out: str, base: torch.Tensor) -> dict:
-    """Occlusion of a series ([B,C,T]: windows of `patch` steps every `stride`) or a volume
-    ([B,C,D,H,W]: cubes); each position gets the mean drop of the windows covering it, as in 2-D."""
+    """Occlusion of an image (windows of `patch` pixels every `stride`), a series ([B,C,T]) or a
+    volume ([B,C,D,H,W]: cubes); each position gets the mean drop of the windows covering it."""
     x = ctx.x.detach()
     b, axes = x.shape[0], tuple(x.shape[2:])
     d = len(axes)
     size = _sizes(patch, d, "occlusion patch")
     step = _sizes(stride, d, "occlusion stride")
-    what = "series" if d == 1 else "volume"
     if any(p > n for p, n in zip(size, axes)):
+        if d == 2:
+            raise SaliencyError(f"occlusion patch {size} is larger than the image {axes}: pass a smaller patch=")
+        what = "series" if d == 1 else "volume"
         raise SaliencyError(f"the {what} {axes} is shorter than the occlusion window {size}: pass a smaller patch=")
     if any(s > p for s, p in zip(step, size)):
         raise SaliencyError(f"occlusion stride {step} is larger than the patch {size}: some positions would "

@@ -101,43 +101,8 @@ class Occlusion(Method):
     layouts = ("BCHW", "BCT", "BCDHW")
 
     def run(self, ctx, target, layer, patch=15, stride=8, baseline="mean", output=None):
-        x = ctx.x.detach()
-        if x.dim() != 4:
-            return occlusion_along_axes(ctx, target, patch, stride, _output(target, output), _baseline(ctx, baseline))
-        b, _, h, w = x.shape
-        ph, pw = _pair(patch, "occlusion patch")
-        sh, sw = _pair(stride, "occlusion stride")
-        if ph > h or pw > w:
-            raise SaliencyError(f"occlusion patch {(ph, pw)} is larger than the image {(h, w)}")
-        if sh > ph or sw > pw:
-            raise SaliencyError(f"occlusion stride {(sh, sw)} is larger than the patch {(ph, pw)}: "
-                                "some pixels would never be occluded")
-        out = _output(target, output)
-        base = _baseline(ctx, baseline)
-        ys, xs = window_starts(h, ph, sh), window_starts(w, pw, sw)
-        # row/column indicator of every window: window (i, j) covers Ry[i] x Rx[j]
-        ry = torch.zeros(len(ys), h, device=x.device)
-        rx = torch.zeros(len(xs), w, device=x.device)
-        for i, (a, z) in enumerate(ys):
-            ry[i, a:z] = 1
-        for j, (a, z) in enumerate(xs):
-            rx[j, a:z] = 1
-        nwin = len(ys) * len(xs)
-
-        def masks(start, stop):
-            idx = torch.arange(start, stop, device=x.device)
-            ex, win = idx // nwin, idx % nwin
-            cover = ry[win // len(xs)].unsqueeze(2) * rx[win % len(xs)].unsqueeze(1)   # [k,H,W]
-            return ex, (1 - cover).unsqueeze(1)
-
-        scores = perturbed_scores(ctx.subject, x, base, target, masks, b * nwin, batch_size=ctx.batch_size,
-                                  counter=ctx.counter, output=out, progress=ctx.progress, desc="occlusion")
-        drop = (_clean_scores(ctx, target, out).view(b, 1) - scores.view(b, nwin)).view(b, len(ys), len(xs))
-        summed = torch.einsum("iy,bij,jx->byx", ry, drop, rx)
-        count = ry.sum(0).view(h, 1) * rx.sum(0).view(1, w)
-        maps = summed / count.clamp_min(1)
-        return {"maps": maps, "raw": drop, "signed": True,
-                "extras": {"windows": nwin, "window_grid": (len(ys), len(xs))}}
+        # one sliding-window occlusion for images, series and volumes (methods.along_axes)
+        return occlusion_along_axes(ctx, target, patch, stride, _output(target, output), _baseline(ctx, baseline))
 
 
 # ----------------------------------------------------------------------------- RISE
