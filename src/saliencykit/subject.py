@@ -144,6 +144,10 @@ class LayerCapture:
         return out
 
 
+ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
 class Subject:
     """An `nn.Module` plus what explaining it needs.
 
@@ -446,26 +450,7 @@ class Subject:
             self._auto_layer_cache[size] = token_layer
             return token_layer
         probe = torch.zeros(1, self.in_channels, *size, device=self.device, dtype=self.dtype)
-        finished: list[str] = []
-        handles = []
-
-        def make_hook(name):
-            def hook(_m, _i, out):
-                if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] > 1 and out.shape[-2] > 1:
-                    finished.append(name)
-            return hook
-
-        for name, mod in self.model.named_modules():
-            # adaptive pooling resamples to a fixed grid (VGG's 7x7 `avgpool` copies a 2x2 map at
-            # 64 px): its output is spatial but adds no location evidence, so it is never the layer
-            if name and not isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-                handles.append(mod.register_forward_hook(this_thread_only(make_hook(name))))
-        try:
-            with self.explaining(), torch.no_grad():
-                self.forward(probe)
-        finally:
-            for h in handles:
-                h.remove()
+        finished = self._map_layers(probe)
         if not finished:
             raise SaliencyError(f"no layer with a spatial output found in {self.name}; pass layer=NAME")
         # Prefer the deepest-named module among those that finished last with the same tensor:
@@ -474,27 +459,35 @@ class Subject:
         self._auto_layer_cache[size] = name
         return name
 
+    def _map_layers(self, probe: torch.Tensor) -> list[str]:
+        """The modules, in the order they finish in one dry forward of `probe`, whose output has
+        the probe's axes, each longer than 1 (a spatial map of an image, a series, a volume).
+        Adaptive pooling is never one: it resamples to a fixed grid (VGG's 7x7 `avgpool` copies a
+        2x2 map at 64 px), so its output has the axes but adds no location evidence."""
+        finished: list[str] = []
+        dims = probe.dim()
+
+        def make_hook(name):
+            def hook(_m, _i, out):
+                if isinstance(out, torch.Tensor) and out.dim() == dims and all(n > 1 for n in out.shape[2:]):
+                    finished.append(name)
+            return hook
+
+        handles = [mod.register_forward_hook(this_thread_only(make_hook(name)))
+                   for name, mod in self.model.named_modules() if name and not isinstance(mod, ADAPTIVE_POOLS)]
+        try:
+            with self.explaining(), torch.no_grad():
+                self.forward(probe)
+        finally:
+            for h in handles:
+                h.remove()
+        return finished
+
     def _auto_layer_along_axes(self, x: torch.Tensor) -> str:
         key = (self.layout_for(x), tuple(x.shape[1:]))
         if key in self._auto_layer_cache:
             return self._auto_layer_cache[key]
-        finished: list[str] = []
-        dims = x.dim()
-
-        def hook(name):
-            def record(_m, _i, out):
-                if isinstance(out, torch.Tensor) and out.dim() == dims and all(n > 1 for n in out.shape[2:]):
-                    finished.append(name)
-            return record
-
-        handles = [mod.register_forward_hook(this_thread_only(hook(name)))
-                   for name, mod in self.model.named_modules() if name]
-        try:
-            with self.explaining(), torch.no_grad():
-                self.forward(torch.zeros_like(x[:1]))
-        finally:
-            for h in handles:
-                h.remove()
+        finished = self._map_layers(torch.zeros_like(x[:1]))
         if not finished:
             raise SaliencyError(f"no layer of {self.name} outputs a map with the axes of the {key[0]} input; "
                                 "pass layer=NAME")
