@@ -1,7 +1,12 @@
 """Perturbation along the axes of any layout: occlusion windows of an image ([B,C,H,W]), a series
-([B,C,T]: `patch` steps every `stride`) or a volume ([B,C,D,H,W]: cubes), and the equal-length
-time segments that are LIME's and KernelSHAP's features on a series; all on the one perturbation
-runner, `engine.perturbed_scores`.
+([B,C,T]: `patch` steps every `stride`), a volume ([B,C,D,H,W]: cubes), a clip ([B,T,C,H,W]:
+cubes over frames, height and width) or a feature vector ([B,F]: runs of `patch` features); RISE's
+random smooth masks over the same axes; and the equal-length time segments that are LIME's and
+KernelSHAP's features on a series; all on the one perturbation runner, `engine.perturbed_scores`.
+
+The axes a window or a mask moves along are every axis after the batch axis except the layout's
+channel axis (`subject.channel_axis`: 1, 2 for a clip, none for features); a mask made over them
+gets a length-1 axis where the channel axis is, so it covers every channel (`keep_mask`).
 """
 from __future__ import annotations
 
@@ -10,8 +15,27 @@ import math
 import numpy as np
 import torch
 
-from ..engine import perturbed_scores
+import torch.nn.functional as F
+
+from ..engine import generator, perturbed_scores
 from ..errors import SaliencyError, positive_int
+from ..subject import channel_axis
+
+#: what an input of each layout is called in the messages
+NOUNS = {"BCHW": "image", "BCT": "series", "BCDHW": "volume", "BTCHW": "clip", "BF": "feature vector"}
+
+
+def perturbed_axes(x: torch.Tensor, layout: str) -> tuple[tuple[int, ...], int | None]:
+    """The lengths of the axes a perturbation moves along (every axis after the batch axis but
+    the channel axis of `layout`) and the channel axis (None for a flat input)."""
+    ca = channel_axis(layout)
+    return tuple(n for i, n in enumerate(x.shape) if i not in (0, ca)), ca
+
+
+def keep_mask(cover: torch.Tensor, ca: int | None) -> torch.Tensor:
+    """A mask `[k, *axes]` over the perturbed axes -> `[k, ...]` broadcasting over the input's
+    channel axis (`[k,1,H,W]` for an image, `[k,T,1,H,W]` for a clip, `[k,F]` for features)."""
+    return cover if ca is None else cover.unsqueeze(ca)
 
 
 def window_starts(length: int, window: int, stride: int) -> list[tuple[int, int]]:
@@ -34,17 +58,19 @@ def _sizes(value, n: int, what: str) -> tuple[int, ...]:
 
 
 def occlusion_along_axes(ctx, target, patch, stride, out: str, base: torch.Tensor) -> dict:
-    """Occlusion of an image (windows of `patch` pixels every `stride`), a series ([B,C,T]) or a
-    volume ([B,C,D,H,W]: cubes); each position gets the mean drop of the windows covering it."""
+    """Occlusion of an image (windows of `patch` pixels every `stride`), a series ([B,C,T]), a
+    volume ([B,C,D,H,W]: cubes), a clip ([B,T,C,H,W]: cubes over T, H, W, all channels) or a
+    feature vector ([B,F]: `patch` consecutive features); each position gets the mean drop of
+    the windows covering it."""
     x = ctx.x.detach()
-    b, axes = x.shape[0], tuple(x.shape[2:])
-    d = len(axes)
+    axes, ca = perturbed_axes(x, ctx.layout)
+    b, d = x.shape[0], len(axes)
     size = _sizes(patch, d, "occlusion patch")
     step = _sizes(stride, d, "occlusion stride")
     if any(p > n for p, n in zip(size, axes)):
-        if d == 2:
+        what = NOUNS.get(ctx.layout, "input")
+        if what == "image":
             raise SaliencyError(f"occlusion patch {size} is larger than the image {axes}: pass a smaller patch=")
-        what = "series" if d == 1 else "volume"
         raise SaliencyError(f"the {what} {axes} is shorter than the occlusion window {size}: pass a smaller patch=")
     if any(s > p for s, p in zip(step, size)):
         raise SaliencyError(f"occlusion stride {step} is larger than the patch {size}: some positions would "
@@ -70,7 +96,7 @@ def occlusion_along_axes(ctx, target, patch, stride, out: str, base: torch.Tenso
 
     def masks(start, stop):
         idx = torch.arange(start, stop, device=x.device)
-        return idx // nwin, (1 - cover_of(idx % nwin)).unsqueeze(1)
+        return idx // nwin, keep_mask(1 - cover_of(idx % nwin), ca)
 
     scores = perturbed_scores(ctx.subject, x, base, target, masks, b * nwin, batch_size=ctx.batch_size,
                               counter=ctx.counter, output=out, progress=ctx.progress, desc="occlusion")
@@ -116,3 +142,54 @@ def _consecutive(seg: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     if min(counts) < 2:
         raise SaliencyError("the given time segments make a single segment: give at least two")
     return torch.stack(out), counts
+
+
+def rise_cells(cell, axes: tuple[int, ...], layout: str) -> tuple[int, ...] | None:
+    """RISE's grid: `cell` cells along each perturbed axis (an int or one per axis); None gives 7
+    per axis (fewer on an axis shorter than 7: a clip of 4 frames gets 4) and, on a feature
+    vector, one independent Bernoulli draw per feature (None: features have no neighbours to
+    smooth over)."""
+    if cell is None:
+        return None if layout == "BF" else tuple(min(7, n) for n in axes)
+    cells = _sizes(cell, len(axes), "rise cell")
+    if any(c > n for c, n in zip(cells, axes)):
+        raise SaliencyError(f"rise cell grid {cell!r} is finer than the {NOUNS.get(layout, 'input')} {axes}: "
+                            "pass a smaller cell=")
+    return cells
+
+
+class RiseMasks:
+    """RISE masks (Petsiuk et al. 2018), made on demand from a seed, over the perturbed axes of
+    any layout: `[k, 1, *size]`.
+
+    A binary grid of `cell` cells per axis, entries ~ Bernoulli(p), is upsampled (linearly,
+    bilinearly or trilinearly: 1, 2 or 3 axes) to `(cell+1) * ceil(L/cell)` per axis
+    (align_corners=False), shifted by a random offset in `[0, ceil(L/cell))` per axis and cropped
+    to `size`. `cell=None`: no smoothing, one Bernoulli(p) draw per position (a feature vector's
+    features). The tiny grids and shifts of all N masks are drawn up front (so the masks do not
+    depend on the chunk size); the full-size masks are only ever built for the rows of one chunk.
+    """
+
+    def __init__(self, n: int, cell, p: float, size: tuple[int, ...], seed, device="cpu"):
+        self.n, self.p, self.size = n, p, tuple(size)
+        self.cells = None if cell is None else (tuple(cell) if isinstance(cell, (tuple, list))
+                                                else (int(cell),) * len(self.size))
+        self.cell = cell
+        g = generator(seed)
+        grid = self.size if self.cells is None else self.cells
+        self.grids = (torch.rand(n, 1, *grid, generator=g) < p).float().to(device)
+        if self.cells is not None:
+            self.step = tuple(int(math.ceil(length / c)) for length, c in zip(self.size, self.cells))
+            self.shifts = [torch.randint(0, st, (n,), generator=g).tolist() for st in self.step]
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        """Masks for the given mask indices: [k,1,*size] in [0,1]."""
+        if self.cells is None:
+            return self.grids[index]
+        up = tuple((c + 1) * st for c, st in zip(self.cells, self.step))
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(self.size)]
+        big = F.interpolate(self.grids[index], size=up, mode=mode, align_corners=False).clamp_(0, 1)
+        out = torch.empty(len(index), 1, *self.size, device=big.device)
+        for r, i in enumerate(index.tolist()):
+            out[r] = big[(r, slice(None), *(slice(sh[i], sh[i] + length) for sh, length in zip(self.shifts, self.size)))]
+        return out

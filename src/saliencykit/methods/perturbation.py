@@ -27,7 +27,8 @@ from ..filters import gaussian_blur
 from ..targets import OUTPUTS
 from .base import Method, register
 from .surrogates import SURROGATES
-from .along_axes import occlusion_along_axes, series_segments, time_segments, window_starts  # noqa: F401
+from .along_axes import (RiseMasks, keep_mask, occlusion_along_axes, perturbed_axes, rise_cells,  # noqa: F401
+                         series_segments, time_segments, window_starts)
 from .gradient import make_baseline
 
 
@@ -92,49 +93,26 @@ class Occlusion(Method):
     family = "perturbation"
     cost = "1 + #windows F (784 at 224x224, patch 15, stride 8)"
     signed = True
-    defaults = {"patch": 15, "stride": 8, "baseline": "mean", "output": None}
+    defaults = {"patch": None, "stride": None, "baseline": "mean", "output": None}
     description = ("Slide a patch (all channels) over the image, replace it by a baseline and record the "
                    "score drop s(x) - s(x_occluded); each pixel gets the mean drop of the windows covering "
                    "it (Zeiler & Fergus 2014). baseline: 'mean' (0 in normalised space), 'zero', 'blur' "
-                   "or a tensor.")
+                   "or a tensor. patch/stride: an int or one per axis; None: 15 and 8 (images, series, "
+                   "volumes, clips), 1 and 1 on feature vectors (each feature ablated alone).")
 
-    layouts = ("BCHW", "BCT", "BCDHW")
+    layouts = ("BCHW", "BCT", "BCDHW", "BTCHW", "BF")
 
-    def run(self, ctx, target, layer, patch=15, stride=8, baseline="mean", output=None):
-        # one sliding-window occlusion for images, series and volumes (methods.along_axes)
-        return occlusion_along_axes(ctx, target, patch, stride, _output(target, output), _baseline(ctx, baseline))
+    def run(self, ctx, target, layer, patch=None, stride=None, baseline="mean", output=None):
+        # one sliding-window occlusion for every layout (methods.along_axes)
+        flat = ctx.layout == "BF"
+        patch = (1 if flat else 15) if patch is None else patch
+        stride = (1 if flat else 8) if stride is None else stride
+        out = occlusion_along_axes(ctx, target, patch, stride, _output(target, output), _baseline(ctx, baseline))
+        out["extras"].update(patch=patch, stride=stride)
+        return out
 
 
 # ----------------------------------------------------------------------------- RISE
-
-class RiseMasks:
-    """RISE masks (Petsiuk et al. 2018), made on demand from a seed.
-
-    A binary `cell x cell` grid, entries ~ Bernoulli(p), is upsampled bilinearly to
-    `(cell+1) * ceil(H/cell)` (align_corners=False), shifted by a random offset in
-    `[0, ceil(H/cell))` per axis and cropped to H x W. The tiny grids and shifts of all N masks are
-    drawn up front (so the masks do not depend on the chunk size); the full-size masks are only
-    ever built for the rows of one chunk.
-    """
-
-    def __init__(self, n: int, cell: int, p: float, size: tuple[int, ...], seed, device="cpu"):
-        self.n, self.cell, self.p, self.size = n, cell, p, tuple(size)
-        g = generator(seed)
-        # a series' masks are 1-D (linear upsampling), a volume's 3-D (trilinear); an image's as always
-        self.grids = (torch.rand(n, 1, *[cell] * len(size), generator=g) < p).float().to(device)
-        self.step = tuple(int(math.ceil(length / cell)) for length in size)
-        self.shifts = [torch.randint(0, st, (n,), generator=g).tolist() for st in self.step]
-
-    def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        """Masks for the given mask indices: [k,1,*size] in [0,1]."""
-        up = tuple((self.cell + 1) * st for st in self.step)
-        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(self.size)]
-        big = F.interpolate(self.grids[index], size=up, mode=mode, align_corners=False).clamp_(0, 1)
-        out = torch.empty(len(index), 1, *self.size, device=big.device)
-        for r, i in enumerate(index.tolist()):
-            out[r] = big[(r, slice(None), *(slice(sh[i], sh[i] + length) for sh, length in zip(self.shifts, self.size)))]
-        return out
-
 
 @register
 class Rise(Method):
@@ -142,23 +120,24 @@ class Rise(Method):
     family = "perturbation"
     cost = "N F (N = n_masks = 4000)"
     randomized = True
-    defaults = {"n_masks": 4000, "cell": 7, "p": 0.5, "output": "prob", "classes": None}
+    defaults = {"n_masks": 4000, "cell": None, "p": 0.5, "output": "prob", "classes": None}
     description = ("Randomised Input Sampling (Petsiuk et al. 2018): S = sum_i score(x * M_i) M_i / (N p) over "
                    "N random smooth masks (cell x cell Bernoulli(p) grids, bilinear upsampling, random "
                    "shifts). Softmax probabilities by default (the authors' code). classes=[...] or 'all' "
-                   "also returns per-class maps from the same N passes (extras['class_maps']).")
+                   "also returns per-class maps from the same N passes (extras['class_maps']). Any layout: "
+                   "masks over the axes but the channel axis (cell: an int or one per axis; None: 7, at "
+                   "most the axis length; on a feature vector one Bernoulli(p) draw per feature).")
 
-    layouts = ("BCHW", "BCT", "BCDHW")
+    layouts = ("BCHW", "BCT", "BCDHW", "BTCHW", "BF")
 
-    def run(self, ctx, target, layer, n_masks=4000, cell=7, p=0.5, output="prob", classes=None):
+    def run(self, ctx, target, layer, n_masks=4000, cell=None, p=0.5, output="prob", classes=None):
         x = ctx.x.detach()
-        b, axes = x.shape[0], tuple(x.shape[2:])
+        axes, ca = perturbed_axes(x, ctx.layout)
+        b = x.shape[0]
         n = positive_int(n_masks, "rise n_masks")
-        cell = positive_int(cell, "rise cell")
+        cells = rise_cells(cell, axes, ctx.layout)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
             raise SaliencyError(f"rise p (keep probability) must be in (0, 1], got {p!r}")
-        if cell > min(axes):
-            raise SaliencyError(f"rise cell grid {cell} is finer than the {'image' if len(axes) == 2 else 'input'} {axes}")
         hw = math.prod(axes)
         out = _output(target, output)
         k_classes = ctx.logits().shape[1]
@@ -173,7 +152,7 @@ class Rise(Method):
         if cls_idx is not None and b * len(cls_idx) * hw * 4 > 4 * 2 ** 30:
             raise SaliencyError(f"rise classes: {len(cls_idx)} per-class maps of {b} x {' x '.join(map(str, axes))} "
                                 "need more than 4 GiB; ask for the classes you need (classes=[...])")
-        gen = RiseMasks(n, cell, float(p), axes, ctx.seed, device=x.device)
+        gen = RiseMasks(n, cells, float(p), axes, ctx.seed, device=x.device)
         acc = torch.zeros(b, hw, device=x.device, dtype=torch.float64)
         # float32 per-class maps: B x classes x H x W (classes="all" on 1000 classes at 224 px is 200 MB
         # per image; ask for the classes needed)
@@ -184,9 +163,9 @@ class Rise(Method):
         def masks(start, stop):
             idx = torch.arange(start, stop, device=x.device)
             ex, mi = idx // n, idx % n
-            m = gen(mi)
+            m = gen(mi)[:, 0]                                   # [k, *axes]
             current["rows"], current["m"] = ex, m
-            return ex, m
+            return ex, keep_mask(m, ca)
 
         def on_chunk(start, stop, logits, scores):
             ex, m = current["rows"], current["m"].flatten(1).double()
