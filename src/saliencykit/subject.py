@@ -459,9 +459,10 @@ class Subject:
         self._auto_layer_cache[size] = name
         return name
 
-    def _map_layers(self, probe: torch.Tensor) -> list[str]:
+    def _map_layers(self, probe: torch.Tensor, frames: int | None = None) -> list[str]:
         """The modules, in the order they finish in one dry forward of `probe`, whose output has
-        the probe's axes, each longer than 1 (a spatial map of an image, a series, a volume).
+        the probe's axes, each longer than 1 (a spatial map of an image, a series, a volume), or,
+        given the `frames` of a one-clip probe, is a frame-by-frame map [frames,C,h,w].
         Adaptive pooling is never one: it resamples to a fixed grid (VGG's 7x7 `avgpool` copies a
         2x2 map at 64 px), so its output has the axes but adds no location evidence."""
         finished: list[str] = []
@@ -470,6 +471,9 @@ class Subject:
         def make_hook(name):
             def hook(_m, _i, out):
                 if isinstance(out, torch.Tensor) and out.dim() == dims and all(n > 1 for n in out.shape[2:]):
+                    finished.append(name)
+                elif (frames is not None and isinstance(out, torch.Tensor) and out.dim() == 4
+                      and out.shape[0] == frames and all(n > 1 for n in out.shape[2:])):
                     finished.append(name)
             return hook
 
@@ -487,7 +491,7 @@ class Subject:
         key = (self.layout_for(x), tuple(x.shape[1:]))
         if key in self._auto_layer_cache:
             return self._auto_layer_cache[key]
-        finished = self._map_layers(torch.zeros_like(x[:1]))
+        finished = self._map_layers(torch.zeros_like(x[:1]), frames=x.shape[1] if key[0] == "BTCHW" else None)
         if not finished:
             raise SaliencyError(f"no layer of {self.name} outputs a map with the axes of the {key[0]} input; "
                                 "pass layer=NAME")

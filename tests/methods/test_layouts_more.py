@@ -1,4 +1,5 @@
-"""More methods on more layouts: occlusion and RISE on feature vectors [B,F] and clips [B,T,C,H,W].
+"""More methods on more layouts: occlusion and RISE on feature vectors [B,F] and clips [B,T,C,H,W];
+the gradient CAMs on clips.
 
 Checked against Captum (FeatureAblation and Occlusion: the same windows, the same mean drop per
 position) and against the definitions written out by hand on the same seeded masks (RISE). The
@@ -19,12 +20,12 @@ def flat_mlp(features=6, classes=3):
 
 
 class Clip3d(nn.Module):
-    """[B,T,C,H,W] clips read by a 3-D convolution over (T,H,W): its output is [B,C',T,H,W]."""
+    """[B,T,C,H,W] clips read by a 3-D convolution over (T,H,W): its output is [B,C',T/2,H/2,W/2]."""
 
     def __init__(self, classes=3):
         super().__init__()
         torch.manual_seed(3)
-        self.conv = nn.Conv3d(3, 4, 3, padding=1)
+        self.conv = nn.Conv3d(3, 4, 3, padding=1, stride=2)
         self.fc = nn.Linear(4, classes)
 
     def forward(self, x):
@@ -42,8 +43,23 @@ def clip():
     return torch.randn(2, 4, 3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def clip_subject():
-    return sk.Subject(Clip3d().double().eval(), layout="BTCHW", input_size=(6, 6))
+class FrameNet(nn.Module):
+    """[B,T,C,H,W] clips read frame by frame: the conv's output is [B*T,C',H,W]."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        f = torch.relu(self.conv(x.flatten(0, 1))).mean((2, 3)).view(b, t, -1).mean(1)
+        return self.fc(f)
+
+
+def clip_subject(model=None):
+    return sk.Subject((model or Clip3d()).double().eval(), layout="BTCHW", input_size=(6, 6))
 
 
 # ------------------------------------------------------------------------------ occlusion
@@ -125,3 +141,44 @@ def test_clip_rise_masks_cover_every_channel(clip):
     assert d.maps.shape == (2, 4, 6, 6) and torch.isfinite(d.maps).all()
     with pytest.raises(SaliencyError, match=r"rise cell grid 5 is finer than the clip \(4, 6, 6\)"):
         sk.explain(s, clip, "rise", cell=5, n_masks=4)
+
+
+# ------------------------------------------------------------------------------ CAMs of clips
+def _layer_and_grad(model, x, target, per_frame):
+    """The conv's output A and dS/dA, written out: [B,C',T',h,w] (frame outputs stacked on T)."""
+    store = {}
+    handle = model.conv.register_forward_hook(lambda m, i, o: store.update(a=o))
+    try:
+        score = model(x)[:, target].sum()
+    finally:
+        handle.remove()
+    a = store["a"]
+    (g,) = torch.autograd.grad(score, a)
+    if per_frame:
+        b, t = x.shape[:2]
+        a, g = (v.reshape(b, t, *v.shape[1:]).transpose(1, 2) for v in (a, g))
+    return a.detach(), g
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_clip_gradcam_is_its_definition(clip, per_frame):
+    # Grad-CAM = relu(sum_c mean_{t,h,w}(dS/dA_c) A_c), upsampled trilinearly (align_corners=False)
+    # from the layer grid (2x3x3 for the 3-D conv, 4x3x3 frame by frame) to the clip's 4x6x6;
+    # HiResCAM = relu(sum_c dS/dA_c * A_c). layer="auto" finds the conv in both models
+    model = (FrameNet() if per_frame else Clip3d()).double().eval()
+    s = clip_subject(model)
+    a, g = _layer_and_grad(model, clip, 1, per_frame)
+    e = sk.explain(s, clip, ["gradcam", "hirescam"], target=1)
+    assert e["gradcam"].layer == "conv"
+    for name, raw in (("gradcam", (g.mean((2, 3, 4), keepdim=True) * a).sum(1)), ("hirescam", (g * a).sum(1))):
+        ref = torch.nn.functional.interpolate(raw.clamp_min(0).unsqueeze(1), size=(4, 6, 6), mode="trilinear",
+                                              align_corners=False)[:, 0]
+        assert e[name].maps.shape == (2, 4, 6, 6)
+        assert e[name].raw.shape == raw.shape
+        assert torch.allclose(e[name].maps.double(), ref, atol=1e-6)
+
+
+def test_cams_refuse_a_flat_input_saying_why(features):
+    with pytest.raises(SaliencyError, match=r"gradcam cannot explain a BF input .* \(a CAM weighs the channels of a "
+                                            r"layer map.*for BF use .*occlusion"):
+        sk.explain(sk.Subject(flat_mlp(), layout="BF"), features, "gradcam")

@@ -63,6 +63,8 @@ class Method:
     # the input layouts it can explain (`subject.LAYOUTS`); asked for another, `explain` refuses
     # before any pass: a window, a superpixel or a token grid means nothing on axes it does not know
     layouts: tuple = ("BCHW",)
+    # layout -> why the method cannot read it, added to the refusal (the CAMs on a flat input)
+    not_for: dict = {}
 
     def run(self, ctx: "Context", target: ResolvedTarget, layer, **params) -> dict:
         raise NotImplementedError
@@ -467,8 +469,9 @@ def check_layouts(subject, x: torch.Tensor, classes) -> None:
         kind = getattr(subject, "subject_kind", "classifier")
         able = sorted(name for name, c in REGISTRY.items() if name == c.name and layout in c.layouts and kind in c.kinds)
         works_on = sorted({lay for cls in refused for lay in cls.layouts})
+        why = "".join(sorted({f" ({cls.not_for[layout]})" for cls in refused if layout in cls.not_for}))
         raise SaliencyError(f"method(s) {', '.join(cls.name for cls in refused)} cannot explain a {layout} input "
-                            f"(shape {tuple(x.shape)}): they work on {', '.join(works_on)} inputs; for {layout} use "
+                            f"(shape {tuple(x.shape)}){why}: they work on {', '.join(works_on)} inputs; for {layout} use "
                             f"{', '.join(able) or 'none yet'}")
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..engine import forward_logits, perturbed_scores, upsample
 from ..errors import SaliencyError
+from .along_axes import perturbed_axes
 from .base import Method, register
 from .gradient import noisy_gradients
 
@@ -46,13 +47,25 @@ def _spatial(t: torch.Tensor) -> tuple:
     return tuple(range(2, t.dim()))
 
 
+def map_size(ctx) -> tuple:
+    """The axes of the call's maps: the input's axes but its channel axis ((T,H,W) for a clip)."""
+    return perturbed_axes(ctx.x, ctx.layout)[0]
+
+
 def as_grid(ctx, name: str, t: torch.Tensor) -> torch.Tensor:
     """Layer output -> [B,C,h,w] (token outputs of transformers become a patch grid); a series'
-    or a volume's layer keeps its [B,C,t] / [B,C,d,h,w]."""
+    or a volume's layer keeps its [B,C,t] / [B,C,d,h,w]; a clip's layer is [B,C,t,h,w] (a 3-D
+    convolution's output as it is, a frame-by-frame layer's [B*T,C,h,w] with its frames put back
+    on a time axis)."""
     if ctx.layout != "BCHW":
+        b, frames = ctx.x.shape[:2]
+        if ctx.layout == "BTCHW" and t.dim() == 4 and t.shape[0] == b * frames:
+            return t.reshape(b, frames, *t.shape[1:]).transpose(1, 2)
         if t.dim() != ctx.x.dim():
+            per_frame = (" or a frame-by-frame layer [B*T,C,h,w]" if ctx.layout == "BTCHW" else "")
             raise SaliencyError(f"layer {name!r} outputs shape {tuple(t.shape)}; a CAM of a {ctx.layout} input needs "
-                                f"a layer map with {ctx.x.dim()} axes like the input's; choose a convolutional layer")
+                                f"a layer map with {ctx.x.dim()} axes like the input's{per_frame}; choose a "
+                                "convolutional layer")
         return t
     if t.dim() == 4:
         return t
@@ -86,7 +99,7 @@ def fuse_layers(raws: list[torch.Tensor], size, how: str = "mean") -> torch.Tens
 
 def _finish(ctx, names, raws, relu, how="mean", extras=None) -> dict:
     raws = [r.clamp_min(0) if relu else r for r in raws]
-    out = {"maps": fuse_layers(raws, ctx.x.shape[2:], how), "raw": raws[0] if len(raws) == 1 else None,
+    out = {"maps": fuse_layers(raws, map_size(ctx), how), "raw": raws[0] if len(raws) == 1 else None,
            "layer": ",".join(names), "signed": not relu}
     if extras:
         out["extras"] = extras
@@ -102,7 +115,9 @@ class _GradCamBase(Method):
     clean_pass = True
     defaults = {"relu": True}
     fuse = "mean"
-    layouts = ("BCHW", "BCT", "BCDHW")   # 1-D maps upsample linearly, 3-D ones trilinearly
+    # 1-D maps upsample linearly, 3-D ones (volumes, clips) trilinearly; a flat input has no axes
+    layouts = ("BCHW", "BCT", "BCDHW", "BTCHW")
+    not_for = {"BF": "a CAM weighs the channels of a layer map, and a flat input's layers have no axes to map"}
 
     def combine(self, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
