@@ -1,5 +1,5 @@
 """More methods on more layouts: occlusion and RISE on feature vectors [B,F] and clips [B,T,C,H,W];
-the gradient CAMs on clips.
+the gradient CAMs on clips; Score-CAM on series, volumes and clips.
 
 Checked against Captum (FeatureAblation and Occlusion: the same windows, the same mean drop per
 position) and against the definitions written out by hand on the same seeded masks (RISE). The
@@ -182,3 +182,83 @@ def test_cams_refuse_a_flat_input_saying_why(features):
     with pytest.raises(SaliencyError, match=r"gradcam cannot explain a BF input .* \(a CAM weighs the channels of a "
                                             r"layer map.*for BF use .*occlusion"):
         sk.explain(sk.Subject(flat_mlp(), layout="BF"), features, "gradcam")
+
+
+# ------------------------------------------------------------------------------ Score-CAM
+def series_cnn(stride=1):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 5, 3, padding=1, stride=stride),
+                         nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(5, 3)).double().eval()
+
+
+def volume_cnn(stride=1):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 5, 3, padding=1, stride=stride),
+                         nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(5, 3)).double().eval()
+
+
+def _scorecam_by_hand(model, x, layer_module, target, size, mode, to_input=lambda m: m):
+    """Score-CAM's paper weighting written out: w_k = p_t(x * H_k) - p_t(0), H_k the k-th channel
+    of the layer upsampled to the input (linear / trilinear, align_corners=False) and min-max
+    normalised; raw = relu(sum_k w_k A_k) at the layer's resolution."""
+    store = {}
+    handle = layer_module.register_forward_hook(lambda m, i, o: store.update(a=o.detach()))
+    with torch.no_grad():
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        a = store["a"]
+        base = model(torch.zeros_like(x)).softmax(1)[:, target]
+        w = torch.zeros(a.shape[:2], dtype=torch.float64)
+        for i in range(a.shape[0]):
+            for k in range(a.shape[1]):
+                up = torch.nn.functional.interpolate(a[i:i + 1, k:k + 1], size=size, mode=mode, align_corners=False)
+                h = (up - up.min()) / (up.max() - up.min())
+                w[i, k] = model(x[i:i + 1] * to_input(h)).softmax(1)[0, target] - base[i]
+    return w, a, (w.view(*w.shape, *[1] * (a.dim() - 2)) * a).sum(1).clamp_min(0)
+
+
+@pytest.mark.parametrize("kind", ["series", "volume", "clip"])
+def test_scorecam_is_its_definition_on_every_axis_count(kind):
+    # a stride-2 layer, so the channel masks are upsampled (linearly for the series, trilinearly
+    # for the volume and the clip, whose masks repeat over its channel axis 2). The weights are
+    # probabilities (<= 1) of float32 masked inputs against this float64 loop: atol 1e-6; the maps
+    # carry that error times the activations: 1e-6 of max_k |A_k| summed over channels
+    g = torch.Generator().manual_seed(7)
+    if kind == "series":
+        model, layout, x = series_cnn(stride=2), "BCT", torch.randn(2, 2, 12, generator=g, dtype=torch.float64)
+        layer, size, mode, to_input = "2", (12,), "linear", lambda m: m
+    elif kind == "volume":
+        model, layout, x = volume_cnn(stride=2), "BCDHW", torch.randn(2, 1, 4, 6, 6, generator=g, dtype=torch.float64)
+        layer, size, mode, to_input = "2", (4, 6, 6), "trilinear", lambda m: m
+    else:
+        model, layout, x = Clip3d().double().eval(), "BTCHW", torch.randn(2, 4, 3, 6, 6, generator=g, dtype=torch.float64)
+        layer, size, mode, to_input = "conv", (4, 6, 6), "trilinear", lambda m: m.transpose(1, 2)
+    w, a, raw = _scorecam_by_hand(model, x, model.get_submodule(layer), 1, size, mode, to_input)
+    s = sk.Subject(model, layout=layout, input_size=(6, 6))
+    e = sk.explain(s, x, "scorecam", layer=layer, target=1)
+    assert torch.allclose(e.extras["channel_weights"].double(), w, atol=1e-6)
+    tol = 1e-6 * float(a.abs().flatten(2).amax(2).sum(1).max())
+    assert e.raw.shape == raw.shape and torch.allclose(e.raw.double(), raw, atol=tol)
+    ref = torch.nn.functional.interpolate(raw.unsqueeze(1), size=size, mode=mode, align_corners=False)[:, 0]
+    assert e.maps.shape == (2, *size) and torch.allclose(e.maps.double(), ref, atol=tol)
+
+
+@pytest.mark.parametrize("layout", ["BCT", "BCDHW"])
+def test_scorecam_agrees_with_torchcam(layout):
+    # torchcam's ScoreCAM weighs channels by softmax_k(logit(x * H_k) - logit(x)) = our
+    # 'channel_softmax' weighting; it normalises H_k before upsampling, we after, which is the same
+    # map when the layer keeps the input's size (stride 1, as here); float32 activations: 1e-6
+    from torchcam.methods import ScoreCAM
+
+    g = torch.Generator().manual_seed(8)
+    model, x, shape = ((series_cnn(), torch.randn(2, 2, 12, generator=g, dtype=torch.float64), (2, 12))
+                       if layout == "BCT" else
+                       (volume_cnn(), torch.randn(2, 1, 4, 6, 6, generator=g, dtype=torch.float64), (1, 4, 6, 6)))
+    e = sk.explain(sk.Subject(model, layout=layout), x, "scorecam", layer="2", weighting="channel_softmax", target=1)
+    with ScoreCAM(model, target_layer="2", input_shape=shape) as extractor:
+        with torch.no_grad():
+            model(x)
+        cam = extractor(class_idx=1, normalized=False)[0]
+    assert torch.allclose(e.raw.double(), cam.double(), atol=1e-6)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..engine import forward_logits, perturbed_scores, upsample
 from ..errors import SaliencyError
-from .along_axes import perturbed_axes
+from .along_axes import keep_mask, perturbed_axes
 from .base import Method, register
 from .gradient import noisy_gradients
 
@@ -298,6 +298,8 @@ class ScoreCAM(Method):
     uses_layer = True
     clean_pass = True
     defaults = {"weighting": "paper", "batch_size": None, "relu": True}
+    layouts = ("BCHW", "BCT", "BCDHW", "BTCHW")   # channel masks upsampled linearly / trilinearly
+    not_for = _GradCamBase.not_for
     description = ("Channel weights from the score of the input masked by each upsampled, min-max normalised "
                    "channel, blended towards a zero baseline (Wang et al. 2020). weighting='paper': increase of "
                    "the target probability over the zero input; 'official': masked probability; "
@@ -315,7 +317,8 @@ class ScoreCAM(Method):
         acts, _ = ctx.activations(names)
         A = as_grid(ctx, name, acts[name]).float()
         b, c = A.shape[:2]
-        size = tuple(ctx.x.shape[-2:])
+        size, ca = perturbed_axes(ctx.x, ctx.layout)   # the map's axes: (H,W), (T,), (D,H,W), (T,H,W)
+        axes = tuple(range(2, 2 + len(size)))
         # pytorch-grad-cam upsamples with align_corners=True; the paper/official variants with False
         align = weighting == "channel_softmax"
         x = ctx.x.detach()
@@ -336,10 +339,11 @@ class ScoreCAM(Method):
 
         def masks(start, stop):
             ex, ch = ex_u[start:stop], ch_u[start:stop]
-            up = F.interpolate(A[ex, ch].unsqueeze(1), size=size, mode="bilinear", align_corners=align)
-            lo = up.amin((2, 3), keepdim=True)
-            hi = up.amax((2, 3), keepdim=True)
-            return ex, (up - lo) / (hi - lo).clamp_min(1e-12)
+            # bilinear for an image, linear for a series, trilinear for a volume or a clip (engine.upsample)
+            up = upsample(A[ex, ch].unsqueeze(1), size, align_corners=align)
+            lo = up.amin(axes, keepdim=True)
+            hi = up.amax(axes, keepdim=True)
+            return ex, keep_mask(((up - lo) / (hi - lo).clamp_min(1e-12))[:, 0], ca)
 
         output = "logit" if weighting == "channel_softmax" else "prob"
         scores = perturbed_scores(ctx.subject, x, torch.zeros_like(x), target, masks, int(ex_u.numel()),
@@ -356,7 +360,7 @@ class ScoreCAM(Method):
         else:
             w = S
         w = torch.where(valid, w, torch.zeros_like(w))   # also clears NaN of an all-constant layer
-        raw = torch.einsum("bc,bchw->bhw", w, A)
+        raw = torch.einsum("bc,bc...->b...", w, A)
         return _finish(ctx, [name], [raw], relu,
                        extras={"skipped_constant_channels": int((~valid).sum()),
                                "duplicate_channels": int(ex_all.numel() - ex_u.numel()), "channel_weights": w,
