@@ -2,9 +2,10 @@
 
 It serves the blurred baselines of the gradient methods, Blur IG's scale-space path, the blur
 substrates of extremal and meaningful perturbation, and the RISE insertion substrate of the
-metrics. The blur is separable and computed as two matrix products with banded kernel matrices
+metrics. The blur is separable and computed as matrix products with banded kernel matrices
 (`band`): exact in float64, faster than grouped convolutions for the wide kernels of large sigma,
-and the same code for zero and replicate padding.
+and the same code for zero and replicate padding. An image is blurred along its last two axes; a
+series along its last axis (`axes=1`), a volume along its last three (`axes=3`).
 """
 from __future__ import annotations
 
@@ -49,13 +50,30 @@ def separable(x: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, padding: str 
     return band(ky, x.shape[-2], padding) @ x @ band(kx, x.shape[-1], padding).T
 
 
+def separable_axes(x: torch.Tensor, kernels, padding: str = "zeros") -> torch.Tensor:
+    """Separable correlation of the last `len(kernels)` axes of `x`, one kernel per axis in axis
+    order: `separable` for two axes (the image path, unchanged), one banded product per axis
+    otherwise (a series' time axis, a volume's depth, height and width)."""
+    kernels = tuple(kernels)
+    if len(kernels) == 2:
+        return separable(x, kernels[0], kernels[1], padding)
+    if not 1 <= len(kernels) <= x.dim():
+        raise ValueError(f"{len(kernels)} kernels for a tensor of {x.dim()} axes")
+    out = x
+    for i, k in enumerate(kernels):
+        axis = x.dim() - len(kernels) + i
+        out = (out.movedim(axis, -1) @ band(k, x.shape[axis], padding).T).movedim(-1, axis)
+    return out
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float, radius: int | None = None, truncate: float = 4.0,
-                  padding: str = "zeros") -> torch.Tensor:
-    """Gaussian blur of each channel of `x` `[..., H, W]`: standard deviation `sigma` pixels,
+                  padding: str = "zeros", axes: int = 2) -> torch.Tensor:
+    """Gaussian blur of each channel of `x` `[..., H, W]` (with `axes=1`: `[..., T]`; `axes=3`:
+    `[..., D, H, W]`): standard deviation `sigma` samples along each of the last `axes` axes,
     kernel radius `radius` (default ceil(truncate * sigma)), zero or replicate padding.
     sigma <= 0 returns a copy of `x`."""
     if sigma <= 0:
         return x.clone()
     radius = int(math.ceil(truncate * sigma)) if radius is None else int(radius)
     k, _ = gaussian_kernels(sigma, radius, x.dtype, x.device)
-    return separable(x, k, k, padding)
+    return separable_axes(x, (k,) * axes, padding)

@@ -21,7 +21,7 @@ from ..errors import SaliencyError, positive_int
 from ..hooks import this_thread_only
 from .base import ANY_LAYOUT, Method, register
 from .cam import as_grid, resolve_layers
-from ..filters import gaussian_blur, gaussian_kernels, separable
+from ..filters import gaussian_blur, gaussian_kernels, separable, separable_axes
 from .gradient import _check_reduce, _maps, make_baseline
 
 
@@ -152,25 +152,33 @@ def blur_sigmas(max_sigma: float, steps: int, sqrt: bool = False) -> list[float]
     return [math.sqrt(s) for s in sig] if sqrt else sig
 
 
-def blur_derivative(x: torch.Tensor, sigma: float, grad_step: float | None) -> torch.Tensor:
-    """d(G_sigma * x)/d sigma: forward difference with step `grad_step`, or exact (None).
+def blur_derivative(x: torch.Tensor, sigma: float, grad_step: float | None, axes: int = 2) -> torch.Tensor:
+    """d(G_sigma * x)/d sigma along the last `axes` axes (2: an image; 1: a series; 3: a volume):
+    forward difference with step `grad_step`, or exact (None).
 
     Both blurs of the difference use the kernel radius of the larger sigma, so the difference
     never includes the jump of the truncation radius ceil(4 sigma) (a 1/grad_step spike).
-    The exact form differentiates the normalised truncated kernel: G = k (x) k, dG = k' (x) k + k (x) k'.
+    The exact form differentiates the normalised truncated kernel: G = k (x) k, dG = k' (x) k + k (x) k'
+    (one term per axis).
     """
     if grad_step is None:
         if sigma <= 0:
             return torch.zeros_like(x)
         k, dk = gaussian_kernels(sigma, int(math.ceil(4 * sigma)), x.dtype, x.device)
-        return separable(x, dk, k) + separable(x, k, dk)
+        if axes == 2:
+            return separable(x, dk, k) + separable(x, k, dk)
+        return sum(separable_axes(x, [dk if a == i else k for a in range(axes)]) for i in range(axes))
     radius = int(math.ceil(4 * (sigma + grad_step)))
     k2, _ = gaussian_kernels(sigma + grad_step, radius, x.dtype, x.device)
-    blurred2 = separable(x, k2, k2)
+    blurred2 = separable_axes(x, (k2,) * axes)
     if sigma <= 0:
         return (blurred2 - x) / grad_step
     k1, _ = gaussian_kernels(sigma, radius, x.dtype, x.device)
-    return (blurred2 - separable(x, k1, k1)) / grad_step
+    return (blurred2 - separable_axes(x, (k1,) * axes)) / grad_step
+
+
+#: the axes Blur IG blurs along, per layout: the image's H, W; the series' T; the volume's D, H, W
+BLUR_AXES = {"BCHW": 2, "BCT": 1, "BCDHW": 3}
 
 
 def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, steps: int,
@@ -180,9 +188,10 @@ def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, st
     dgamma/dsigma is the forward difference (G_{sigma+delta} x - G_sigma x) / delta with
     delta = grad_step, or the exact derivative when grad_step is None. Each step uses its own
     Delta sigma (also when `sqrt=True`). Rows are step-major; steps are chunked so that at most
-    `batch_size` rows are in memory.
+    `batch_size` rows are in memory. The blur runs along the axes of the call's layout (`BLUR_AXES`).
     """
     sig = blur_sigmas(max_sigma, steps, sqrt)
+    n = BLUR_AXES[ctx.layout]
     b = x.shape[0]
     bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
     per_chunk = max(1, bs // b)
@@ -190,8 +199,8 @@ def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, st
     rows_one = torch.arange(b, device=x.device)
     for s0 in range(0, steps, per_chunk):
         idx = list(range(s0, min(steps, s0 + per_chunk)))
-        pts = torch.cat([gaussian_blur(x, sig[i]) for i in idx])
-        deriv = torch.cat([blur_derivative(x, sig[i], grad_step) * (sig[i + 1] - sig[i]) for i in idx])
+        pts = torch.cat([gaussian_blur(x, sig[i], axes=n) for i in idx])
+        deriv = torch.cat([blur_derivative(x, sig[i], grad_step, n) * (sig[i + 1] - sig[i]) for i in idx])
         g = gradient_pass(ctx.subject, pts, target, rows=rows_one.repeat(len(idx)), counter=ctx.counter).input_grad
         total -= (g.double() * deriv.double()).view(len(idx), b, *x.shape[1:]).sum(0)
     return total.to(x.dtype)
@@ -206,7 +215,9 @@ class BlurIG(Method):
     signed = True
     description = ("Integrated gradients along the Gaussian blur path from sigma=max_sigma to the image "
                    "(Xu et al. 2020); grad_step=None uses the exact d(blur)/d(sigma); "
-                   "extras['completeness_error'] = sum(attr) - (s(x) - s(blurred x)).")
+                   "extras['completeness_error'] = sum(attr) - (s(x) - s(blurred x)). A series is blurred "
+                   "along time, a volume along depth, height and width (sigma in samples).")
+    layouts = tuple(BLUR_AXES)
     defaults = {"max_sigma": 50.0, "steps": 100, "grad_step": 0.01, "sqrt": False, "reduce": "sum",
                 "batch_size": None}
 
@@ -225,7 +236,8 @@ class BlurIG(Method):
         attr = blur_integrated_gradients(ctx, target, x, float(max_sigma), steps,
                                          None if grad_step is None else float(grad_step), sqrt,
                                          batch_size)
-        extras = _completeness(ctx, target, attr, gaussian_blur(x, float(max_sigma)), batch_size)
+        extras = _completeness(ctx, target, attr, gaussian_blur(x, float(max_sigma), axes=BLUR_AXES[ctx.layout]),
+                               batch_size)
         return {**_maps(attr, reduce, ctx.layout), "extras": extras}
 
 
@@ -304,7 +316,9 @@ class GuidedIG(Method):
     signed = True
     description = ("Guided IG (Kapishnikov et al. 2021): path from the baseline that moves the features with "
                    "the smallest |gradient| first, within max_dist of the straight line; max_dist=0 is IG "
-                   "(left Riemann rule). Sequential along the path, batched across images.")
+                   "(left Riemann rule). Sequential along the path, batched across images. Any layout: the "
+                   "path moves features, whatever axes they sit on.")
+    layouts = ANY_LAYOUT
     defaults = {"steps": 200, "fraction": 0.25, "max_dist": 0.02, "baseline": "black", "reduce": "sum",
                 "batch_size": None}
 
