@@ -342,6 +342,7 @@ COMPOSITES = {
 }
 UNSUPPORTED_MODES = ("raise", "gradient", "identity")
 UNDEFINED_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                    nn.InstanceNorm3d,
                     nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.ELU, nn.SELU,
                     nn.CELU, nn.Mish, nn.Softplus, nn.Softmax, nn.MultiheadAttention)
 
@@ -457,6 +458,9 @@ def _merged_batchnorm_held(model: nn.Module, probe: torch.Tensor) -> Iterator[li
 
 
 def _bound(value, subject, x, pixel):
+    if value is None and not _image_input(subject, x):
+        # a series or a volume has no pixel range: the z-box spans the values of the batch itself
+        return (x.detach().amin() if pixel == 0.0 else x.detach().amax()).reshape((1,) * x.dim())
     if value is None:
         value = pixel
         mean = torch.tensor(subject.mean, dtype=x.dtype, device=x.device).view(1, -1, *([1] * (x.dim() - 2)))
@@ -469,6 +473,15 @@ def _bound(value, subject, x, pixel):
     if isinstance(value, torch.Tensor):
         return value.to(x)
     raise SaliencyError(f"z-box bound must be a number, a tensor or None, got {type(value).__name__}")
+
+
+def _image_input(subject, x) -> bool:
+    """Whether `x` is a normalised image (or a clip of them) for `subject`: the z-box default bounds
+    are then the pixel range 0..1 in the model's space."""
+    from ..subject import LAYOUTS
+
+    layout_for = getattr(subject, "layout_for", None)
+    return LAYOUTS[layout_for(x) if callable(layout_for) else "BCHW"][2]
 
 
 def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None, epsilon=1e-6, gamma=0.25,
@@ -576,7 +589,10 @@ class LRP(Method):
                 "reduce": "sum"}
     description = ("Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019): epsilon, gamma, "
                    "alpha-beta, z-plus, flat and z-box rules in composites (default EpsilonPlusFlat), BatchNorm "
-                   "merged into the preceding layer; skip additions split relevance by share (Norm rule).")
+                   "merged into the preceding layer; skip additions split relevance by share (Norm rule). "
+                   "Series and volumes too (Conv1d/Conv3d, 1-D/3-D pooling); their z-box bounds default to the "
+                   "batch's min and max.")
+    layouts = ("BCHW", "BCT", "BCDHW")
 
     def run(self, ctx, target, layer, composite="epsilon_plus_flat", rules=None, epsilon=1e-6, gamma=0.25,
             alpha=2.0, beta=1.0, low=None, high=None, canonize=True, unsupported="raise", reduce="sum"):
@@ -593,5 +609,5 @@ class LRP(Method):
                   "merged_batchnorm": [list(p) for p in out["merged"]], "composite": composite}
         if out["undefined"]:
             extras["identity_through" if out["mode"] == "identity" else "gradient_through"] = out["undefined"]
-        return {"maps": reduce_channels(rel, reduce), "attributions": rel, "signed": reduce in ("sum", "mean"),
-                "extras": extras}
+        return {"maps": reduce_channels(rel, reduce, ctx.layout), "attributions": rel,
+                "signed": reduce in ("sum", "mean"), "extras": extras}
