@@ -1,6 +1,6 @@
 """More methods on more layouts: occlusion and RISE on feature vectors [B,F] and clips [B,T,C,H,W];
 the gradient CAMs on clips; Score-CAM on series, volumes and clips; Blur IG, Guided IG and LRP on
-series and volumes.
+series and volumes; LIME and KernelSHAP on volumes (supervoxels) and feature vectors.
 
 Checked against Captum (FeatureAblation and Occlusion: the same windows, the same mean drop per
 position) and against the definitions written out by hand on the same seeded masks (RISE). The
@@ -437,3 +437,67 @@ def test_lrp_agrees_with_zennit_on_series_and_volumes(kind):
                 ref, = torch.autograd.grad(out, xin, grad_outputs=onehot * out)
         ours = sk.explain(s, x, "lrp", composite=name).attributions.double()
         assert torch.allclose(ours, ref, atol=1e-4 * ref.abs().max().item()), name
+
+
+# ------------------------------------------------------------------------------ LIME / KernelSHAP
+def test_kernelshap_of_a_linear_model_is_w_times_x_minus_b():
+    # Shapley values of f(x) = w.x + c against a baseline b are w_i (x_i - b_i), feature by
+    # feature; for groups (segments=) the sum over the group. Exact mode (6 features: all 62
+    # coalitions) and sampled mode (14 features, 300 paired samples: the linear model is fitted
+    # exactly by any full-rank design) both recover them; float32 maps: atol 1e-5
+    torch.manual_seed(12)
+    for features, n_samples, exact in ((6, 100, True), (14, 300, False)):
+        lin = nn.Linear(features, 2).double()
+        x = torch.randn(3, features, dtype=torch.float64)
+        b = torch.randn(features, dtype=torch.float64)
+        e = sk.explain(sk.Subject(lin, layout="BF"), x, "kernelshap", target=1, n_samples=n_samples, baseline=b)
+        want = lin.weight[1].detach() * (x - b)
+        assert e.extras["exact"] == [exact] * 3 and e.maps.shape == (3, features)
+        assert torch.allclose(e.maps.double(), want, atol=1e-5)
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 5, 5])
+    e = sk.explain(sk.Subject(lin, layout="BF"), x, "kernelshap", target=1, segments=groups, baseline=b)
+    per_group = torch.zeros(3, 6, dtype=torch.float64).index_add_(1, groups, want)
+    assert torch.allclose(e.maps.double(), per_group[:, groups], atol=1e-5)
+
+
+def test_feature_lime_hides_features_with_zero():
+    # a feature alone is its own mean, so LIME's default 'segment_mean' would hide nothing: on a
+    # flat input hidden features take 0 ('mean', reported in the extras), and each feature's
+    # coefficient is its map value
+    e = sk.explain(sk.Subject(flat_mlp(), layout="BF"), torch.randn(2, 6, dtype=torch.float64), "lime",
+                   n_samples=64)
+    assert e.maps.shape == (2, 6) and e.extras["baseline"] == "mean"
+    assert torch.allclose(e.maps, torch.stack(e.extras["coefficients"]))
+
+
+def blob_volume():
+    """Two volumes with a bright box in noise: regions for SLIC to find."""
+    g = torch.Generator().manual_seed(13)
+    v = 0.05 * torch.randn(2, 1, 8, 12, 12, generator=g, dtype=torch.float64)
+    v[:, :, 2:6, 3:9, 3:9] += 1
+    return v
+
+
+def test_volume_supervoxels_and_given_labels():
+    # SLIC on each volume (one channel: channel_axis=None) gives [B,D,H,W] labels, and the map is
+    # constant on each supervoxel; given [D,H,W] labels (2 x 2 x 2 blocks: 8 segments, exact mode),
+    # KernelSHAP sums to s(x) - s(baseline) (logits, float32 maps: 1e-5)
+    s = sk.Subject(volume_cnn(), layout="BCDHW")
+    v = blob_volume()
+    e = sk.explain(s, v, "lime", n_segments=8, n_samples=64)
+    seg = e.extras["segments"]
+    assert seg.shape == (2, 8, 12, 12) and e.maps.shape == (2, 8, 12, 12)
+    for i in range(2):
+        for k in range(int(seg[i].max()) + 1):
+            vals = e.maps[i][seg[i] == k]
+            assert torch.all(vals == vals[0])
+    d, h, w = torch.meshgrid(torch.arange(8) // 4, torch.arange(12) // 6, torch.arange(12) // 6, indexing="ij")
+    blocks = d * 4 + h * 2 + w
+    e = sk.explain(s, v, "kernelshap", segments=blocks, n_samples=300, output="logit", target=0)
+    assert e.extras["exact"] == [True, True]
+    with torch.no_grad():
+        diff = s.model(v)[:, 0] - s.model(torch.zeros_like(v))[:, 0]
+    painted = torch.stack([torch.stack(e.extras["coefficients"])[i].double().sum() for i in range(2)])
+    assert torch.allclose(painted, diff, atol=1e-5)
+    with pytest.raises(SaliencyError, match=r"segments of a volume must have shape \(D, H, W\) = \(8, 12, 12\)"):
+        sk.explain(s, v, "lime", segments=blocks[:4])

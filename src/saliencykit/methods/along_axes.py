@@ -136,11 +136,12 @@ def series_segments(x: torch.Tensor, n_segments, segments) -> tuple[torch.Tensor
     return _consecutive(seg.to(x.device).long())
 
 
-def _consecutive(seg: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+def _consecutive(seg: torch.Tensor, single: str = "the given segments make a single segment: give at least "
+                                                     "two") -> tuple[torch.Tensor, list[int]]:
     out = [torch.unique(row, return_inverse=True)[1] for row in seg]
     counts = [int(r.max()) + 1 for r in out]
     if min(counts) < 2:
-        raise SaliencyError("the given time segments make a single segment: give at least two")
+        raise SaliencyError(single)
     return torch.stack(out), counts
 
 
@@ -193,3 +194,49 @@ class RiseMasks:
         for r, i in enumerate(index.tolist()):
             out[r] = big[(r, slice(None), *(slice(sh[i], sh[i] + length) for sh, length in zip(self.shifts, self.size)))]
         return out
+
+
+def _labels(segments, shape: tuple[int, ...], b: int, what: str, axes: str, device) -> torch.Tensor:
+    """Integer labels given as one map `shape` (shared by the batch) or one per example `(B, *shape)`."""
+    seg = torch.as_tensor(segments)
+    if seg.is_floating_point() or seg.dtype == torch.bool:
+        raise SaliencyError(f"segments must be integer labels, got dtype {seg.dtype}")
+    if tuple(seg.shape) == shape:
+        seg = seg.unsqueeze(0).expand(b, *shape)
+    if tuple(seg.shape) != (b, *shape):
+        raise SaliencyError(f"segments of a {what} must have shape ({axes}) = {shape} or (B, {axes}) = {(b, *shape)}, "
+                            f"got {tuple(seg.shape)}")
+    return seg.to(device).long()
+
+
+def volume_segments(x: torch.Tensor, n_segments, compactness, segments) -> tuple[torch.Tensor, list[int]]:
+    """[B,D,H,W] labels 0..M_b-1 of a volume's supervoxels and the M_b: LIME's and KernelSHAP's
+    features on [B,C,D,H,W]. SLIC (scikit-image) on each volume, min-max scaled to [0,1] (its
+    channels as SLIC's channel axis; one channel: `channel_axis=None`), or the given [D,H,W] /
+    [B,D,H,W] labels."""
+    b, shape = x.shape[0], tuple(x.shape[2:])
+    if segments is not None:
+        return _consecutive(_labels(segments, shape, b, "volume", "D, H, W", x.device))
+    from skimage.segmentation import slic
+
+    n_segments = positive_int(n_segments, "n_segments", 2)
+    vols = x.detach().double().cpu()
+    lo = vols.flatten(1).amin(1).view(b, 1, 1, 1, 1)
+    hi = vols.flatten(1).amax(1).view(b, 1, 1, 1, 1)
+    vols = ((vols - lo) / (hi - lo).clamp_min(1e-12)).permute(0, 2, 3, 4, 1).numpy()     # [B,D,H,W,C]
+    one = vols.shape[-1] == 1
+    seg = torch.stack([torch.from_numpy(np.asarray(slic(v[..., 0] if one else v, n_segments=n_segments,
+                                                        compactness=compactness, start_label=0,
+                                                        channel_axis=None if one else -1))).long()
+                       for v in vols]).to(x.device)
+    return _consecutive(seg, "SLIC found a single supervoxel in a volume (a volume without regions); pass "
+                             f"segments= (a [D,H,W] label map of {shape}, e.g. blocks)")
+
+
+def feature_segments(x: torch.Tensor, segments) -> tuple[torch.Tensor, list[int]]:
+    """[B,F] labels of a feature vector's segments: each feature alone, or the groups given as
+    [F] / [B,F] integer labels (features with the same label are switched on and off together)."""
+    b, f = x.shape
+    if segments is None:
+        return _consecutive(torch.arange(f, device=x.device).expand(b, f))
+    return _consecutive(_labels(segments, (f,), b, "feature vector", "F", x.device))

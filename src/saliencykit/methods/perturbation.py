@@ -27,8 +27,9 @@ from ..filters import gaussian_blur
 from ..targets import OUTPUTS
 from .base import Method, register
 from .surrogates import SURROGATES
-from .along_axes import (RiseMasks, keep_mask, occlusion_along_axes, perturbed_axes, rise_cells,  # noqa: F401
-                         series_segments, time_segments, window_starts)
+from .along_axes import (RiseMasks, feature_segments, keep_mask, occlusion_along_axes,  # noqa: F401
+                         perturbed_axes, rise_cells, series_segments, time_segments, volume_segments, window_starts)
+from ..subject import channel_axis
 from .gradient import make_baseline
 
 
@@ -239,7 +240,9 @@ def superpixels(subject, x: torch.Tensor, n_segments: int = 50, compactness: flo
 
 def _segment_baseline(x: torch.Tensor, seg: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Each pixel replaced by the mean colour of its segment (LIME's hide_color=None); a series'
-    steps by the mean of their time segment, channel by channel."""
+    steps by the mean of their time segment, channel by channel; a feature by its group's mean."""
+    if x.dim() == seg.dim():   # no channel axis (features)
+        return _segment_baseline(x.unsqueeze(1), seg, counts).squeeze(1)
     b, c = x.shape[:2]
     n = seg[0].numel()   # pixels (or time steps) per channel
     m = max(counts)
@@ -262,7 +265,7 @@ def _coalition_scores(ctx, target, z: torch.Tensor, seg: torch.Tensor, base: tor
         idx = torch.arange(start, stop, device=x.device)
         ex, j = idx // s, idx % s
         keep = z[ex, j].gather(1, segflat[ex])                 # [k, HW]
-        return ex, keep.view(-1, 1, *x.shape[2:])
+        return ex, keep_mask(keep.view(-1, *seg.shape[1:]), channel_axis(ctx.layout))
 
     return perturbed_scores(ctx.subject, x, base, target, masks, b * s, batch_size=ctx.batch_size,
                             counter=ctx.counter, output=out, progress=ctx.progress, desc=desc).view(b, s)
@@ -275,6 +278,10 @@ def _paint(coef: list[torch.Tensor], seg: torch.Tensor) -> torch.Tensor:
 def _segment_params(ctx, n_segments, segments, compactness):
     if ctx.layout == "BCT":   # a series: time segments
         return series_segments(ctx.x, n_segments, segments)
+    if ctx.layout == "BCDHW":   # a volume: supervoxels
+        return volume_segments(ctx.x, n_segments, compactness, segments)
+    if ctx.layout == "BF":   # features: each alone, or the given groups
+        return feature_segments(ctx.x, segments)
     seg, counts = superpixels(ctx.subject, ctx.x, n_segments, compactness, segments)
     return seg, counts
 
@@ -289,13 +296,16 @@ class Lime(Method):
     defaults = {"n_samples": 1000, "n_segments": 50, "segments": None, "compactness": 10.0,
                 "baseline": "segment_mean", "kernel_width": 0.25, "surrogate": "ridge", "alpha": None,
                 "output": "prob"}
-    layouts = ("BCHW", "BCT")   # a series' features are equal time segments
+    # a series' features are equal time segments, a volume's supervoxels, a feature vector's its features
+    layouts = ("BCHW", "BCT", "BCDHW", "BF")
     description = ("LIME on superpixels (Ribeiro et al. 2016): random on/off superpixel samples (first one "
                    "all on), hidden ones filled with their mean colour; weighted ridge regression "
                    "(alpha=1, intercept) with kernel sqrt(exp(-d^2/w^2)), d = cosine distance to the "
                    "all-on sample, w=0.25; coefficients painted on the superpixels. SLIC segments by "
                    "default (n_segments), or segments=[H,W] labels. surrogate='lasso' fits scikit-learn's "
-                   "weighted Lasso instead (Captum's default surrogate; alpha defaults to 0.01 there).")
+                   "weighted Lasso instead (Captum's default surrogate; alpha defaults to 0.01 there). Series: equal "
+                   "time segments; volumes: SLIC supervoxels; feature vectors: each feature alone (hidden ones "
+                   "take 0) or segments=[F] groups.")
     #: alpha of each surrogate when none is given (ridge: LIME's; lasso: Captum's SkLearnLasso default)
     DEFAULT_ALPHA = {"ridge": 1.0, "lasso": 0.01}
 
@@ -312,6 +322,8 @@ class Lime(Method):
         out = _output(target, output)
         seg, counts = _segment_params(ctx, n_segments, segments, compactness)
         b, mmax = len(counts), max(counts)
+        if baseline == "segment_mean" and ctx.layout == "BF" and segments is None:
+            baseline = "mean"   # a feature alone is its own mean: hidden features take 0 instead
         base = (_segment_baseline(ctx.x.detach(), seg, counts) if baseline == "segment_mean"
                 else _baseline(ctx, baseline))
         g = generator(ctx.seed)
@@ -331,7 +343,8 @@ class Lime(Method):
             weights_all.append(wts)
         return {"maps": _paint(coefs, seg), "signed": True,
                 "extras": {"segments": seg, "coefficients": [c.float() for c in coefs], "intercept": intercepts,
-                           "surrogate": surrogate, "alpha": float(alpha)}}
+                           "surrogate": surrogate, "alpha": float(alpha), "baseline": baseline
+                           if isinstance(baseline, str) else "given"}}
 
 
 def shapley_kernel(m: int, size: torch.Tensor) -> torch.Tensor:
@@ -387,7 +400,7 @@ class KernelShap(Method):
     randomized = True
     defaults = {"n_samples": 1000, "n_segments": 50, "segments": None, "compactness": 10.0,
                 "baseline": "mean", "output": None}
-    layouts = ("BCHW", "BCT")
+    layouts = ("BCHW", "BCT", "BCDHW", "BF")
     description = ("KernelSHAP on superpixels (Lundberg & Lee 2017): Shapley-kernel weighted least squares "
                    "with phi_0 = f(baseline) and sum(phi) = f(x) - f(baseline) imposed exactly; all "
                    "coalitions when 2^M - 2 <= n_samples (exact Shapley values), else kernel-distributed "
