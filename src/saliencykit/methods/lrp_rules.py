@@ -91,7 +91,7 @@ class RuleHooks(HookSet):
             if self.first_rule is not None and m not in self.user_set:
                 rule = self.first_rule
         a = inputs[0]
-        if rule in FIRST_ONLY and a is not self.xin:
+        if rule in FIRST_ONLY and a is not self.xin and not self._input_view(a):
             raise SaliencyError(f"LRP rule {rule!r} belongs to the first layer, whose input must be the model input; "
                                 f"layer {type(m).__name__} receives a transformed tensor; use another composite")
         self.busy = True
@@ -100,6 +100,18 @@ class RuleHooks(HookSet):
         finally:
             self.busy = False
         return out.detach() + (path - path.detach())
+
+    def _input_view(self, a) -> bool:
+        """Whether `a` is a view of the model input (a clip model's permute to [B,C,T,H,W], its
+        frames flattened to [B*T,C,H,W]): the first-layer rules then apply through the same view."""
+        return isinstance(a, torch.Tensor) and a._base is self.xin
+
+    def _like_input(self, a, full: torch.Tensor) -> torch.Tensor:
+        """A leaf laid out like the model input (`full`, shaped as the input: its relevance adds to
+        the input's) seen through the view that `a` is of the input (`a` itself when it is the input)."""
+        leaf = torch.empty_like(self.xin, requires_grad=False).copy_(full).requires_grad_(True)
+        self.leaves.append(leaf)
+        return leaf.as_strided(a.size(), a.stride(), a.storage_offset() - self.xin.storage_offset())
 
     def _path(self, m, a, z, rule):
         ident = lambda p: p  # noqa: E731
@@ -129,14 +141,21 @@ class RuleHooks(HookSet):
             sn = torch.where(z < 0, _ratio(z, _stab(zn.detach(), self.eps)), torch.zeros_like(z))
             return zp * sp.detach() + zn * sn.detach()
         if rule == "flat":
-            ones = torch.ones_like(a).requires_grad_(True)
-            self.leaves.append(ones)
+            if a is self.xin:
+                ones = torch.ones_like(a).requires_grad_(True)
+                self.leaves.append(ones)
+            else:   # a view of the input: the leaf has the input's shape
+                ones = self._like_input(a, torch.ones((), dtype=a.dtype, device=a.device))
             zp = call(ones, lambda p: torch.ones_like(p), zero)
             return zp * _ratio(z, _stab(zp.detach(), self.eps)).detach()
         if rule == "zbox":
-            low = self.low.to(a).expand_as(a).clone().requires_grad_(True)
-            high = self.high.to(a).expand_as(a).clone().requires_grad_(True)
-            self.leaves += [low, high]
+            if a is self.xin:
+                low = self.low.to(a).expand_as(a).clone().requires_grad_(True)
+                high = self.high.to(a).expand_as(a).clone().requires_grad_(True)
+                self.leaves += [low, high]
+            else:   # bounds given in the input's layout, seen through the same view as the input
+                low = self._like_input(a, self.low.to(self.xin).expand_as(self.xin))
+                high = self._like_input(a, self.high.to(self.xin).expand_as(self.xin))
             zp = call(a, ident, ident) - call(low, pos, pos) - call(high, neg, neg)
             return zp * _ratio(z, _stab(zp.detach(), self.eps)).detach()
         raise SaliencyError(f"unknown LRP rule {rule!r}; use one of {', '.join(RULES)}")

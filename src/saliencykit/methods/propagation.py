@@ -66,7 +66,7 @@ from torch import nn
 from ..engine import gradient_pass, upsample
 from ..errors import SaliencyError
 from ..hooks import GradientMask, model_lock, this_thread_only
-from .base import Method, register
+from .base import ANY_LAYOUT, Method, register
 from .cam import as_grid, normalize01, resolve_layers
 from .lrp_rules import ELEMENTWISE, RULES, PassThrough, RuleHooks
 
@@ -458,9 +458,12 @@ def _merged_batchnorm_held(model: nn.Module, probe: torch.Tensor) -> Iterator[li
 
 
 def _bound(value, subject, x, pixel):
-    if value is None and not _image_input(subject, x):
-        # a series or a volume has no pixel range: the z-box spans the values of the batch itself
+    image, layout = _image_input(subject, x)
+    if value is None and not image:
+        # a series, a volume or a feature vector has no pixel range: the z-box spans the batch's values
         return (x.detach().amin() if pixel == 0.0 else x.detach().amax()).reshape((1,) * x.dim())
+    if value is None and layout == "BTCHW":   # frames of images: the pixel range of every frame
+        return subject.normalize_pixels(torch.full_like(x[:1], float(pixel)))
     if value is None:
         value = pixel
         mean = torch.tensor(subject.mean, dtype=x.dtype, device=x.device).view(1, -1, *([1] * (x.dim() - 2)))
@@ -475,13 +478,14 @@ def _bound(value, subject, x, pixel):
     raise SaliencyError(f"z-box bound must be a number, a tensor or None, got {type(value).__name__}")
 
 
-def _image_input(subject, x) -> bool:
-    """Whether `x` is a normalised image (or a clip of them) for `subject`: the z-box default bounds
-    are then the pixel range 0..1 in the model's space."""
+def _image_input(subject, x) -> tuple[bool, str]:
+    """Whether `x` is a normalised image (or a clip of them) for `subject`, and its layout: the
+    z-box default bounds of an image are the pixel range 0..1 in the model's space."""
     from ..subject import LAYOUTS
 
     layout_for = getattr(subject, "layout_for", None)
-    return LAYOUTS[layout_for(x) if callable(layout_for) else "BCHW"][2]
+    layout = layout_for(x) if callable(layout_for) else "BCHW"
+    return LAYOUTS[layout][2], layout
 
 
 def lrp_relevance(subject, x, target, composite="epsilon_plus_flat", rules=None, epsilon=1e-6, gamma=0.25,
@@ -590,9 +594,9 @@ class LRP(Method):
     description = ("Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019): epsilon, gamma, "
                    "alpha-beta, z-plus, flat and z-box rules in composites (default EpsilonPlusFlat), BatchNorm "
                    "merged into the preceding layer; skip additions split relevance by share (Norm rule). "
-                   "Series and volumes too (Conv1d/Conv3d, 1-D/3-D pooling); their z-box bounds default to the "
-                   "batch's min and max.")
-    layouts = ("BCHW", "BCT", "BCDHW")
+                   "Any layout: series and volumes (Conv1d/Conv3d, 1-D/3-D pooling), clips, feature vectors "
+                   "(MLPs); the z-box bounds of a non-image input default to the batch's min and max.")
+    layouts = ANY_LAYOUT
 
     def run(self, ctx, target, layer, composite="epsilon_plus_flat", rules=None, epsilon=1e-6, gamma=0.25,
             alpha=2.0, beta=1.0, low=None, high=None, canonize=True, unsupported="raise", reduce="sum"):
