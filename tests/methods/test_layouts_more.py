@@ -609,3 +609,34 @@ def test_lrp_of_a_clip_model_agrees_with_zennit(clip, per_frame):
         ours = sk.explain(s, clip, "lrp", composite=name)
         assert ours.maps.shape == (2, 4, 6, 6) and ours.attributions.shape == clip.shape
         assert torch.allclose(ours.attributions.double(), ref, atol=1e-4 * ref.abs().max().item()), name
+
+
+def test_clip_supervoxels_and_given_labels(clip):
+    # a clip's features are supervoxels over (T, H, W): SLIC on its unnormalised frames (3 channels)
+    # gives [B,T,H,W] labels with the map constant on each; given [T,H,W] blocks (2 x 2 x 2: 8
+    # segments, exact mode) KernelSHAP sums to s(x) - s(baseline) and a hidden block takes the
+    # baseline in all 3 channels of its pixels (logits, float32 maps: 1e-5); LIME's segment-mean
+    # baseline is the mean of each channel over the segment
+    s = clip_subject()
+    pixels = torch.full((2, 4, 3, 6, 6), 0.2, dtype=torch.float64)
+    for f in range(4):                                       # a bright square moving right
+        pixels[:, f, :, 1:4, f // 2:f // 2 + 3] = 0.9
+    e = sk.explain(s, s.normalize_pixels(pixels), "lime", n_segments=6, n_samples=32)
+    seg = e.extras["segments"]
+    assert seg.shape == (2, 4, 6, 6) and e.maps.shape == (2, 4, 6, 6)
+    for i in range(2):
+        for k in range(int(seg[i].max()) + 1):
+            vals = e.maps[i][seg[i] == k]
+            assert torch.all(vals == vals[0])
+    t, h, w = torch.meshgrid(torch.arange(4) // 2, torch.arange(6) // 3, torch.arange(6) // 3, indexing="ij")
+    blocks = t * 4 + h * 2 + w
+    e = sk.explain(s, clip, "kernelshap", segments=blocks, n_samples=300, output="logit", target=0)
+    assert e.extras["exact"] == [True, True]
+    with torch.no_grad():
+        diff = s.model(clip)[:, 0] - s.model(torch.zeros_like(clip))[:, 0]
+    assert torch.allclose(torch.stack(e.extras["coefficients"]).double().sum(1), diff, atol=1e-5)
+    from saliencykit.methods.perturbation import _segment_baseline
+
+    base = _segment_baseline(clip, blocks.expand(2, 4, 6, 6), [8, 8], 2)
+    want = clip[:, :2, :, :3, :3].mean((1, 3, 4))                             # [B, C] mean of block 0
+    assert torch.allclose(base[:, :2, :, :3, :3], want.view(2, 1, 3, 1, 1).expand(2, 2, 3, 3, 3))

@@ -209,28 +209,36 @@ def _labels(segments, shape: tuple[int, ...], b: int, what: str, axes: str, devi
     return seg.to(device).long()
 
 
-def volume_segments(x: torch.Tensor, n_segments, compactness, segments) -> tuple[torch.Tensor, list[int]]:
-    """[B,D,H,W] labels 0..M_b-1 of a volume's supervoxels and the M_b: LIME's and KernelSHAP's
-    features on [B,C,D,H,W]. SLIC (scikit-image) on each volume, min-max scaled to [0,1] (its
-    channels as SLIC's channel axis; one channel: `channel_axis=None`), or the given [D,H,W] /
-    [B,D,H,W] labels."""
-    b, shape = x.shape[0], tuple(x.shape[2:])
+def volume_segments(x: torch.Tensor, n_segments, compactness, segments, subject=None,
+                    layout: str = "BCDHW") -> tuple[torch.Tensor, list[int]]:
+    """[B,D,H,W] (a clip: [B,T,H,W]) labels 0..M_b-1 of supervoxels and the M_b: LIME's and
+    KernelSHAP's features on a volume [B,C,D,H,W] or a clip [B,T,C,H,W]. SLIC (scikit-image) on
+    each volume min-max scaled to [0,1], or on each clip's pixels (unnormalised, in [0,1]), with
+    the channels as SLIC's channel axis (one channel: `channel_axis=None`); or the given labels,
+    [D,H,W] / [B,D,H,W] ([T,H,W] / [B,T,H,W])."""
+    ca = channel_axis(layout)
+    shape, _ = perturbed_axes(x, layout)
+    b, what, axes = x.shape[0], NOUNS[layout], ("T, H, W" if layout == "BTCHW" else "D, H, W")
     if segments is not None:
-        return _consecutive(_labels(segments, shape, b, "volume", "D, H, W", x.device))
+        return _consecutive(_labels(segments, shape, b, what, axes, x.device))
     from skimage.segmentation import slic
 
     n_segments = positive_int(n_segments, "n_segments", 2)
-    vols = x.detach().double().cpu()
-    lo = vols.flatten(1).amin(1).view(b, 1, 1, 1, 1)
-    hi = vols.flatten(1).amax(1).view(b, 1, 1, 1, 1)
-    vols = ((vols - lo) / (hi - lo).clamp_min(1e-12)).permute(0, 2, 3, 4, 1).numpy()     # [B,D,H,W,C]
+    vals = x.detach().double()
+    if layout == "BTCHW" and subject is not None:
+        vals = subject.unnormalize(vals)
+    else:
+        lo = vals.flatten(1).amin(1).view(b, *[1] * (x.dim() - 1))
+        hi = vals.flatten(1).amax(1).view(b, *[1] * (x.dim() - 1))
+        vals = (vals - lo) / (hi - lo).clamp_min(1e-12)
+    vols = vals.movedim(ca, -1).cpu().numpy()                                 # [B, *axes, C]
     one = vols.shape[-1] == 1
     seg = torch.stack([torch.from_numpy(np.asarray(slic(v[..., 0] if one else v, n_segments=n_segments,
                                                         compactness=compactness, start_label=0,
                                                         channel_axis=None if one else -1))).long()
                        for v in vols]).to(x.device)
-    return _consecutive(seg, "SLIC found a single supervoxel in a volume (a volume without regions); pass "
-                             f"segments= (a [D,H,W] label map of {shape}, e.g. blocks)")
+    return _consecutive(seg, f"SLIC found a single supervoxel in a {what} (one without regions); pass "
+                             f"segments= (a [{axes.replace(' ', '')}] label map of {shape}, e.g. blocks)")
 
 
 def feature_segments(x: torch.Tensor, segments) -> tuple[torch.Tensor, list[int]]:

@@ -238,11 +238,14 @@ def superpixels(subject, x: torch.Tensor, n_segments: int = 50, compactness: flo
     return torch.stack(out), counts
 
 
-def _segment_baseline(x: torch.Tensor, seg: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _segment_baseline(x: torch.Tensor, seg: torch.Tensor, counts: list[int], ca: int | None = 1) -> torch.Tensor:
     """Each pixel replaced by the mean colour of its segment (LIME's hide_color=None); a series'
-    steps by the mean of their time segment, channel by channel; a feature by its group's mean."""
-    if x.dim() == seg.dim():   # no channel axis (features)
+    steps by the mean of their time segment, channel by channel; a feature by its group's mean.
+    `ca`: the input's channel axis (2 for a clip, None for features)."""
+    if ca is None:   # no channel axis (features)
         return _segment_baseline(x.unsqueeze(1), seg, counts).squeeze(1)
+    if ca != 1:
+        return _segment_baseline(x.movedim(ca, 1), seg, counts).movedim(1, ca)
     b, c = x.shape[:2]
     n = seg[0].numel()   # pixels (or time steps) per channel
     m = max(counts)
@@ -278,8 +281,8 @@ def _paint(coef: list[torch.Tensor], seg: torch.Tensor) -> torch.Tensor:
 def _segment_params(ctx, n_segments, segments, compactness):
     if ctx.layout == "BCT":   # a series: time segments
         return series_segments(ctx.x, n_segments, segments)
-    if ctx.layout == "BCDHW":   # a volume: supervoxels
-        return volume_segments(ctx.x, n_segments, compactness, segments)
+    if ctx.layout in ("BCDHW", "BTCHW"):   # a volume or a clip: supervoxels
+        return volume_segments(ctx.x, n_segments, compactness, segments, ctx.subject, ctx.layout)
     if ctx.layout == "BF":   # features: each alone, or the given groups
         return feature_segments(ctx.x, segments)
     seg, counts = superpixels(ctx.subject, ctx.x, n_segments, compactness, segments)
@@ -296,15 +299,15 @@ class Lime(Method):
     defaults = {"n_samples": 1000, "n_segments": 50, "segments": None, "compactness": 10.0,
                 "baseline": "segment_mean", "kernel_width": 0.25, "surrogate": "ridge", "alpha": None,
                 "output": "prob"}
-    # a series' features are equal time segments, a volume's supervoxels, a feature vector's its features
-    layouts = ("BCHW", "BCT", "BCDHW", "BF")
+    # a series' features are equal time segments, a volume's or a clip's supervoxels, a feature vector's its features
+    layouts = ("BCHW", "BCT", "BCDHW", "BTCHW", "BF")
     description = ("LIME on superpixels (Ribeiro et al. 2016): random on/off superpixel samples (first one "
                    "all on), hidden ones filled with their mean colour; weighted ridge regression "
                    "(alpha=1, intercept) with kernel sqrt(exp(-d^2/w^2)), d = cosine distance to the "
                    "all-on sample, w=0.25; coefficients painted on the superpixels. SLIC segments by "
                    "default (n_segments), or segments=[H,W] labels. surrogate='lasso' fits scikit-learn's "
                    "weighted Lasso instead (Captum's default surrogate; alpha defaults to 0.01 there). Series: equal "
-                   "time segments; volumes: SLIC supervoxels; feature vectors: each feature alone (hidden ones "
+                   "time segments; volumes and clips: SLIC supervoxels; feature vectors: each feature alone (hidden ones "
                    "take 0) or segments=[F] groups.")
     #: alpha of each surrogate when none is given (ridge: LIME's; lasso: Captum's SkLearnLasso default)
     DEFAULT_ALPHA = {"ridge": 1.0, "lasso": 0.01}
@@ -324,7 +327,7 @@ class Lime(Method):
         b, mmax = len(counts), max(counts)
         if baseline == "segment_mean" and ctx.layout == "BF" and segments is None:
             baseline = "mean"   # a feature alone is its own mean: hidden features take 0 instead
-        base = (_segment_baseline(ctx.x.detach(), seg, counts) if baseline == "segment_mean"
+        base = (_segment_baseline(ctx.x.detach(), seg, counts, channel_axis(ctx.layout)) if baseline == "segment_mean"
                 else _baseline(ctx, baseline))
         g = generator(ctx.seed)
         z = (torch.rand(b, n, mmax, generator=g) < 0.5).to(ctx.x.device, torch.float32)
@@ -400,7 +403,7 @@ class KernelShap(Method):
     randomized = True
     defaults = {"n_samples": 1000, "n_segments": 50, "segments": None, "compactness": 10.0,
                 "baseline": "mean", "output": None}
-    layouts = ("BCHW", "BCT", "BCDHW", "BF")
+    layouts = ("BCHW", "BCT", "BCDHW", "BTCHW", "BF")
     description = ("KernelSHAP on superpixels (Lundberg & Lee 2017): Shapley-kernel weighted least squares "
                    "with phi_0 = f(baseline) and sum(phi) = f(x) - f(baseline) imposed exactly; all "
                    "coalitions when 2^M - 2 <= n_samples (exact Shapley values), else kernel-distributed "
@@ -412,7 +415,7 @@ class KernelShap(Method):
         out = _output(target, output)
         seg, counts = _segment_params(ctx, n_segments, segments, compactness)
         b, mmax = len(counts), max(counts)
-        base = (_segment_baseline(ctx.x.detach(), seg, counts) if baseline == "segment_mean"
+        base = (_segment_baseline(ctx.x.detach(), seg, counts, channel_axis(ctx.layout)) if baseline == "segment_mean"
                 else _baseline(ctx, baseline))
         g = generator(ctx.seed)
         samples = [_kernelshap_samples(m, n, g) for m in counts]
