@@ -177,8 +177,9 @@ def blur_derivative(x: torch.Tensor, sigma: float, grad_step: float | None, axes
     return (blurred2 - separable_axes(x, (k1,) * axes)) / grad_step
 
 
-#: the axes Blur IG blurs along, per layout: the image's H, W; the series' T; the volume's D, H, W
-BLUR_AXES = {"BCHW": 2, "BCT": 1, "BCDHW": 3}
+#: the trailing axes Blur IG blurs along, per layout: the image's H, W; the series' T; the volume's
+#: D, H, W; a clip's H, W (each frame blurred as an image, frames not mixed in time)
+BLUR_AXES = {"BCHW": 2, "BCT": 1, "BCDHW": 3, "BTCHW": 2}
 
 
 def blur_integrated_gradients(ctx, target, x: torch.Tensor, max_sigma: float, steps: int,
@@ -216,8 +217,9 @@ class BlurIG(Method):
     description = ("Integrated gradients along the Gaussian blur path from sigma=max_sigma to the image "
                    "(Xu et al. 2020); grad_step=None uses the exact d(blur)/d(sigma); "
                    "extras['completeness_error'] = sum(attr) - (s(x) - s(blurred x)). A series is blurred "
-                   "along time, a volume along depth, height and width (sigma in samples).")
+                   "along time, a volume along depth, height and width, a clip frame by frame (sigma in samples).")
     layouts = tuple(BLUR_AXES)
+    not_for = {"BF": "a feature vector has no axes to blur along"}
     defaults = {"max_sigma": 50.0, "steps": 100, "grad_step": 0.01, "sqrt": False, "reduce": "sum",
                 "batch_size": None}
 
