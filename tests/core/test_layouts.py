@@ -197,7 +197,7 @@ def test_layout_mismatch_and_ambiguity_are_refused(series, volume):
 
 def test_methods_that_cannot_apply_refuse_naming_the_layout(series):
     s = sk.Subject(series_cnn(), layout="BCT")
-    for method in ("xrai", "eigencam", "meaningful_perturbation", "fullgrad", "extremal_perturbation"):
+    for method in ("xrai", "cf_cam", "meaningful_perturbation", "fullgrad", "extremal_perturbation"):
         with pytest.raises(SaliencyError, match=f"{method}.* cannot explain a BCT input.*for BCT use .*saliency"):
             sk.explain(s, series, method)
     with pytest.raises(SaliencyError, match="xrai.* cannot explain a BF input.*for BF use .*occlusion"):

@@ -1,6 +1,7 @@
 """More methods on more layouts: occlusion and RISE on feature vectors [B,F] and clips [B,T,C,H,W];
-the gradient CAMs on clips; Score-CAM on series, volumes and clips; Blur IG and Guided IG on
-series and volumes; LRP on every layout; LIME and KernelSHAP on volumes (supervoxels) and feature
+the gradient CAMs, CAM and Eigen-CAM on clips; Score-CAM on series, volumes and clips; Smooth
+Grad-CAM++ on series and volumes; Blur IG and Guided IG on series, volumes (and clips for Blur IG,
+every layout for Guided IG); LRP on every layout; LIME and KernelSHAP on volumes (supervoxels) and feature
 vectors.
 
 Checked against Captum (FeatureAblation and Occlusion: the same windows, the same mean drop per
@@ -663,3 +664,45 @@ def test_clip_supervoxels_and_given_labels(clip):
     base = _segment_baseline(clip, blocks.expand(2, 4, 6, 6), [8, 8], 2)
     want = clip[:, :2, :, :3, :3].mean((1, 3, 4))                             # [B, C] mean of block 0
     assert torch.allclose(base[:, :2, :, :3, :3], want.view(2, 1, 3, 1, 1).expand(2, 2, 3, 3, 3))
+
+
+# ------------------------------------------------------------------------------ CAM, Eigen-CAM, Smooth Grad-CAM++
+def cam_cases():
+    g = torch.Generator().manual_seed(21)
+    return [("BCT", series_cnn(stride=2), "3", torch.randn(2, 2, 12, generator=g, dtype=torch.float64)),
+            ("BCDHW", volume_cnn(stride=2), "3", torch.randn(2, 1, 4, 6, 6, generator=g, dtype=torch.float64)),
+            ("BTCHW", PooledClip(per_frame=False), "act", torch.randn(2, 4, 3, 6, 6, generator=g, dtype=torch.float64))]
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["series", "volume", "clip"])
+def test_cam_eigencam_and_smooth_gradcam_pp_on_more_layouts(case):
+    # CAM of a layer feeding global average pooling + a linear head is N x Grad-CAM (the mean
+    # gradient of channel c is w_c / N, N the layer's positions); Eigen-CAM is the first principal
+    # component of the centred positions x channels matrix, written out with an SVD (sign chosen to
+    # correlate with the channel mean); Smooth Grad-CAM++ without noise is Grad-CAM++ (series and
+    # volumes). Float32 maps of float64 models: 1e-6 of the largest value
+    layout, model, layer, x = cam_cases()[case]
+    s = sk.Subject(model.double().eval(), layout=layout, input_size=(6, 6))
+    e = sk.explain(s, x, ["cam", "gradcam", "eigencam"], layer=layer, target=1)
+    raw = e["gradcam"].raw
+    n = raw[0].numel()
+    tol = 1e-6 * float(e["cam"].raw.abs().max())
+    assert torch.allclose(e["cam"].raw, n * raw, atol=tol)
+    want = (2, 4, 6, 6) if layout == "BTCHW" else (2, *x.shape[2:])
+    assert e["cam"].maps.shape == e["gradcam"].maps.shape == e["eigencam"].maps.shape == want
+    store = {}
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: store.update(a=o.detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    a = store["a"]
+    X = a.reshape(2, a.shape[1], -1).transpose(1, 2)
+    X = X - X.mean(1, keepdim=True)
+    proj = (X @ torch.linalg.svd(X, full_matrices=False)[2][:, 0, :].unsqueeze(-1)).squeeze(-1)
+    ref = a.mean(1).reshape(2, -1)
+    proj = proj * torch.sign((proj * (ref - ref.mean(1, keepdim=True))).sum(1, keepdim=True))
+    assert torch.allclose(e["eigencam"].raw.double(), proj.clamp_min(0).view_as(e["eigencam"].raw), atol=1e-6)
+    if layout != "BTCHW":
+        smooth = sk.explain(s, x, ["smooth_gradcam_pp", "gradcam_pp"], layer=layer, target=1, samples=2,
+                            noise_abs=0.0)
+        assert torch.allclose(smooth["smooth_gradcam_pp"].raw, smooth["gradcam_pp"].raw, atol=1e-6)

@@ -205,7 +205,7 @@ def _gap_linear_head(model: nn.Module, A: torch.Tensor, logits: torch.Tensor, la
     c = A.shape[1]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     candidates = [m for m in reversed(linears) if m.in_features == c and m.out_features == logits.shape[1]]
-    pooled = A.mean((2, 3)).double()
+    pooled = A.mean(_spatial(A)).double()
     ref = logits.detach().double()
     tol = 1e-3 * (ref.abs().max().item() + 1e-6)
     for lin in candidates:
@@ -232,6 +232,8 @@ class CAM(Method):
     description = ("Class activation map (Zhou et al. 2016): classifier weights x last feature map; "
                    "needs a GAP + linear head (checked). Contrast/Group targets use the target's derivative "
                    "w.r.t. the logits to combine class weights.")
+    layouts = _GradCamBase.layouts
+    not_for = _GradCamBase.not_for
 
     def run(self, ctx, target, layer, relu=True):
         names = resolve_layers(ctx, layer)
@@ -246,7 +248,7 @@ class CAM(Method):
             lg = logits.detach().float().requires_grad_(True)
             (dlogits,) = torch.autograd.grad(target.score(lg).sum(), lg)
         w = dlogits @ fc.weight.detach().float()          # [B,C]
-        m = torch.einsum("bc,bchw->bhw", w, A)
+        m = torch.einsum("bc,bc...->b...", w, A)
         return _finish(ctx, names, [m], relu)
 
 
@@ -263,6 +265,10 @@ class SmoothGradCAMPlusPlus(Method):
     description = ("Grad-CAM++ with gradient moments D1, D2, D3 averaged over all noisy copies (Omeiza et al. "
                    "2019); activations from the clean input. noise = std as a fraction of the input range "
                    "(noise_abs: absolute std).")
+    # a clip's frame-by-frame layer comes back in chunks of noisy rows, which the clip's frame count
+    # alone cannot fold back: series and volumes only
+    layouts = ("BCHW", "BCT", "BCDHW")
+    not_for = _GradCamBase.not_for
 
     def run(self, ctx, target, layer, samples=10, noise=0.15, noise_abs=None, relu=True, batch_size=None):
         names = resolve_layers(ctx, layer)
@@ -379,6 +385,8 @@ class EigenCAM(Method):
     description = ("First principal component of the centred activations (Muhammad & Yeasin 2020); "
                    "class-agnostic. The component's sign is chosen to correlate positively with the "
                    "channel-mean activation.")
+    layouts = _GradCamBase.layouts
+    not_for = _GradCamBase.not_for
 
     def run(self, ctx, target, layer, relu=True, sign_correction=True):
         names = resolve_layers(ctx, layer)
@@ -388,9 +396,10 @@ class EigenCAM(Method):
 
 
 def eigen_projection(A: torch.Tensor, sign_correction: bool = True) -> torch.Tensor:
-    """Per image: X = positions x channels, columns centred; returns X v1 (= sigma1 u1) as [B,h,w]."""
-    b, c, h, w = A.shape
-    X = torch.nan_to_num(A.double()).reshape(b, c, h * w).transpose(1, 2)   # [B, hw, C]
+    """Per image: X = positions x channels, columns centred; returns X v1 (= sigma1 u1) as [B,h,w]
+    (a series' [B,t], a volume's or a clip's [B,d,h,w])."""
+    b, c, spatial = A.shape[0], A.shape[1], A.shape[2:]
+    X = torch.nan_to_num(A.double()).reshape(b, c, -1).transpose(1, 2)   # [B, hw, C]
     X = X - X.mean(1, keepdim=True)                     # centre each channel over positions
     _, _, Vh = torch.linalg.svd(X, full_matrices=False)
     proj = (X @ Vh[:, 0, :].unsqueeze(-1)).squeeze(-1)   # [B, hw]
@@ -399,7 +408,7 @@ def eigen_projection(A: torch.Tensor, sign_correction: bool = True) -> torch.Ten
         ref = ref - ref.mean(1, keepdim=True)
         sign = torch.sign((proj * ref).sum(1))
         proj = proj * torch.where(sign == 0, torch.ones_like(sign), sign).view(b, 1)
-    return proj.float().view(b, h, w)
+    return proj.float().view(b, *spatial)
 
 
 # =========================================================================== CF-CAM
