@@ -179,7 +179,7 @@ class Rise(Method):
                          counter=ctx.counter, output=out, progress=ctx.progress, desc="rise", on_chunk=on_chunk)
         norm = n * float(p)
         maps = (acc / norm).float().view(b, *axes)
-        extras = {}
+        extras = {"cell": cells}   # the grid used (None: one draw per feature)
         if acc_cls is not None:
             extras["class_maps"] = (acc_cls / norm).float().view(b, len(cls_idx), *axes)
             extras["classes"] = cls_idx.tolist()
