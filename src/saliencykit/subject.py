@@ -353,12 +353,16 @@ class Subject:
     def predict(self, x: torch.Tensor, k: int = 5) -> list[list[dict]]:
         """Top-k classes per example: `[{"index", "label", "prob"}, ...]`."""
         x = self.check_input(x)
-        with self.explaining():
-            probs = self.forward(x).float()
-        if probs.dim() != 2:
+        with self.explaining(), torch.no_grad():
+            logits = self.forward(x)
+        return self.top_classes(logits, k)
+
+    def top_classes(self, logits: torch.Tensor, k: int = 5) -> list[list[dict]]:
+        """`predict` of logits already computed (no second forward): top-k classes per example."""
+        if logits.dim() != 2:
             raise SaliencyError(f"predict reads class scores [B, classes]; the model's output is dense, shape "
-                                f"{tuple(probs.shape)}")
-        probs = probs.softmax(-1)
+                                f"{tuple(logits.shape)}")
+        probs = logits.detach().float().softmax(-1)
         top = probs.topk(min(k, probs.shape[1]), dim=1)
         return [[{"index": int(i), "label": self.label(int(i)), "prob": float(p)}
                  for p, i in zip(ps, idx)] for ps, idx in zip(top.values, top.indices)]

@@ -58,10 +58,11 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     for src, _ in sources:
         image = load_image(src)
         x = subject.preprocess(image)
-        with torch.no_grad():
-            scores = subject.forward(x).float()
-        if scores.dim() == 2:
-            inputs.append((image, x, subject.predict(x, k=5)[0], scores.softmax(-1)[0], transparency_note(src)))
+        with subject.explaining(), torch.no_grad():
+            scores = subject.forward(subject.check_input(x)).float()
+        if scores.dim() == 2:   # the top-5 list from this one forward
+            inputs.append((image, x, subject.top_classes(scores, k=5)[0], scores.softmax(-1)[0],
+                           transparency_note(src)))
         else:   # a dense output (segmentation, image-to-image): no class probabilities to list
             inputs.append((image, x, [], None, transparency_note(src)))
         targets.append(as_target(target) if region is None else
