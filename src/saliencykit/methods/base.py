@@ -447,6 +447,11 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
         if isinstance(x, torch.Tensor) and x.is_inference():
             x = x.clone()
         x = subject.check_input(x)
+        if not x.is_floating_point():   # token ids or flags: explained at the subject's embedding
+            from ..embedding import embedding_view
+
+            with subject.explaining():
+                subject, x = embedding_view(subject, x, [cls.name for cls in classes])
         check_layouts(subject, x, classes)
         # the subject reads the target (a detector: Box targets); e.g. Text expands the batch to one
         # row per prompt explained for one image
