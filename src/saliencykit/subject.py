@@ -583,7 +583,8 @@ def check_embedding(model: nn.Module, name, baseline_token) -> None:
     """Refuse, with the fix, an embedding name the model does not have or a bad baseline token."""
     if name is None:
         if baseline_token is not None:
-            raise SaliencyError("baseline_token needs an embedding: Subject(model, embedding='<its name>', baseline_token=...)")
+            raise SaliencyError("baseline_token needs an embedding: "
+                                "Subject(model, embedding='<its name>', baseline_token=...)")
         return
     modules = dict(model.named_modules())
     if not isinstance(name, str) or name not in modules or name == "":

@@ -78,62 +78,69 @@ class Counterfactual(torch.nn.Module):
         return mean + std * self.outer(torch.tanh(self.inner((x - mean) / std)))
 
 
-def references(ctx, target, negatives) -> tuple[list[torch.Tensor], str]:
-    """Per example, the series its counterfactual is pulled towards ([n_i,C,T] each), and where
-    they came from: "negatives", "batch" (other examples the model puts in another class) or "flat"
-    (the example's channel means: no example of another class is at hand)."""
+def references(ctx, target, negatives) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The series the counterfactuals are pulled towards: a pool `[N,C,T]`, which of them each
+    example may use (`[B,N]` bool), and where they came from: "negatives", "batch" (the other
+    examples the model puts in a class other than the one explained) or "flat" (the example's
+    channel means, for an example with no series of another class at hand)."""
     x = ctx.x.detach().double()
     B, C, T = x.shape
-    flat = x.mean(-1, keepdim=True).expand(B, C, T)
     if negatives is not None:
         if not isinstance(negatives, torch.Tensor) or not negatives.is_floating_point():
-            raise SaliencyError("negatives must be a float tensor [N,C,T] of series of other classes, got "
-                                f"{type(negatives).__name__ if not isinstance(negatives, torch.Tensor) else negatives.dtype}")
+            got = negatives.dtype if isinstance(negatives, torch.Tensor) else type(negatives).__name__
+            raise SaliencyError(f"negatives must be a float tensor [N,C,T] of series of other classes, got {got}")
         neg = negatives.detach()
         if neg.dim() == 2:
             neg = neg.unsqueeze(0)
         if neg.dim() != 3 or tuple(neg.shape[1:]) != (C, T) or neg.shape[0] == 0:
-            raise SaliencyError(f"negatives must be series shaped [N,{C},{T}] like the input, got {tuple(negatives.shape)}")
+            raise SaliencyError(f"negatives must be series shaped [N,{C},{T}] like the input, "
+                                f"got {tuple(negatives.shape)}")
         if not torch.isfinite(neg).all():
             raise SaliencyError("negatives contain NaN or infinite values")
         neg = neg.to(x.device, torch.float64)
-        return [neg] * B, "negatives"
+        return neg, torch.ones(B, neg.shape[0], dtype=torch.bool, device=x.device), "negatives"
+    allowed = torch.zeros(B, B, dtype=torch.bool)
     logits = ctx.logits()
-    refs, used = [], False
-    pred = logits.argmax(1) if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
-    for i in range(B):
-        explained = None
-        if pred is not None and i < len(target.pos):
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        pred = logits.argmax(1).cpu()
+        for i in range(min(B, len(target.pos))):
             try:
-                explained = {int(k) for k in torch.as_tensor(target.pos[i].indices).flatten().tolist()}
-            except (AttributeError, TypeError, ValueError):
-                explained = None
-        others = [j for j in range(B) if j != i and explained is not None and int(pred[j]) not in explained]
-        if others:
-            refs.append(x[others])
-            used = True
-        else:
-            refs.append(flat[i:i + 1])
-    return refs, "batch" if used else "flat"
+                explained = torch.as_tensor(target.pos[i].indices).flatten().cpu()
+            except (AttributeError, TypeError, ValueError):   # a target that is not a class
+                continue
+            allowed[i] = ~torch.isin(pred, explained)
+    allowed.fill_diagonal_(False)
+    alone = ~allowed.any(1)                             # these pull towards their own flat series
+    pool = torch.cat([x, x.mean(-1, keepdim=True).expand(B, C, T)])
+    allowed = torch.cat([allowed, torch.diag(alone)], 1).to(x.device)
+    return pool, allowed, "flat" if alone.all() else "batch"
 
 
-def triplet(xr: torch.Tensor, x: torch.Tensor, refs: list[torch.Tensor], margin: float, scale: float) -> torch.Tensor:
+def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[n,m] root mean squared differences of series a [n,C,T] and b [m,C,T] (never exactly 0,
+    so the square root has a gradient everywhere)."""
+    a, b = a.flatten(1), b.flatten(1)
+    sq = (a * a).sum(1, keepdim=True) + (b * b).sum(1) - 2 * a @ b.T
+    return (sq.clamp_min(0) / a.shape[1] + 1e-12).sqrt()
+
+
+def triplet(xr: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, allowed: torch.Tensor, margin: float,
+            scale: float) -> torch.Tensor:
     """Per example, relu(distance to the nearest reference - distance to the example + margin x the
     example's distance to its nearest reference), with distances the root mean squared differences
-    over channels and steps divided by `scale`. By the triangle inequality the first difference is
-    at least minus that distance, so a margin below 1 is met between the example and the reference
-    (the loss is 0 once x_r is nearer the reference by that share of the way) and the
-    counterfactual is never pushed past the reference (an inverted, larger series would win
-    against a margin it cannot otherwise meet). Added: the distance to the nearest reference itself,
-    a pull that keeps x_r among the data (the hinge is flat once met, and the network's weights
-    drifted there to series ten times the data's size, which the model scored far above x)."""
-    out = []
-    for i, r in enumerate(refs):
-        near = ((xr[i:i + 1] - r) ** 2).mean((1, 2)).add(1e-12).sqrt().min() / scale
-        away = ((xr[i] - x[i]) ** 2).mean().add(1e-12).sqrt() / scale
-        gap = ((x[i:i + 1] - r) ** 2).mean((1, 2)).sqrt().min() / scale
-        out.append(torch.relu(near - away + margin * gap) + near)
-    return torch.stack(out)
+    over channels and steps divided by `scale` and the references the `allowed` series of `pool`.
+    By the triangle inequality the first difference is at least minus that distance, so a margin
+    below 1 is met between the example and the reference (the loss is 0 once x_r is nearer the
+    reference by that share of the way) and the counterfactual is never pushed past the reference
+    (an inverted, larger series would win against a margin it cannot otherwise meet). Added: the
+    distance to the nearest reference itself, a pull that keeps x_r among the data (the hinge is
+    flat once met, and the network's weights drifted there to series ten times the data's size,
+    which the model scored far above x)."""
+    far = torch.tensor(float("inf"), dtype=xr.dtype, device=xr.device)
+    near = torch.where(allowed, _distances(xr, pool), far).min(1).values / scale
+    gap = torch.where(allowed, _distances(x, pool), far).min(1).values / scale
+    away = ((xr - x) ** 2).mean((1, 2)).add(1e-12).sqrt() / scale
+    return torch.relu(near - away + margin * gap) + near
 
 
 @register
@@ -157,20 +164,21 @@ class ContraLSP(Method):
             hidden=16, negatives=None, reduce="max_abs"):
         from ..engine import Progress, gradient_pass, reduce_channels
 
-        steps, window, hidden = positive_int(steps, "steps"), positive_int(window, "window"), positive_int(hidden, "hidden")
+        steps, window = positive_int(steps, "steps"), positive_int(window, "window")
+        hidden = positive_int(hidden, "hidden")
         lr, sigma = positive_float(lr, "lr"), positive_float(sigma, "sigma")
         l0, contrast = positive_float(l0, "l0", allow_zero=True), positive_float(contrast, "contrast", allow_zero=True)
         margin = positive_float(margin, "margin", allow_zero=True)
         if margin > 1:
-            raise SaliencyError(f"margin must be at most 1 (a share of the distance from the example to its references: "
-                                f"no series is nearer the reference than the example by more), got {margin}")
+            raise SaliencyError(f"margin must be at most 1 (a share of the distance from the example to its "
+                                f"references: no series is nearer the reference than the example by more), got {margin}")
         if reduce not in REDUCTIONS:
             raise SaliencyError(f"unknown channel reduction {reduce!r}; use one of {', '.join(REDUCTIONS)}")
         x = ctx.x.detach()
         B, C, T = x.shape
         if window > T:
             raise SaliencyError(f"window {window} is longer than the series ({T} steps): give a smaller window")
-        refs, source = references(ctx, target, negatives)
+        pool, allowed, source = references(ctx, target, negatives)
         xd = x.double()
         spread = float(xd.std()) if xd.numel() > 1 else 1.0
         spread = spread if spread > 0 else 1.0
@@ -200,13 +208,13 @@ class ContraLSP(Method):
                     # linearised at x_m: its gradient through m and x_r is the model's input gradient
                     keep = -(short * res.input_grad.double() * inp / scale).sum()
                     sparse = normal.cdf(mu / sigma).mean((1, 2)).sum()
-                    loss = keep + l0 * sparse + contrast * triplet(xr, xd, refs, margin, spread).sum()
+                    loss = keep + l0 * sparse + contrast * triplet(xr, xd, pool, allowed, margin, spread).sum()
                     loss.backward()
                 opt.step()
                 bar.step()
         with torch.no_grad():
             mask = smooth_gates(mu.detach().clamp(0, 1), log_tau.detach().exp(), window)
-            far = triplet(net(xd), xd, refs, margin, spread)
+            far = triplet(net(xd), xd, pool, allowed, margin, spread)
         attr = mask.to(x.dtype)
         return {"maps": reduce_channels(attr, reduce, "BCT"), "attributions": attr, "signed": False,
                 "extras": {"steps": steps, "l0": l0, "contrast": contrast, "margin": margin, "sigma": sigma,
