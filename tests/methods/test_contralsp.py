@@ -87,6 +87,22 @@ def test_negatives_given_and_taken_from_the_batch():
     assert eb.extras["references"] == "batch"
 
 
+def test_model_left_as_found_also_under_no_grad():
+    # a model with weights, in training mode, called from a no_grad block: the method's own graph
+    # (gates, temperature, counterfactual network) still trains, and the model comes back untouched
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(2, 4, 5, padding=2), nn.Dropout(0.5), nn.Tanh(), nn.AdaptiveMaxPool1d(1),
+                        nn.Flatten(), nn.Linear(4, 3)).train()
+    subject = sk.Subject(net, layout="BCT")
+    x = torch.randn(3, 2, 32, generator=torch.Generator().manual_seed(8))
+    before = subject.state_fingerprint()
+    with torch.no_grad():
+        e = sk.explain(subject, x, "contralsp", params={"contralsp": {"steps": 5}})
+    assert_same_state(before, subject.state_fingerprint())
+    assert e.passes["backward"] == 5 and torch.isfinite(e.attributions).all()
+    assert not torch.equal(e.attributions, torch.full_like(e.attributions, e.attributions.flatten()[0]))  # it moved
+
+
 def test_recovers_planted_motifs():
     # the shipped series CNN on 16 held-out series (the learned_mask test's bench): measured with
     # 100 steps pointing 0.94, energy 0.88, AUC 0.94, against a random map's 0.13, 0.20, 0.48
