@@ -18,7 +18,9 @@ to `baseline_token` when the subject has one. Rows of the view's batches (IG's p
 SmoothGrad's noisy copies) are fed the first example's ids: the ids reach the model only through
 the replaced embedding, which a batch of several examples checks once (the model run with the
 examples' ids rolled along the batch must give the same scores); a model that reads the ids
-elsewhere too (a padding mask) is explained one example at a time.
+elsewhere too (a padding mask) is explained one example at a time. The view's own forwards (the
+capture, the check, the baseline token's embedding) are charged to the call's first method, as
+the clean forward is (`setup_passes`).
 """
 from __future__ import annotations
 
@@ -85,9 +87,18 @@ class EmbeddingView(Subject):
             raise SaliencyError(f"the embedding {name!r} gives {shape} for ids {want}: it must give one vector per "
                                 "position ([B,T,D]) of ids [B,T]")
         self.z = z.detach().clone()
+        self.setup_passes = [ids.shape[0]]          # rows of each forward made here, charged to the call
+        self._base = None
+        token = getattr(subject, "baseline_token", None)
+        if token is not None:                       # the "black" baseline: the embedding of that id
+            with torch.no_grad():
+                _, out = forward_at(model, name, torch.full_like(ids[:1], token))
+            self._base = (out.unsqueeze(1) if self._flat else out.transpose(1, 2)).detach()
+            self.setup_passes.append(1)
         if ids.shape[0] > 1 and not torch.equal(ids, ids.roll(1, 0)):
             with torch.no_grad():   # the ids of other examples, the same embedding: the same scores?
                 rolled, _ = forward_at(model, name, ids.roll(1, 0), lambda o: _replaced(o, self.z, self._flat))
+            self.setup_passes.append(ids.shape[0])
             ref = extract_logits(raw, dense=True).float()
             same = torch.allclose(extract_logits(rolled, dense=True).float(), ref, rtol=1e-4,
                                   atol=1e-5 * float(ref.abs().max().clamp_min(1)))
@@ -108,14 +119,9 @@ class EmbeddingView(Subject):
 
     def black(self, x: torch.Tensor) -> torch.Tensor:
         """Zeros in embedding space, or the embedding of the ids all set to the subject's `baseline_token`."""
-        token = getattr(self.base, "baseline_token", None)
-        if token is None:
+        if self._base is None:
             return torch.zeros_like(x)
-        ids = torch.full_like(self.ids[:1], token)
-        with torch.no_grad():
-            _, out = forward_at(self.model, self.base.embedding, ids)
-        base = (out.unsqueeze(1) if self._flat else out.transpose(1, 2)).to(x.dtype)
-        return base.expand_as(x).clone()
+        return self._base.to(x.dtype).expand_as(x).clone()
 
 
 __all__ = ["EMBEDDING_METHODS", "EmbeddingView", "embedding_view"]

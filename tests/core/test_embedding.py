@@ -59,6 +59,11 @@ def test_ig_at_the_embedding_is_complete_and_per_token():
     assert torch.allclose(e.maps.sum(1), s - s0, rtol=0, atol=1e-12)
     assert_same_state(before, subject.state_fingerprint())        # no hook, flag or gradient left
     assert ids.dtype == torch.int64                               # the ids as given
+    # the view's own forwards are counted: its capture of the embedding, the check that the ids reach
+    # the model only through it (a batch of several), then saliency's one forward and backward
+    sal = sk.explain(subject, ids, "saliency")
+    assert sal.passes["forward"] == 3 and sal.passes["backward"] == 1
+    assert sk.explain(subject, ids[:1], "saliency").passes["forward"] == 2   # one example: no check
 
 
 def test_ig_agrees_with_captum_layer_integrated_gradients():

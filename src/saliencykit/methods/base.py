@@ -130,6 +130,8 @@ class Context:
         self.batch_size = batch_size
         self.progress = progress
         self.counter = PassCounter()
+        for rows in getattr(subject, "setup_passes", ()):   # forwards a view made for this call (an embedding's)
+            self.counter.add(forward=rows)
         layout_for = getattr(subject, "layout_for", None)
         self.layout = layout_for(x) if callable(layout_for) else "BCHW"
         self._logits: torch.Tensor | None = None
