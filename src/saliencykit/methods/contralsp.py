@@ -8,7 +8,7 @@ parts are learned together with Adam, from a seeded start:
 * the counterfactual x_r = P(x), a small convolutional network over time shared by the batch
   (`hidden` channels, kernels of `window` steps). It is trained only by a triplet loss that puts
   x_r near a series of another class and away from its own example:
-  `relu(min_j d(x_r_i, r_j) - d(x_r_i, x_i) + margin min_j d(x_i, r_j))`, the margin a share (< 1)
+  `relu(min_j d(x_r_i, r_j) - d(x_r_i, x_i) + margin min_j d(x_i, r_j))`, the margin a share (at most 1)
   of the example's distance to its references, plus `min_j d(x_r_i, r_j)` itself (a pull that
   keeps x_r among the data), with d the root mean squared difference over
   channels and steps divided by the batch's standard deviation. The references r_j are the `negatives=`
@@ -27,9 +27,11 @@ parts are learned together with Adam, from a seeded start:
   and 1 stays 1: `m = (sigmoid(tau (z̄ - 1/2)) - sigmoid(-tau/2)) / (sigmoid(tau/2) - sigmoid(-tau/2))`.
   A large tau makes the mask nearly binary, a small one keeps it graded.
 
-The mask minimises `-s(x_m)/|s(x)| + l0 * mean Phi(mu/sigma)` per example (plus `contrast` times
-the triplet loss for P). Each Adam step is one gradient pass of the model through the engine (the
-model's gradient at x_m, chained through m and x_r in the method's own small graph), counted.
+The mask minimises the score lost, `relu(s(x) - s(x_m))/|s(x)|` (exceeding the clean score earns
+nothing: a mix of x and x_r can raise a logit past it, which would reward keeping x_r rather than
+x), plus `l0 * mean Phi(mu/sigma)`, per example; P minimises `contrast` times the triplet loss.
+Each Adam step is one gradient pass of the model through the engine (the model's gradient at
+x_m, chained through m in the method's own small graph), counted.
 `Explanation.attributions` is the mask [B,C,T]; the map [B,T] its channel reduction (`reduce`,
 default "max_abs": a step matters when one of its channels does).
 """
@@ -205,7 +207,7 @@ class ContraLSP(Method):
                 short = (res.scores.double() < clean).double().view(B, 1, 1)
                 opt.zero_grad()
                 with torch.enable_grad():
-                    # linearised at x_m: its gradient through m and x_r is the model's input gradient
+                    # linearised at x_m: its gradient through m is the model's input gradient times (x - x_r)
                     keep = -(short * res.input_grad.double() * inp / scale).sum()
                     sparse = normal.cdf(mu / sigma).mean((1, 2)).sum()
                     loss = keep + l0 * sparse + contrast * triplet(xr, xd, pool, allowed, margin, spread).sum()
