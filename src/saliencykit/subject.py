@@ -314,6 +314,10 @@ class Subject:
                                 "(use subject.preprocess(image) for photos)")
         if not x.is_floating_point() and not x.is_complex():   # token ids, flags: through the embedding
             return check_ids(self, x)
+        if getattr(self, "embedding", None) is not None:
+            raise SaliencyError(f"input is {x.dtype}, but this subject reads token ids or flags through its "
+                                f"embedding {self.embedding!r}: give the integer (or bool) input the model takes, "
+                                "or make the Subject without embedding= for a float input")
         layout = self.layout_for(x)
         if layout == "BCHW" and x.dim() != 4:
             hint = " (add a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""

@@ -157,6 +157,9 @@ def test_refusals_name_the_fix():
         sk.explain(subject, ids[0], "saliency")
     with pytest.raises(SaliencyError, match="occlusion cannot explain integer inputs.*use saliency"):
         sk.explain(subject, ids, "occlusion")
+    # a float input to a subject that reads ids would fail inside torch's embedding lookup
+    with pytest.raises(SaliencyError, match="input is torch.float32, but this subject reads token ids"):
+        sk.explain(subject, torch.randn(2, 7), "saliency")
 
     class Masked(Bag):                           # reads the ids twice: a padding mask besides the embedding
         def forward(self, ids):
