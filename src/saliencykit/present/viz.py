@@ -386,8 +386,10 @@ def grid(images: Sequence, rows: Sequence[dict], row_titles: Sequence[str] | Non
 def series_plot(series, m, signed: bool = False, method: str | None = None, target: str | None = None,
                 path=None, width: float = 7.0, height: float = 2.4):
     """A series `[C,T]` (or `[T]`) as lines, with its map `[T]` as a coloured band under them
-    (the map's colour scale: diverging for a signed map, 0 white; sequential otherwise). Returns
-    the path written, or the matplotlib figure when `path` is None."""
+    (the map's colour scale: diverging for a signed map, centred at 0 (white) and symmetric to its
+    largest |value|; sequential from its minimum to its maximum otherwise) and a colour bar of that
+    scale in the map's own units. Returns the path written, or the matplotlib figure when `path`
+    is None."""
     s = np.asarray(series.detach().cpu() if hasattr(series, "detach") else series, dtype=np.float64)
     if s.ndim == 1:
         s = s[None]
@@ -402,9 +404,20 @@ def series_plot(series, m, signed: bool = False, method: str | None = None, targ
     t = np.arange(s.shape[1])
     lo, hi = float(s.min()), float(s.max())
     pad = 0.05 * (hi - lo or 1.0)
-    band = colorize(mm[None], signed)          # [1,T,3] uint8 on the map's own scale
-    ax.imshow(band, aspect="auto", extent=(-0.5, s.shape[1] - 0.5, lo - pad, hi + pad), alpha=0.85,
-              interpolation="nearest", zorder=0)
+    # the map's own scale, as `colorize` draws it: signed maps symmetric around 0, others min..max
+    if signed:
+        top = float(np.abs(mm).max()) or 1.0
+        vmin, vmax, cmap = -top, top, SIGNED_CMAP
+    else:
+        vmin, vmax, cmap = float(mm.min()), float(mm.max()), UNSIGNED_CMAP
+        if vmax <= vmin:
+            vmax = vmin + 1.0
+    band = ax.imshow(mm[None], cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto",
+                     extent=(-0.5, s.shape[1] - 0.5, lo - pad, hi + pad), alpha=0.85, interpolation="nearest",
+                     zorder=0)
+    bar = fig.colorbar(band, ax=ax, fraction=0.04, pad=0.015)
+    bar.set_label("map (red for, blue against)" if signed else "map", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     for c in range(s.shape[0]):
         ax.plot(t, s[c], lw=1.0, color="black" if s.shape[0] == 1 else None, zorder=2, label=f"channel {c}")
     if s.shape[0] > 1:
