@@ -377,8 +377,9 @@ def _write_features(s: _Sentences, facts: dict, kind: str, pos, neg, title: str,
               "random.removed_mean")
     against = [f for f in top if f["value"] < 0]
     if signed and against:
-        s.add_plain(f"{', '.join(f['name'] for f in against)} speak{'s' if len(against) == 1 else ''} against "
-                    f"*{pos.name}*.")
+        names = [f["name"] for f in against]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        s.add_plain(f"{listed} speak{'s' if len(names) == 1 else ''} against *{pos.name}*.")
     for j, c in enumerate(facts["compare"]):
         s.add(f"{c['method_title']} gives those features {{}} of its positive evidence (rank correlation of the "
               f"magnitudes with {title}: {{}}).", f"compare.{j}.evidence_in_main_region",
