@@ -111,3 +111,45 @@ def test_bad_requests_are_one_clear_line(tmp_path, models, capsys):
                  "occlusion", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "shorter than the occlusion window" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()                 # nothing half-written
+
+
+def test_evaluate_scores_series_from_npy_as_the_library_does(tmp_path, models, capsys):
+    # `saliencykit evaluate` on two .npy series: the scores written are the library's evaluate on the
+    # same batch (same seed: equal to float rounding, 1e-12), masks come from one .npy [N,T]
+    g = np.random.default_rng(0)
+    waves = [np.sin(np.linspace(0, 6, 40) + k).astype(np.float32) + 0.1 * g.standard_normal(40).astype(np.float32)
+             for k in range(2)]
+    for k, w in enumerate(waves):
+        np.save(tmp_path / f"w{k}.npy", w)
+    masks = np.zeros((2, 40), bool)
+    masks[:, 10:20] = True
+    np.save(tmp_path / "masks.npy", masks)
+    out = tmp_path / "ev"
+    code = main(["evaluate", str(tmp_path / "w0.npy"), str(tmp_path / "w1.npy"), "--model", f"python:{models}:series",
+                 "--metric", "deletion", "--metric", "pointing_game", "--regions", str(tmp_path / "masks.npy"),
+                 "--param", "pointing_game.tolerance=2", "--out", str(out), "--quiet"])
+    assert code == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["layout"] == "BCT" and scores["images"] == ["w0", "w1"]
+    model = sk.models._load_python(f"{models}:series", None)
+    model.layout = "BCT"
+    x = torch.from_numpy(np.stack(waves))[:, None]
+    exps = sk.explain(model, x, ["saliency", "integrated_gradients"], seed=0)
+    ev = sk.evaluate(model, x, exps, metrics=["deletion", "pointing_game"], masks=torch.from_numpy(masks),
+                     params={"pointing_game": {"tolerance": 2}}, seed=0)
+    for metric in ("deletion", "pointing_game"):
+        for method in ("saliency", "integrated_gradients", "random"):
+            assert np.allclose(scores["metrics"][metric][method]["scores"], ev[metric][method].scores.numpy(),
+                               atol=1e-12)
+    assert "saliency" in capsys.readouterr().out
+
+
+def test_evaluate_on_series_says_what_it_needs(tmp_path, models, capsys):
+    # refused before any pass with the fix: where the masks go, which metrics read series
+    np.save(tmp_path / "w.npy", np.zeros(40, np.float32))
+    base = ["evaluate", str(tmp_path / "w.npy"), "--model", f"python:{models}:series", "--out", str(tmp_path / "o")]
+    assert main(base + ["--metric", "pointing_game", "--quiet"]) != 0
+    assert "pass --regions MASKS.npy with one boolean mask per input in order, shape [1, 40]" in capsys.readouterr().err
+    assert main(base + ["--metric", "road_morf", "--quiet"]) != 0
+    assert "road_morf cannot score maps of a BCT input" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
