@@ -153,3 +153,14 @@ def test_evaluate_on_series_says_what_it_needs(tmp_path, models, capsys):
     assert main(base + ["--metric", "road_morf", "--quiet"]) != 0
     assert "road_morf cannot score maps of a BCT input" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_report_refuses_series_naming_what_works(tmp_path, capsys):
+    np.save(tmp_path / "w.npy", np.zeros(40, np.float32))
+    assert main(["report", str(tmp_path / "w.npy"), "--out", str(tmp_path / "r.html"), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "report draws maps over photos" in err and "saliencykit evaluate FILE.npy" in err
+    # a model that declares a series layout, given a photo name: the same refusal, before any pass
+    assert main(["report", "chelsea", "--model", "series_cnn", "--out", str(tmp_path / "r.html"), "--quiet"]) != 0
+    assert "series_cnn reads BCT inputs" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()

@@ -7,6 +7,11 @@ from pathlib import Path
 from ..errors import SaliencyError
 
 
+NOT_PHOTOS = ("The HTML report draws maps over photos; for series, volumes and feature vectors use "
+              "`saliencykit explain FILE.npy --layout ...` (maps, and plots of series), `saliencykit evaluate "
+              "FILE.npy ...` (scores) and sk.verbalize (words)")
+
+
 def register(subparsers):
     from .common import add_model_args
 
@@ -39,6 +44,8 @@ def cmd_report(args):
     methods = args.method or ["gradcam"]
     metrics = args.metric or []
     target = target_from_args(args)
+    if any(Path(p).suffix.lower() in (".npy", ".csv") for p in args.photos):
+        raise SaliencyError(NOT_PHOTOS)
     sources = photo_sources(args.photos, args.quiet)  # unknown photos fail before the model loads
     bank = None
     if args.concepts:
@@ -46,6 +53,8 @@ def cmd_report(args):
 
         bank = ConceptBank.load(args.concepts)   # a bank of another model is refused at its layer (name, channels)
     subject = load_model(args.model)
+    if getattr(subject, "layout", None) not in (None, "BCHW"):
+        raise SaliencyError(f"{args.model} reads {subject.layout} inputs. " + NOT_PHOTOS)
     if bank is not None and bank.layer not in dict(subject.model.named_modules()):
         raise SaliencyError(f"--concepts {args.concepts} was made at layer {bank.layer!r} of {bank.model or 'another model'}"
                             f"; {args.model} has no such layer: give the --model the bank was made on")
