@@ -241,6 +241,27 @@ def test_clip_layout_removes_a_position_on_every_channel_of_its_frame():
     assert torch.allclose(ev["deletion"]["m"].curves["y"][0].float(), torch.tensor(want), atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["BCT", "BF"])
+def test_rfxg_masks_the_top_positions_of_the_map(layout):
+    # rfxg_ccs on the two-logit linear model, onto zeros ("black" outside images): after the top
+    # floor(alpha*n) positions are removed, p_a - p_b = tanh(logit/2) with logit = b + the sum of w*x
+    # over the positions kept; trapezoid over alpha as the metric does (float32 logits: 1e-5)
+    subject, x, w = _linear_case(layout)
+    shape = CASES[layout][1]
+    n = math.prod(shape)
+    g = torch.Generator().manual_seed(5)
+    maps = torch.stack([torch.randperm(n, generator=g).float().reshape(shape) for _ in range(2)])
+    ev = evaluate(subject, x, _exp(maps, layout), metrics=["rfxg_ccs"], target=sk.Contrast(0, vs=1),
+                  random_baseline=False)
+    r = ev["rfxg_ccs"]["m"]
+    contrib = _channel_sum(x * w, layout).reshape(2, n).double()
+    order = maps.reshape(2, n).argsort(1, descending=True)
+    from saliencykit.metrics.contrastive import ALPHAS as alphas
+    want = torch.tensor([[math.tanh((0.3 + float(contrib[b, order[b, int(a * n):]].sum())) / 2) for a in alphas]
+                         for b in range(2)], dtype=torch.float64)
+    assert torch.allclose(r.curves["y"], want, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ refusals
 def test_image_only_metrics_refuse_other_layouts_naming_what_applies():
     subject, x, _ = _linear_case("BCT")

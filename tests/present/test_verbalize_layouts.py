@@ -150,3 +150,25 @@ def test_words_on_the_series_cnn_point_at_the_planted_motif():
         assert motif & set(range(lo, hi + 1)), (i, lo, hi)
         assert v.facts["regions"][0]["removed"] < v.facts["random"]["removed_mean"]
         assert re.search(r"steps \d+-\d+", v.text)
+
+
+def test_compare_on_a_series_and_clips_have_no_words_yet():
+    # a second map: its share of positive evidence inside the main stretch (0.5 here: half its mass in
+    # steps 20-29) and the rank correlation of the two maps' positive evidence over the steps
+    subject, x = _series_case()
+    m = torch.zeros(1, 100)
+    m[0, 20:30] = 1.0
+    other = torch.zeros(1, 100)
+    other[0, 20:30] = 1.0
+    other[0, 50:60] = 1.0
+    v = verbalize(subject, x, Explanation(maps=m, method="occlusion", signed=False, layout="BCT"), baseline="zero",
+                  smooth=0.0, compare=[Explanation(maps=other, method="saliency", signed=False, layout="BCT")],
+                  random_regions=0)
+    c = v.facts["compare"][0]
+    assert c["evidence_in_main_region"] == pytest.approx(0.5)
+    assert "Gradient saliency puts 50% of its positive evidence in that same main stretch" in v.text
+    clip = sk.Subject(nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 4 * 4, 2)), labels=["a", "b"], layout="BTCHW",
+                      input_size=(4, 4), mean=(0, 0, 0), std=(1, 1, 1))
+    with pytest.raises(SaliencyError, match="a BTCHW input has no words yet"):
+        verbalize(clip, torch.randn(1, 2, 3, 4, 4), Explanation(maps=torch.rand(1, 2, 4, 4), method="m", signed=False,
+                                                                  layout="BTCHW"))
