@@ -200,6 +200,16 @@ def verbalize_layout(subject, x: torch.Tensor, explanation, target, *, layout: s
             for _ in range(random_regions):   # the main region's shape moved cyclically: same size, chance place
                 shift = tuple(int(g.integers(0, v)) for v in shape)
                 random_hidden.append(np.roll(shown[0], shift, axis=tuple(range(len(shape)))))
+    attributions = getattr(explanation, "attributions", None) if isinstance(explanation, Explanation) else None
+    if layout != "BF" and shown and attributions is not None and attributions.shape[1] > 1 \
+            and tuple(attributions.shape[2:]) == shape:
+        # which channel carries the main region: each channel's share of |attribution| inside it
+        inside = attributions[index].detach().double().abs().cpu().numpy()[:, shown[0]].sum(1)
+        if inside.sum() > 0:
+            shares = inside / inside.sum()
+            facts["regions"][0]["channels"] = [float(v) for v in shares]
+            facts["regions"][0]["channel"] = int(np.argmax(shares))
+            facts["regions"][0]["channel_share"] = float(shares.max())
     for mask in shown:
         hide += [mask, ~mask]
     union = np.logical_or.reduce(shown) if len(shown) > 1 else None
@@ -320,6 +330,9 @@ def _write(facts: dict, layout: str, kind: str, pos, neg) -> _Sentences:
     else:
         verb = _change(noun, fmt_pct(facts["prob"]), fmt_pct(main["removed"]), main["removed"], facts["prob"])
         s.add(f"Hiding {what} ({hide}) {verb}; showing only {what} gives {{}}.", "regions.0.removed", "regions.0.kept")
+    if "channel" in main:
+        s.add(f"Within {what}, channel {main['channel']} carries {{}} of the attribution's magnitude.",
+              "regions.0.channel_share")
     if facts["random"] is not None:
         shape = "a stretch of the same length" if layout == "BCT" else "a region of the same shape"
         s.add(f"For comparison, hiding {shape} at random places gives {{}} on average.", "random.removed_mean")
