@@ -155,12 +155,35 @@ def test_evaluate_on_series_says_what_it_needs(tmp_path, models, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_report_refuses_series_naming_what_works(tmp_path, capsys):
-    np.save(tmp_path / "w.npy", np.zeros(40, np.float32))
-    assert main(["report", str(tmp_path / "w.npy"), "--out", str(tmp_path / "r.html"), "--quiet"]) != 0
+def test_report_on_series_shows_plots_words_and_metrics(tmp_path, models, capsys):
+    # `saliencykit report` on .npy series: one section per series with its plots, the words and the
+    # metrics table; its words are sk.verbalize's on the same series (same text, same numbers)
+    import re
+
+    wave = np.sin(np.linspace(0, 6, 40)).astype(np.float32)
+    np.save(tmp_path / "wave.npy", wave)
+    out = tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "wave.npy"), "--model", f"python:{models}:series", "--method", "saliency",
+                 "--method", "integrated_gradients", "--metric", "deletion", "--out", str(out), "--quiet"]) == 0
+    page = out.read_text()
+    assert "<figcaption>series</figcaption>" in page and "own colour bar" in page
+    assert page.count('alt="Gradient saliency overlay"') == 1 and "fraction of time steps removed" in page
+    model = sk.models._load_python(f"{models}:series", None)
+    model.layout = "BCT"
+    x = torch.from_numpy(wave).view(1, 1, -1)
+    exps = sk.explain(model, x, ["saliency", "integrated_gradients"], seed=0)
+    words = sk.verbalize(model, x, exps["saliency"], compare=[exps["integrated_gradients"]]).text
+    shown = re.sub(r"<[^>]+>", "", page.split("In words (Gradient saliency)</h3><p>")[1].split("</p>")[0])
+    assert shown == words.replace("*", "")
+
+
+def test_report_refuses_what_it_cannot_show(tmp_path, capsys):
+    np.save(tmp_path / "v.npy", np.zeros((1, 4, 4, 4), np.float32))
+    assert main(["report", str(tmp_path / "v.npy"), "--layout", "BCDHW", "--out", str(tmp_path / "r.html"),
+                 "--quiet"]) != 0
     err = capsys.readouterr().err
-    assert "report draws maps over photos" in err and "saliencykit evaluate FILE.npy" in err
-    # a model that declares a series layout, given a photo name: the same refusal, before any pass
+    assert "report shows photos and series" in err and "saliencykit evaluate FILE.npy" in err
+    # a model that declares a series layout, given a photo name: said before any pass
     assert main(["report", "chelsea", "--model", "series_cnn", "--out", str(tmp_path / "r.html"), "--quiet"]) != 0
-    assert "series_cnn reads BCT inputs" in capsys.readouterr().err
+    assert "series_cnn reads BCT inputs: give them as .npy/.csv files" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()

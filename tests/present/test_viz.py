@@ -165,3 +165,5 @@ def test_series_plot_has_a_colour_bar_on_the_maps_scale(tmp_path):
     assert len([a for a in fig2.axes if a.get_label() == "<colorbar>"]) == 1
     out = viz.series_plot(series, signed, signed=True, path=tmp_path / "s.png")
     assert out.exists() and out.stat().st_size > 0
+    alone = viz.series_plot(series, None)                    # the series without a map: no band, no bar
+    assert not alone.axes[0].images and len(alone.axes) == 1
