@@ -394,14 +394,9 @@ def series_plot(series, m, signed: bool = False, method: str | None = None, targ
     if s.ndim == 1:
         s = s[None]
     mm = None if m is None else np.asarray(m.detach().cpu() if hasattr(m, "detach") else m, dtype=np.float32)
-    if mm is None and s.ndim == 2:
-        mm = np.zeros(s.shape[1], dtype=np.float32)
-        band_wanted = False
-    else:
-        band_wanted = True
-    if s.ndim != 2 or mm.ndim != 1 or mm.shape[0] != s.shape[1]:
+    if s.ndim != 2 or (mm is not None and (mm.ndim != 1 or mm.shape[0] != s.shape[1])):
         raise SaliencyError(f"series_plot needs a series [C,T] and a map [T] of the same length; got {s.shape} "
-                            f"and {mm.shape}")
+                            f"and {None if mm is None else mm.shape}")
     from .names import method_title
 
     plt = _plt()
@@ -409,15 +404,15 @@ def series_plot(series, m, signed: bool = False, method: str | None = None, targ
     t = np.arange(s.shape[1])
     lo, hi = float(s.min()), float(s.max())
     pad = 0.05 * (hi - lo or 1.0)
-    # the map's own scale, as `colorize` draws it: signed maps symmetric around 0, others min..max
-    if signed:
-        top = float(np.abs(mm).max()) or 1.0
-        vmin, vmax, cmap = -top, top, SIGNED_CMAP
-    else:
-        vmin, vmax, cmap = float(mm.min()), float(mm.max()), UNSIGNED_CMAP
-        if vmax <= vmin:
-            vmax = vmin + 1.0
-    if band_wanted:
+    if mm is not None:
+        # the map's own scale, as `colorize` draws it: signed maps symmetric around 0, others min..max
+        if signed:
+            top = float(np.abs(mm).max()) or 1.0
+            vmin, vmax, cmap = -top, top, SIGNED_CMAP
+        else:
+            vmin, vmax, cmap = float(mm.min()), float(mm.max()), UNSIGNED_CMAP
+            if vmax <= vmin:
+                vmax = vmin + 1.0
         band = ax.imshow(mm[None], cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto",
                          extent=(-0.5, s.shape[1] - 0.5, lo - pad, hi + pad), alpha=0.85, interpolation="nearest",
                          zorder=0)
@@ -431,7 +426,7 @@ def series_plot(series, m, signed: bool = False, method: str | None = None, targ
     ax.set_xlim(-0.5, s.shape[1] - 0.5)
     ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("time step")
-    title = method_title(method) if method else ("saliency" if band_wanted else "series")
+    title = method_title(method) if method else ("series" if mm is None else "saliency")
     ax.set_title(f"{title}: {target}" if target else title, fontsize=10)
     fig.tight_layout()
     if path is None:
