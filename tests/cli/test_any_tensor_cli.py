@@ -187,3 +187,15 @@ def test_report_refuses_what_it_cannot_show(tmp_path, capsys):
     assert main(["report", "chelsea", "--model", "series_cnn", "--out", str(tmp_path / "r.html"), "--quiet"]) != 0
     assert "series_cnn reads BCT inputs: give them as .npy/.csv files" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_csv_of_numbers_is_a_series_and_a_csv_of_paths_is_a_list(tmp_path):
+    # the commands read a .csv as a series only when it holds numbers; a header or paths make it a
+    # list of photos (a source), as `run` reads it
+    from saliencykit.cli.common import is_array_file
+
+    np.savetxt(tmp_path / "wave.csv", np.zeros((2, 10)), delimiter=",")
+    (tmp_path / "list.csv").write_text("path\nimgs/a.png\n")
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    assert is_array_file(tmp_path / "wave.csv") and is_array_file(tmp_path / "x.npy")
+    assert not is_array_file(tmp_path / "list.csv") and not is_array_file(tmp_path / "photo.png")

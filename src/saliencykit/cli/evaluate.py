@@ -69,7 +69,7 @@ def run_evaluate(photos, methods, metrics, out: Path, model="efficientnet_lite0"
                  save_maps=False, layout=None):
     from ..datasets.runner import load_subject as load_model
     from .. import methods as method_registry
-    from .common import ARRAY_SUFFIXES, photo_sources, unique_stems
+    from .common import is_array_file, photo_sources, unique_stems
     from ..metrics import get
     from ..metrics.localisation import load_regions
     from ..images import load_image
@@ -82,7 +82,7 @@ def run_evaluate(photos, methods, metrics, out: Path, model="efficientnet_lite0"
 
     check_writable_dir(out, "the output")  # an output that could not be written fails before any work
     params = params or {}
-    arrays = [p for p in photos if Path(str(p)).suffix.lower() in ARRAY_SUFFIXES]
+    arrays = [p for p in photos if is_array_file(p)]
     if arrays and len(arrays) != len(photos):
         raise SaliencyError("give either photos or .npy/.csv arrays, not both in one call")
     subject = load_model(model)
@@ -184,7 +184,9 @@ def cmd_evaluate(args):
     from .common import target_from_args
 
     out = Path(args.out)
-    arrays = any(Path(p).suffix.lower() in (".npy", ".csv") for p in args.photos) or args.layout not in (None, "BCHW")
+    from .common import is_array_file
+
+    arrays = any(is_array_file(p) for p in args.photos) or args.layout not in (None, "BCHW")
     methods = args.method or (ARRAY_METHODS if arrays else DEFAULT_METHODS)
     ev, curves = run_evaluate(args.photos, methods, args.metric or DEFAULT_METRICS, out,
                               model=args.model, target=target_from_args(args), layer=args.layer, seed=args.seed,

@@ -82,7 +82,9 @@ def cmd_report(args):
     methods = args.method or ["gradcam"]
     metrics = args.metric or []
     target = target_from_args(args)
-    arrays = [p for p in args.photos if Path(p).suffix.lower() in (".npy", ".csv")]
+    from .common import is_array_file
+
+    arrays = [p for p in args.photos if is_array_file(p)]
     if arrays or args.layout not in (None, "BCHW"):
         return series_report(args, out, methods, metrics, target, arrays)
     sources = photo_sources(args.photos, args.quiet)  # unknown photos fail before the model loads
