@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import SaliencyError
-from .common import (ARRAY_SUFFIXES, add_dense_args, add_model_args, demo_steps, load_array, load_region_mask,
+from .common import (add_dense_args, add_model_args, demo_steps, is_array_file, load_array, load_region_mask,
                      parse_params, photo_sources, progress, region_target, target_from_args, unique_stems)
 
 DEMO_METHODS = ["gradcam", "gradcam_pp", "hirescam", "layercam", "eigencam", "saliency", "integrated_gradients",
@@ -183,7 +183,7 @@ def run_explain_arrays(paths, methods, out: Path, model: str, layout: str = "BCT
 
 
 def cmd_explain(args):
-    arrays = [p for p in args.photos if Path(p).suffix.lower() in ARRAY_SUFFIXES]
+    arrays = [p for p in args.photos if is_array_file(p)]     # a .csv of photo paths is a source
     if arrays or args.layout not in (None, "BCHW"):
         if len(arrays) != len(args.photos):
             raise SaliencyError("give either photos or .npy/.csv arrays, not both in one call")
