@@ -17,7 +17,7 @@ import saliencykit
 SRC = Path(saliencykit.__file__).parent
 # lowest first; a module may import its own room and every room listed before it
 ROOMS = [
-    ("core", ("version", "errors", "hooks", "files", "images", "filters", "maps", "tokens", "subject", "targets", "explanation", "engine",
+    ("core", ("version", "errors", "hooks", "files", "images", "filters", "maps", "tokens", "subject", "embedding", "targets", "explanation", "engine",
               "inference", "data", "models")),
     ("methods and metrics", ("methods", "metrics")),
     ("tasks", ("tasks",)),

@@ -169,6 +169,11 @@ class Subject:
             (default) times the eager model, channels-last input and a frozen trace once per
             model and shape and keeps the fastest that is safe; False keeps the model eager;
             "channels_last" or "frozen" picks that form without timing.
+        embedding: for a model whose input is integers or bools (token ids `[B,T]`, flags), the name
+            of its `nn.Embedding` (or of the module whose output is the first float tensor): such
+            inputs are explained at that module's output, one value per position (`embedding.py`).
+        baseline_token: with `embedding`, the id whose embedding is the "black" baseline (IG's);
+            None: zeros in embedding space.
     """
 
     subject_kind = "classifier"  # which methods run on it (`Method.kinds`); a detector is another kind
@@ -177,9 +182,12 @@ class Subject:
                  labels: Sequence[str] | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  input_size=(224, 224), layer: str = "auto", name: str | None = None,
                  device: str | torch.device | None = None, groups: dict | None = None,
-                 fast: bool | str | None = None, layout: str | None = None):
+                 fast: bool | str | None = None, layout: str | None = None, embedding: str | None = None,
+                 baseline_token: int | None = None):
         if not isinstance(model, nn.Module):
             raise SaliencyError(f"Subject needs a torch.nn.Module, got {type(model).__name__}")
+        check_embedding(model, embedding, baseline_token)
+        self.embedding, self.baseline_token = embedding, baseline_token
         self.model = model
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
@@ -304,6 +312,12 @@ class Subject:
         if not isinstance(x, torch.Tensor):
             raise SaliencyError(f"input must be a torch.Tensor [B,C,H,W]; got {type(x).__name__} "
                                 "(use subject.preprocess(image) for photos)")
+        if not x.is_floating_point() and not x.is_complex():   # token ids, flags: through the embedding
+            return check_ids(self, x)
+        if getattr(self, "embedding", None) is not None:
+            raise SaliencyError(f"input is {x.dtype}, but this subject reads token ids or flags through its "
+                                f"embedding {self.embedding!r}: give the integer (or bool) input the model takes, "
+                                "or make the Subject without embedding= for a float input")
         layout = self.layout_for(x)
         if layout == "BCHW" and x.dim() != 4:
             hint = " (add a batch dimension: x.unsqueeze(0))" if x.dim() == 3 else ""
@@ -353,12 +367,16 @@ class Subject:
     def predict(self, x: torch.Tensor, k: int = 5) -> list[list[dict]]:
         """Top-k classes per example: `[{"index", "label", "prob"}, ...]`."""
         x = self.check_input(x)
-        with self.explaining():
-            probs = self.forward(x).float()
-        if probs.dim() != 2:
+        with self.explaining(), torch.no_grad():
+            logits = self.forward(x)
+        return self.top_classes(logits, k)
+
+    def top_classes(self, logits: torch.Tensor, k: int = 5) -> list[list[dict]]:
+        """`predict` of logits already computed (no second forward): top-k classes per example."""
+        if logits.dim() != 2:
             raise SaliencyError(f"predict reads class scores [B, classes]; the model's output is dense, shape "
-                                f"{tuple(probs.shape)}")
-        probs = probs.softmax(-1)
+                                f"{tuple(logits.shape)}")
+        probs = logits.detach().float().softmax(-1)
         top = probs.topk(min(k, probs.shape[1]), dim=1)
         return [[{"index": int(i), "label": self.label(int(i)), "prob": float(p)}
                  for p, i in zip(ps, idx)] for ps, idx in zip(top.values, top.indices)]
@@ -571,6 +589,41 @@ class Subject:
             "hooks": count_hooks(m),
             "inplace": [getattr(mod, "inplace", None) for mod in m.modules()],
         }
+
+
+def check_embedding(model: nn.Module, name, baseline_token) -> None:
+    """Refuse, with the fix, an embedding name the model does not have or a bad baseline token."""
+    if name is None:
+        if baseline_token is not None:
+            raise SaliencyError("baseline_token needs an embedding: "
+                                "Subject(model, embedding='<its name>', baseline_token=...)")
+        return
+    modules = dict(model.named_modules())
+    if not isinstance(name, str) or name not in modules or name == "":
+        close = difflib.get_close_matches(str(name), [n for n in modules if n], n=3, cutoff=0.4)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise SaliencyError(f"embedding {name!r} is not a module of the model: give the name of its nn.Embedding "
+                            f"(or of the module whose output is the first float tensor){hint}")
+    if baseline_token is not None and (isinstance(baseline_token, bool) or not isinstance(baseline_token, int)
+                                       or baseline_token < 0):
+        raise SaliencyError(f"baseline_token must be a token id (an int >= 0), got {baseline_token!r}")
+
+
+def check_ids(subject, ids: torch.Tensor) -> torch.Tensor:
+    """An integer or bool input kept as given (on the model's device), or a SaliencyError with the fix."""
+    name = getattr(subject, "embedding", None)
+    if name is None:
+        raise SaliencyError(f"input is {ids.dtype}: integer and bool inputs (token ids, flags) are explained at the "
+                            "output of the model's embedding layer; name it: Subject(model, embedding='<name of the "
+                            "nn.Embedding>'); or give a floating-point tensor")
+    if ids.dim() < 2:
+        raise SaliencyError(f"token ids must have a batch axis, [B,T]; got shape {tuple(ids.shape)} "
+                            "(add one: ids.unsqueeze(0))")
+    if ids.shape[0] == 0:
+        raise SaliencyError("input batch is empty")
+    if ids.is_complex():
+        raise SaliencyError(f"input must be real: token ids, flags or floats, got {ids.dtype}")
+    return ids.to(subject.device)
 
 
 def count_hooks(model: nn.Module) -> int:

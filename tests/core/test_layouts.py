@@ -216,11 +216,11 @@ def test_series_shorter_than_the_window(series):
         sk.explain(s, series, "rise", cell=30, n_masks=4)
 
 
-def test_words_refuse_a_series(series):
-    # the verbalisation reads photos; a series explanation gets a clear refusal, not a shape error
+def test_words_read_a_series_and_overlay_refuses_it(series):
+    # the verbalisation reads series (tests/present/test_verbalize_layouts.py checks its sentences);
+    # an overlay over a photo gets a clear refusal, not a shape error
     s = sk.Subject(series_cnn(), layout="BCT")
     e = sk.explain(s, series, "saliency")
-    with pytest.raises(SaliencyError, match="verbalize describes maps of photos.*BCT"):
-        sk.verbalize(s, series, e)
+    assert sk.verbalize(s, series, e).facts["layout"] == "BCT"
     with pytest.raises(SaliencyError, match="overlay draws a map over a photo.*BCT"):
         e.overlay(None)

@@ -142,3 +142,28 @@ def test_map_npz_has_the_explanation_key_and_shape(tmp_path):
     viz.save_map_npz(torch.rand(8, 9), tmp_path / "m.npz", signed=True)
     with np.load(tmp_path / "m.npz") as z:
         assert z["maps"].shape == (1, 8, 9) and bool(z["signed"])
+
+
+def test_series_plot_has_a_colour_bar_on_the_maps_scale(tmp_path):
+    # the band's colours come from the colour bar's scale: a signed map is centred at 0 and symmetric
+    # to its largest |value| (-2.5..2.5 here); an unsigned map spans its own min..max; the bar fits
+    t = np.linspace(0, 6, 60)
+    series = np.stack([np.sin(t), np.cos(t)])
+    signed = np.where(t < 3, 1.0, -2.5) * (t > 1)
+    fig = viz.series_plot(series, signed, signed=True, method="saliency", target="up")
+    bars = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    assert len(bars) == 1
+    band = fig.axes[0].images[0]
+    assert band.get_clim() == (-2.5, 2.5)
+    fig.canvas.draw()
+    box, renderer = fig.bbox, fig.canvas.get_renderer()
+    bar_texts = [bars[0].yaxis.label] + [t for t in bars[0].yaxis.get_ticklabels() if t.get_text()]
+    assert all(box.x0 <= t.get_window_extent(renderer).x0 and t.get_window_extent(renderer).x1 <= box.x1 + 1
+               for t in bar_texts)                         # the bar's label and ticks fit in the canvas
+    fig2 = viz.series_plot(series[0], np.linspace(0.2, 0.9, 60), signed=False)
+    assert fig2.axes[0].images[0].get_clim() == pytest.approx((0.2, 0.9))
+    assert len([a for a in fig2.axes if a.get_label() == "<colorbar>"]) == 1
+    out = viz.series_plot(series, signed, signed=True, path=tmp_path / "s.png")
+    assert out.exists() and out.stat().st_size > 0
+    alone = viz.series_plot(series, None)                    # the series without a map: no band, no bar
+    assert not alone.axes[0].images and len(alone.axes) == 1

@@ -135,6 +135,24 @@ def target_from_args(args):
 ARRAY_SUFFIXES = (".npy", ".csv")   # inputs read as tensors (a series [C,T] or [T], a volume, features)
 
 
+def is_array_file(path) -> bool:
+    """An input read as a tensor: a `.npy`, or a `.csv` of numbers only (a series). A `.csv` with
+    words in it (a header, photo paths) is a list of photos, a source like a folder."""
+    import numpy as np
+
+    p = Path(str(path))
+    suffix = p.suffix.lower()
+    if suffix not in ARRAY_SUFFIXES:
+        return False
+    if suffix == ".npy" or not p.is_file():
+        return True        # a missing file is said missing by whoever reads it
+    try:
+        np.loadtxt(p, delimiter=",", ndmin=2)
+    except ValueError:
+        return False
+    return True
+
+
 def load_array(path, layout: str):
     """A `.npy` or `.csv` file as a batch of one in `layout`: the array holds one example, with or
     without its channel axis (a series `[C,T]` or `[T]`; a `.csv` is a `[T]` column or row, or `C`

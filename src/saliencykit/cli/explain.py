@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import SaliencyError
-from .common import (ARRAY_SUFFIXES, add_dense_args, add_model_args, demo_steps, load_array, load_region_mask,
+from .common import (add_dense_args, add_model_args, demo_steps, is_array_file, load_array, load_region_mask,
                      parse_params, photo_sources, progress, region_target, target_from_args, unique_stems)
 
 DEMO_METHODS = ["gradcam", "gradcam_pp", "hirescam", "layercam", "eigencam", "saliency", "integrated_gradients",
@@ -58,10 +58,11 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     for src, _ in sources:
         image = load_image(src)
         x = subject.preprocess(image)
-        with torch.no_grad():
-            scores = subject.forward(x).float()
-        if scores.dim() == 2:
-            inputs.append((image, x, subject.predict(x, k=5)[0], scores.softmax(-1)[0], transparency_note(src)))
+        with subject.explaining(), torch.no_grad():
+            scores = subject.forward(subject.check_input(x)).float()
+        if scores.dim() == 2:   # the top-5 list from this one forward
+            inputs.append((image, x, subject.top_classes(scores, k=5)[0], scores.softmax(-1)[0],
+                           transparency_note(src)))
         else:   # a dense output (segmentation, image-to-image): no class probabilities to list
             inputs.append((image, x, [], None, transparency_note(src)))
         targets.append(as_target(target) if region is None else
@@ -182,7 +183,7 @@ def run_explain_arrays(paths, methods, out: Path, model: str, layout: str = "BCT
 
 
 def cmd_explain(args):
-    arrays = [p for p in args.photos if Path(p).suffix.lower() in ARRAY_SUFFIXES]
+    arrays = [p for p in args.photos if is_array_file(p)]     # a .csv of photo paths is a source
     if arrays or args.layout not in (None, "BCHW"):
         if len(arrays) != len(args.photos):
             raise SaliencyError("give either photos or .npy/.csv arrays, not both in one call")

@@ -57,11 +57,17 @@ def _sizes(value, n: int, what: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def occlusion_along_axes(ctx, target, patch, stride, out: str, base: torch.Tensor) -> dict:
+def occlusion_along_axes(ctx, target, patch, stride, out: str | None, base: torch.Tensor, clean_row: bool = False,
+                         desc: str = "occlusion") -> dict:
     """Occlusion of an image (windows of `patch` pixels every `stride`), a series ([B,C,T]), a
     volume ([B,C,D,H,W]: cubes), a clip ([B,T,C,H,W]: cubes over T, H, W, all channels) or a
     feature vector ([B,F]: `patch` consecutive features); each position gets the mean drop of
-    the windows covering it."""
+    the windows covering it.
+
+    The drop is from the clean score of the call (`ctx.logits()`); with `clean_row=True` from the
+    unchanged input run as the first row of each example in the same run instead (the same model
+    form and chunking: a window the score cannot see then drops by exactly 0), which the result
+    reports as `clean` ([B])."""
     x = ctx.x.detach()
     axes, ca = perturbed_axes(x, ctx.layout)
     b, d = x.shape[0], len(axes)
@@ -94,19 +100,27 @@ def occlusion_along_axes(ctx, target, patch, stride, out: str, base: torch.Tenso
             cover = part if cover is None else cover * part
         return cover
 
+    per = nwin + int(clean_row)          # rows per example; with clean_row, row 0 is the unchanged input
+
     def masks(start, stop):
         idx = torch.arange(start, stop, device=x.device)
-        return idx // nwin, keep_mask(1 - cover_of(idx % nwin), ca)
+        win = idx % per - int(clean_row)
+        cover = cover_of(win.clamp(min=0)) * (win >= 0).view(-1, *[1] * d)
+        return idx // per, keep_mask(1 - cover, ca)
 
-    scores = perturbed_scores(ctx.subject, x, base, target, masks, b * nwin, batch_size=ctx.batch_size,
-                              counter=ctx.counter, output=out, progress=ctx.progress, desc="occlusion")
-    drop = (target.score(ctx.logits(), output=out).view(b, 1) - scores.view(b, nwin)).view(b, *counts)
+    scores = perturbed_scores(ctx.subject, x, base, target, masks, b * per, batch_size=ctx.batch_size,
+                              counter=ctx.counter, output=out, progress=ctx.progress, desc=desc).view(b, per)
+    clean = scores[:, 0] if clean_row else target.score(ctx.logits(), output=out)
+    drop = (clean.view(b, 1) - scores[:, int(clean_row):]).view(b, *counts)
     wl, al = "ijk"[:d], "tuv"[:d]
     spec = "b" + wl + "," + ",".join(f"{w}{a}" for w, a in zip(wl, al)) + "->b" + al
     summed = torch.einsum(spec, drop, *ind)
     count = torch.einsum(",".join(f"{w}{a}" for w, a in zip(wl, al)) + "->" + al, *ind)
-    return {"maps": summed / count.clamp_min(1), "raw": drop, "signed": True,
-            "extras": {"windows": nwin, "window_grid": tuple(counts)}}
+    res = {"maps": summed / count.clamp_min(1), "raw": drop, "signed": True,
+           "extras": {"windows": nwin, "window_grid": tuple(counts)}}
+    if clean_row:
+        res["clean"] = clean
+    return res
 
 
 def time_segments(length: int, n_segments: int) -> torch.Tensor:

@@ -132,6 +132,8 @@ class Context:
         self.batch_size = batch_size
         self.progress = progress
         self.counter = PassCounter()
+        for rows in getattr(subject, "setup_passes", ()):   # forwards a view made for this call (an embedding's)
+            self.counter.add(forward=rows)
         layout_for = getattr(subject, "layout_for", None)
         self.layout = layout_for(x) if callable(layout_for) else "BCHW"
         self._logits: torch.Tensor | None = None
@@ -449,6 +451,11 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
         if isinstance(x, torch.Tensor) and x.is_inference():
             x = x.clone()
         x = subject.check_input(x)
+        if not x.is_floating_point():   # token ids or flags: explained at the subject's embedding
+            from ..embedding import embedding_view
+
+            with subject.explaining():
+                subject, x = embedding_view(subject, x, [cls.name for cls in classes])
         check_layouts(subject, x, classes)
         # the subject reads the target (a detector: Box targets); e.g. Text expands the batch to one
         # row per prompt explained for one image

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, register
+from ..subject import channel_axis
+from .base import ANY_LAYOUT, Method, register
 
 
 @register
@@ -18,9 +19,11 @@ class RandomMap(Method):
     signed = False
     randomized = True
     defaults = {}
+    layouts = ANY_LAYOUT   # a map of the input's shape without its channel axis, whatever the layout
     description = "Uniform random map in [0,1) per pixel: the chance-level baseline for every metric."
 
     def run(self, ctx, target, layer):
         g = torch.Generator().manual_seed(0 if ctx.seed is None else int(ctx.seed))
-        B, _, H, W = ctx.x.shape
-        return {"maps": torch.rand((B, H, W), generator=g)}
+        axis = channel_axis(ctx.layout)
+        shape = tuple(v for i, v in enumerate(ctx.x.shape) if i != axis)
+        return {"maps": torch.rand(shape, generator=g)}

@@ -20,6 +20,7 @@ import torch
 from ..engine import PassCounter, forward_logits, perturbed_scores
 from ..errors import SaliencyError
 from ..explanation import Explanation
+from ..subject import channel_axis
 from ..targets import ResolvedTarget
 
 REGISTRY: dict[str, type["Metric"]] = {}
@@ -62,6 +63,7 @@ class Metric:
     direction: str | None = "higher"
     needs: tuple = ()
     randomized: bool = False
+    layouts: tuple | None = None       # the input layouts it reads (`subject.LAYOUTS`); None = all of them
     defaults: dict = {}
     description: str = ""
     cost: str = ""
@@ -82,7 +84,7 @@ class Metric:
     def info(cls) -> dict:
         return {"name": cls.name, "family": cls.family, "direction": cls.direction, "needs": list(cls.needs),
                 "randomized": cls.randomized, "defaults": dict(cls.defaults), "description": cls.description,
-                "cost": cls.cost}
+                "cost": cls.cost, "layouts": list(cls.layouts) if cls.layouts else "all"}
 
 
 def available() -> dict[str, dict]:
@@ -114,9 +116,10 @@ class EvalContext:
 
     def __init__(self, subject, x: torch.Tensor, target: ResolvedTarget, logits: torch.Tensor, seed: int = 0,
                  batch_size: int | None = None, progress: bool = False, masks: torch.Tensor | None = None,
-                 shared: PassCounter | None = None):
+                 shared: PassCounter | None = None, layout: str | None = None):
         self.subject = subject
         self.x = x
+        self.layout = layout or subject.layout_for(x)
         self.target = target
         self.logits = logits
         self.seed = 0 if seed is None else int(seed)
@@ -136,7 +139,7 @@ class EvalContext:
     def substrate(self, name) -> torch.Tensor:
         key = ("substrate", name if isinstance(name, str) else id(name))
         if key not in self._cache:
-            self._cache[key] = make_substrate(self.subject, self.x, name)
+            self._cache[key] = make_substrate(self.subject, self.x, name, self.layout)
         return self._cache[key]
 
     def substrate_scores(self, name, output: str = "prob") -> torch.Tensor:
@@ -145,13 +148,36 @@ class EvalContext:
             self._cache[key] = forward_logits(self.subject, self.substrate(name), self.batch_size, self.shared)
         return self.target.score(self._cache[key], output=output)
 
+    @property
+    def map_shape(self) -> tuple:
+        """The positions of a map: the input's axes without batch and channel ((H,W), (T,), (D,H,W), (F,))."""
+        return map_shape(self.x, self.layout)
+
+    @property
+    def positions(self) -> str:
+        """What one position of the map is, in words ("pixels", "time steps", "voxels", "features")."""
+        return POSITION_WORDS[self.layout]
+
+    def input_mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """Keep-masks over the map's positions ([k, P] or [k, *map_shape]) as masks that broadcast
+        over the input's channel axis: `positions_mask`."""
+        return positions_mask(keep, self.layout, self.map_shape)
+
+    def to_input(self, maps: torch.Tensor) -> torch.Tensor:
+        """Maps [B, *map_shape] spread over the input's channel axis: the shape of `x`."""
+        return self.input_mask(maps).expand_as(self.x)
+
     def check_maps(self, exp: Explanation, what: str = "") -> torch.Tensor:
         maps = exp.maps
+        layout = getattr(exp, "layout", "BCHW")
+        if layout != self.layout:
+            raise SaliencyError(f"explanation {exp.method!r} is of a {layout} input, but the input is {self.layout}; "
+                                "score explanations of the input they were made for")
         if maps.shape[0] != self.batch:
             raise SaliencyError(f"explanation {exp.method!r} has {maps.shape[0]} maps for {self.batch} images")
-        if tuple(maps.shape[-2:]) != tuple(self.x.shape[-2:]):
-            raise SaliencyError(f"explanation {exp.method!r} maps are {tuple(maps.shape[-2:])}, the input is "
-                                f"{tuple(self.x.shape[-2:])}; maps must be at input resolution")
+        if tuple(maps.shape[1:]) != self.map_shape:
+            raise SaliencyError(f"explanation {exp.method!r} maps are {tuple(maps.shape[1:])}, the input is "
+                                f"{self.map_shape}; maps must be at input resolution")
         return maps.to(self.x.device).float()
 
     def generator(self, salt: int = 0) -> torch.Tensor:
@@ -163,9 +189,11 @@ class EvalContext:
         if self.masks is None:
             raise SaliencyError(f"metric {metric!r} needs ground-truth object masks or boxes (masks=...)")
         m = self.masks
-        if m.dim() != 3 or m.shape[0] != self.batch or tuple(m.shape[-2:]) != tuple(size):
+        size = tuple(size)
+        if m.dim() != len(size) + 1 or m.shape[0] != self.batch or tuple(m.shape[1:]) != size:
             raise SaliencyError(f"metric {metric!r}: masks have shape {tuple(m.shape)}, expected "
-                                f"[{self.batch}, {size[0]}, {size[1]}] (one mask per image at the map's size)")
+                                f"[{', '.join(str(v) for v in (self.batch,) + size)}] (one mask per example at "
+                                "the map's size)")
         return m.bool()
 
     def runner(self, baseline: torch.Tensor, masks, n: int, counter: PassCounter, output: str = "prob",
@@ -176,12 +204,32 @@ class EvalContext:
                                 progress=self.progress, desc=desc)
 
 
-def make_substrate(subject, x: torch.Tensor, name) -> torch.Tensor:
-    """The image removed pixels are taken from / inserted onto, in the model's input space.
+POSITION_WORDS = {"BCHW": "pixels", "BCDHW": "voxels", "BCT": "time steps", "BTCHW": "pixels", "BF": "features"}
+
+
+def map_shape(x: torch.Tensor, layout: str) -> tuple:
+    """The shape of one map of input `x`: its axes without the batch and the layout's channel axis."""
+    axis = channel_axis(layout)
+    return tuple(int(v) for i, v in enumerate(x.shape) if i != 0 and i != axis)
+
+
+def positions_mask(keep: torch.Tensor, layout: str, shape) -> torch.Tensor:
+    """Masks over a map's positions ([k, P] or [k, *shape]) as masks over the input that broadcast
+    over its channel axis ([k,1,H,W], [k,1,T], [k,1,D,H,W], [k,T,1,H,W]; [k,F] as is): removing a
+    position removes it on every channel. What the deletion-type metrics and the words remove."""
+    keep = keep.reshape((keep.shape[0],) + tuple(shape))
+    axis = channel_axis(layout)
+    return keep if axis is None else keep.unsqueeze(axis)
+
+
+def make_substrate(subject, x: torch.Tensor, name, layout: str = "BCHW") -> torch.Tensor:
+    """The input removed positions are taken from / inserted onto, in the model's input space.
 
     "zero": zeros of the normalised space (the dataset-mean colour; RISE deletion),
-    "blur": RISE insertion blur (11x11 Gaussian, sigma 5, zero padding), "black", "mean"
-    (per-image, per-channel mean), or a tensor broadcastable to x.
+    "blur": RISE insertion blur (11x11 Gaussian, sigma 5, zero padding; along time for a series,
+    along depth, height and width for a volume, per frame for a clip; a feature vector has none),
+    "black" (zeros outside images), "mean" (per-example, per-channel mean over the map's axes),
+    or a tensor broadcastable to x.
     """
     if isinstance(name, torch.Tensor):
         try:
@@ -192,11 +240,18 @@ def make_substrate(subject, x: torch.Tensor, name) -> torch.Tensor:
     if name == "zero":
         return torch.zeros_like(x)
     if name == "blur":
-        return rise_blur(x)
+        if layout == "BF":
+            raise SaliencyError("a feature vector [B,F] has no neighbouring positions to blur over: use "
+                                "substrate='zero' or 'mean' (e.g. params={'insertion': {'substrate': 'zero'}})")
+        return rise_blur(x) if layout in ("BCHW", "BTCHW") else blur_axes(x, layout)
     if name == "black":
         return subject.black(x)
     if name == "mean":
-        return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
+        if layout == "BCHW":
+            return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
+        axis = channel_axis(layout)
+        dims = tuple(i for i in range(1, x.dim()) if i != axis)
+        return x.mean(dim=dims, keepdim=True).expand_as(x).clone()
     raise SaliencyError(f"unknown substrate {name!r}; use 'zero', 'blur', 'black', 'mean' or a tensor")
 
 
@@ -207,9 +262,21 @@ def rise_blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tens
     return gaussian_blur(x, sigma, radius=size // 2)
 
 
+def blur_axes(x: torch.Tensor, layout: str, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """RISE's blur along every map axis of a series (time) or a volume (depth, height, width):
+    the same `size` kernel and zero padding as `rise_blur`, one band matrix of `filters` per axis."""
+    from ..filters import band, gaussian_kernels
+
+    k, _ = gaussian_kernels(sigma, size // 2, x.dtype, x.device)
+    out = x
+    for axis in range(2, x.dim()):          # BCT and BCDHW: the map axes are all axes after C
+        out = torch.movedim(torch.movedim(out, axis, -1) @ band(k, x.shape[axis]).T, -1, axis)
+    return out.contiguous()
+
+
 # ------------------------------------------------------------------------------------ helpers
 def rank_maps(maps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """[M,H,W] -> [M,H*W] long: the rank of each pixel (0 = most salient), ties broken at random.
+    """[M,*map] -> [M,P] long: the rank of each position (0 = most salient), ties broken at random.
 
     Exact tie-breaking: a seeded random permutation, then a stable descending sort, so equal
     values end up in random (not raster) order whatever their magnitude.
@@ -234,7 +301,7 @@ def normalized_auc(y: torch.Tensor) -> torch.Tensor:
 
 
 def stack_maps(ctx: EvalContext, exps: dict[str, Explanation]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """All explanations' maps as one [E*B,H,W] batch and the image index of each map."""
+    """All explanations' maps as one [E*B,*map] batch and the example index of each map."""
     names = list(exps)
     maps = torch.cat([ctx.check_maps(exps[n]) for n in names])
     image_of = torch.arange(ctx.batch, device=maps.device).repeat(len(names))

@@ -113,8 +113,7 @@ class _RFxG(Metric):
         if len(alphas) < 2 or any(not 0 < a < 1 for a in alphas):
             raise SaliencyError(f"{self.name}: alphas must be at least two fractions in (0, 1)")
         names, maps, image_of = stack_maps(ctx, exps)
-        M, (H, W) = maps.shape[0], maps.shape[-2:]
-        hw = H * W
+        M, hw = maps.shape[0], maps[0].numel()
         L = len(alphas)
         ranks = rank_maps(maps, ctx.generator(6)).to(ctx.x.device)
         ks = torch.tensor([int(a * hw) for a in alphas], device=ranks.device)
@@ -132,7 +131,7 @@ class _RFxG(Metric):
             idx = torch.arange(start, stop, device=ranks.device)
             m, a = idx // L, idx % L
             keep = ranks[m] >= ks[a].view(-1, 1)
-            return image_of[m], keep.view(-1, 1, H, W)
+            return image_of[m], ctx.input_mask(keep)
 
         ctx.runner(sub, masks, M * L, counter, target=_Recorder(), desc=self.name)
         p = torch.cat(probs_chunks).double()                            # [M*L, K]

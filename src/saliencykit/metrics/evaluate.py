@@ -14,7 +14,7 @@ from ..hooks import model_lock
 from ..methods.base import check_finite_output, get as get_method
 from ..explanation import Explanation
 from ..targets import Class, as_target
-from .base import EvalContext, MetricResult, get
+from .base import EvalContext, MetricResult, get, map_shape
 
 DEFAULT_METRICS = ("deletion", "insertion", "saco", "sparseness")
 ARROW = {"higher": "↑", "lower": "↓", None: "·"}
@@ -239,6 +239,19 @@ def _target_from_explanations(exps: dict[str, Explanation], batch: int):
     return Contrast([a for a, _ in picked[1]], vs=[b for _, b in picked[1]])
 
 
+def check_layouts(classes: dict, layout: str) -> None:
+    """Refuse, before any pass, metrics that cannot read maps of a `layout` input, naming those
+    that can."""
+    bad = sorted(m for m, cls in classes.items() if cls.layouts and layout not in cls.layouts)
+    if bad:
+        from .base import REGISTRY
+
+        ok = sorted(m for m, cls in REGISTRY.items() if not cls.layouts or layout in cls.layouts)
+        need = sorted({lay for m in bad for lay in classes[m].layouts})
+        raise SaliencyError(f"metric(s) {', '.join(bad)} cannot score maps of a {layout} input: they work on "
+                            f"{', '.join(need)} images only; for {layout} use {', '.join(ok)}")
+
+
 def _changes_model(method: str) -> bool:
     try:
         return get_method(method).changes_model
@@ -253,14 +266,17 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
 
     Args:
         subject: the `Subject` the explanations were made for.
-        x: the `[B,C,H,W]` input the explanations explain.
-        explanations: one `Explanation` or a dict name -> Explanation (maps `[B,H,W]` each).
+        x: the input the explanations explain: `[B,C,H,W]` images, or any layout of
+            `subject.LAYOUTS` (series `[B,C,T]`, volumes `[B,C,D,H,W]`, clips, features `[B,F]`).
+        explanations: one `Explanation` or a dict name -> Explanation (maps `[B,H,W]` each, or
+            the input's shape without its channel axis: `[B,T]`, `[B,D,H,W]`, `[B,F]`).
         metrics: registered metric names (`available()`).
         target: what the metrics score (a Target, label or index). Default: the class the
             explanations were made for (if they all say one class per image), else the top-1 class.
         seed: seed of every random draw (tie-breaks, perturbations); same seed, same numbers; None
             draws a fresh seed and records it.
-        masks: `[B,H,W]` boolean object masks at the input size, for localisation metrics.
+        masks: boolean object masks of the maps' shape (`[B,H,W]`; `[B,T]`, `[B,D,H,W]`, `[B,F]`),
+            for the localisation metrics.
         params: per-metric parameters, `{"deletion": {"step": 8}}`.
         random_baseline: add `Explanation.random_like` as method "random" when no explanation
             is called that, so every table has its chance level.
@@ -304,17 +320,21 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
         first = next(iter(exps.values()))
         exps["random"] = Explanation.random_like(first, seed=0 if seed is None else seed)
     B = x.shape[0]
+    layout = subject.layout_for(x)
     layouts = {getattr(e, "layout", "BCHW") for e in exps.values()}
-    if layouts != {"BCHW"}:
-        raise SaliencyError(f"the metrics score maps of images [B,C,H,W]; these explanations are of "
-                            f"{', '.join(sorted(layouts - {'BCHW'}))} inputs, which no metric reads yet")
+    if layouts != {layout}:
+        raise SaliencyError(f"the input is {layout} but the explanations are of {', '.join(sorted(layouts))} "
+                            "inputs; score explanations of the input they were made for")
+    check_layouts(classes, layout)
+    shape = map_shape(x, layout)
     if masks is not None:
         masks = torch.as_tensor(masks)
-        if masks.dim() == 2:
+        if masks.dim() == len(shape):
             masks = masks.unsqueeze(0)
-        if masks.dim() != 3 or masks.shape[0] != B or tuple(masks.shape[-2:]) != tuple(x.shape[-2:]):
-            raise SaliencyError(f"masks have shape {tuple(masks.shape)}; expected [{B}, {x.shape[-2]}, "
-                                f"{x.shape[-1]}] (one boolean mask per image at the input size)")
+        if masks.dim() != len(shape) + 1 or masks.shape[0] != B or tuple(masks.shape[1:]) != shape:
+            raise SaliencyError(f"masks have shape {tuple(masks.shape)}; expected "
+                                f"[{', '.join(str(v) for v in (B,) + shape)}] (one boolean mask per example "
+                                f"at the map's size, the {layout} input without its channel axis)")
         masks = masks.bool().to(x.device)
     names = list(image_names) if image_names is not None else [f"image{i}" for i in range(B)]
     if len(names) != B:
@@ -333,7 +353,7 @@ def evaluate(subject, x: torch.Tensor, explanations, metrics=DEFAULT_METRICS, ta
         if len(resolved) != B:
             raise SaliencyError(f"target resolved to {len(resolved)} examples for a batch of {B}")
         ctx = EvalContext(subject, x, resolved, logits, seed=seed, batch_size=batch_size, progress=progress,
-                          masks=masks, shared=shared)
+                          masks=masks, shared=shared, layout=layout)
         # one bar for the phase (a step per metric), the runner's own bar under it for each metric's chunks
         with Progress(len(classes), "scoring", enabled=progress, leave=True, unit="metric") as bar:
             for m, cls in classes.items():

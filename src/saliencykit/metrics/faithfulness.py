@@ -17,13 +17,14 @@ from .base import (EvalContext, Metric, normalized_auc, per_example_passes, rank
 class _Causal(Metric):
     family = "faithfulness"
     mode = "deletion"
-    cost = "n_steps-1 per map + 2 shared per image (n_steps = ceil(HW/step); 224 at 224x224)"
+    cost = ("n_steps-1 per map + 2 shared per image (n_steps = ceil(HW/step); 224 at 224x224; at most 100 on "
+            "series, volumes and feature vectors)")
 
     def compute(self, ctx: EvalContext, exps, step=None, substrate=None, output="prob"):
         names, maps, image_of = stack_maps(ctx, exps)
-        H, W = maps.shape[-2:]
-        hw = H * W
-        step = int(step or W)
+        hw = maps[0].numel()
+        # positions removed per step: a row of pixels on images; else about 1/100 of the map
+        step = int(step or (maps.shape[-1] if ctx.layout == "BCHW" else math.ceil(hw / 100)))
         if step < 1:
             raise SaliencyError(f"{self.name}: step must be >= 1, got {step}")
         n = math.ceil(hw / step)
@@ -39,7 +40,7 @@ class _Causal(Metric):
             m, i = idx // inner, idx % inner + 1
             k = (i * step).clamp(max=hw).view(-1, 1)
             keep = ranks[m] >= k if deletion else ranks[m] < k
-            return image_of[m], keep.view(-1, 1, H, W)
+            return image_of[m], ctx.input_mask(keep)
 
         mid = ctx.runner(sub, masks, maps.shape[0] * inner, counter, output=output,
                          desc=self.name).view(maps.shape[0], inner) if inner else maps.new_zeros(maps.shape[0], 0)
@@ -54,7 +55,7 @@ class _Causal(Metric):
         for e, name in enumerate(names):
             sl = slice(e * B, (e + 1) * B)
             out[name] = self.result(name, auc[sl], curves={"x": x_axis, "y": curves[sl].double().cpu(),
-                                                           "xlabel": f"fraction of pixels {'removed' if deletion else 'inserted'}",
+                                                           "xlabel": f"fraction of {ctx.positions} {'removed' if deletion else 'inserted'}",
                                                            "ylabel": output},
                                     passes=per_example_passes(counter, B, len(names)),
                                     extras={"substrate": sub_name if isinstance(sub_name, str) else "tensor",
@@ -95,11 +96,10 @@ class SaCo(Metric):
 
     def compute(self, ctx, exps, groups=10, substrate="mean", output="prob"):
         names, maps, image_of = stack_maps(ctx, exps)
-        H, W = maps.shape[-2:]
-        hw = H * W
+        hw = maps[0].numel()
         K = int(groups)
         if not 2 <= K <= hw:
-            raise SaliencyError(f"saco: groups must be between 2 and the number of pixels, got {groups}")
+            raise SaliencyError(f"saco: groups must be between 2 and the number of {ctx.positions} ({hw}), got {groups}")
         ranks = rank_maps(maps, ctx.generator(2)).to(ctx.x.device)
         # equal-size groups; the remainder goes to the first groups
         sizes = torch.full((K,), hw // K, dtype=torch.long)
@@ -113,7 +113,7 @@ class SaCo(Metric):
             idx = torch.arange(start, stop, device=ranks.device)
             m, g = idx // K, idx % K
             keep = group_of[m] != g.view(-1, 1)
-            return image_of[m], keep.view(-1, 1, H, W)
+            return image_of[m], ctx.input_mask(keep)
 
         pert = ctx.runner(sub, masks, maps.shape[0] * K, counter, output=output, desc="saco").view(-1, K).double()
         drop = ctx.clean_scores(output)[image_of].double().view(-1, 1) - pert             # [M,K]
@@ -142,12 +142,13 @@ def saco_from_groups(s: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ infidelity
-def _attribution(exp, x: torch.Tensor) -> torch.Tensor:
-    """[B,C,H,W] input-space attribution: the explanation's own, else the map on every channel
-    (then I^T Phi = sum over pixels of the map times the channel sum of I)."""
+def _attribution(exp, ctx: EvalContext) -> torch.Tensor:
+    """Input-space attribution (the shape of x): the explanation's own, else the map on every
+    channel (then I^T Phi = sum over positions of the map times the channel sum of I)."""
+    x = ctx.x
     if exp.attributions is not None and tuple(exp.attributions.shape) == tuple(x.shape):
         return exp.attributions.to(x)
-    return exp.maps.to(x).unsqueeze(1).expand_as(x)
+    return ctx.to_input(exp.maps.to(x))
 
 
 def infidelity_perturbations(x: torch.Tensor, rows: torch.Tensor, kind: str, sigma: float,
@@ -192,8 +193,9 @@ class Infidelity(Metric):
         # the same perturbations serve every explanation: one pass for f(x - I)
         I = infidelity_perturbations(x, rows, perturbation, float(sigma), gen)
         counter = PassCounter()
+        ones = (1,) * (x.dim() - 1)
         pert = ctx.runner(torch.zeros_like(I), lambda a, b: (torch.arange(a, b, device=x.device),
-                                                             torch.ones(b - a, 1, 1, 1, device=x.device)),
+                                                             torch.ones(b - a, *ones, device=x.device)),
                           B * n, counter, output=out_kind, x=x[rows] - I,
                           target=_rows_target(ctx.target, rows), desc="infidelity")
         clean = ctx.clean_scores(out_kind)
@@ -202,7 +204,7 @@ class Infidelity(Metric):
         for name in names:
             exp = exps[name]
             ctx.check_maps(exp)
-            phi = _attribution(exp, x)
+            phi = _attribution(exp, ctx)
             ip = (I * phi[rows]).reshape(B * n, -1).sum(1).double().view(B, n)
             if normalize:
                 den = (ip ** 2).mean(1)

@@ -1,5 +1,6 @@
 """Localisation metrics against ground-truth object masks: pointing game, energy pointing game.
-No model passes."""
+No model passes. Masks have the map's shape: [B,H,W] on images, [B,T] on series, [B,D,H,W] on
+volumes, [B,F] on feature vectors."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,27 +10,34 @@ from ..errors import SaliencyError
 from .base import EvalContext, Metric, register
 
 
-def pointing_hits(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hit if some ground-truth pixel lies strictly within `tolerance` px of the map's maximum.
+def pointing_hits(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15.0,
+                  exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hit if some ground-truth position lies strictly within `tolerance` positions (Euclidean, over
+    the map's axes: pixels, time steps, voxels) of the map's maximum; `exact=True` (feature
+    vectors, where neighbouring indices mean nothing) asks that the maximum itself be inside.
 
-    The maximum is the first in row-major order among ties. Returns (hits [B] bool, points [B,2] (row, col)).
+    The maximum is the first in row-major order among ties. Returns (hits [B] bool, points [B,n]:
+    the maximum's coordinates, (row, col) on images).
     """
     from scipy.ndimage import distance_transform_edt
 
-    B, H, W = maps.shape
+    B, shape = maps.shape[0], tuple(maps.shape[1:])
     flat = maps.reshape(B, -1)
     idx = flat.argmax(1)  # torch returns the first maximal index
-    pts = torch.stack([idx // W, idx % W], 1)
+    pts = torch.stack(torch.unravel_index(idx, shape), 1)
     hits = torch.zeros(B, dtype=torch.bool)
     for b in range(B):
         g = masks[b].cpu().numpy().astype(bool)
         if not g.any():
             hits[b] = False
             continue
-        # Euclidean distance from every pixel to the nearest ground-truth pixel
+        point = tuple(int(v) for v in pts[b])
+        if exact:
+            hits[b] = bool(g[point])
+            continue
+        # Euclidean distance from every position to the nearest ground-truth position
         dist = distance_transform_edt(~g)
-        r, c = int(pts[b, 0]), int(pts[b, 1])
-        hits[b] = bool(dist[r, c] < tolerance)
+        hits[b] = bool(dist[point] < tolerance)
     return hits, pts
 
 
@@ -42,16 +50,18 @@ class PointingGame(Metric):
     defaults = {"tolerance": 15}
     cost = "0"
     description = ("Pointing game (Zhang et al. 2016): 1 if a ground-truth pixel lies within 15 px "
-                   "(strictly) of the map's maximum, else 0; mean = hit rate.")
+                   "(strictly) of the map's maximum, else 0; mean = hit rate. Series and volumes: "
+                   "`tolerance` in time steps / voxels; feature vectors: the top feature must be a true one.")
 
     def compute_one(self, ctx: EvalContext, name, exp, tolerance=15):
         maps = ctx.check_maps(exp)
-        masks = ctx.need_masks(self.name, maps.shape[-2:])
+        masks = ctx.need_masks(self.name, maps.shape[1:])
         empty = ~masks.reshape(masks.shape[0], -1).any(1)
-        hits, pts = pointing_hits(maps.cpu(), masks.cpu(), float(tolerance))
+        exact = ctx.layout == "BF"
+        hits, pts = pointing_hits(maps.cpu(), masks.cpu(), float(tolerance), exact=exact)
         scores = hits.double()
         scores[empty.cpu()] = float("nan")  # no object: not scored
-        extras = {"tolerance": tolerance, "points": pts.tolist()}
+        extras = {"tolerance": None if exact else tolerance, "points": pts.tolist()}
         if empty.any():
             rows = empty.nonzero().flatten().tolist()
             import warnings
@@ -75,7 +85,7 @@ class EnergyPointingGame(Metric):
 
     def compute_one(self, ctx, name, exp):
         maps = ctx.check_maps(exp)
-        masks = ctx.need_masks(self.name, maps.shape[-2:])
+        masks = ctx.need_masks(self.name, maps.shape[1:])
         pos = maps.clamp_min(0).double()
         inside = (pos * masks).reshape(pos.shape[0], -1).sum(1)
         total = pos.reshape(pos.shape[0], -1).sum(1)

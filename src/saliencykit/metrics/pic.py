@@ -79,6 +79,7 @@ class _PIC(Metric):
     defaults = {"thresholds": THRESHOLDS, "random_fraction": 0.01, "min_pred": 0.8, "keep_monotonous": True}
     cost = "13 per map + 1 shared per image, plus CPU interpolation and WebP encoding"
     kind = "sic"
+    layouts = ("BCHW",)    # a blurred photo's saliency, its information measured as a WebP size
 
     def compute(self, ctx: EvalContext, exps, thresholds=THRESHOLDS, random_fraction=0.01, min_pred=0.8,
                 keep_monotonous=True):

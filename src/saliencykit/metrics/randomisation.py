@@ -60,7 +60,8 @@ def _scaled(m: np.ndarray) -> np.ndarray:
 
 
 def similarities(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-example similarity of maps a, b [B,H,W]: spearman_abs, spearman, ssim, hog."""
+    """Per-example similarity of maps a, b [B,H,W]: spearman_abs, spearman, ssim, hog. SSIM and
+    HOG are image measures: maps of other shapes ([B,T], [B,D,H,W], [B,F]) get NaN there."""
     from skimage.feature import hog
     from skimage.metrics import structural_similarity
 
@@ -70,6 +71,10 @@ def similarities(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
     out = {"spearman_abs": spearman(fa.abs(), fb.abs()).cpu(), "spearman": spearman(fa, fb).cpu()}
     ssim, hogs = [], []
     for x, y in zip(a.double().cpu().numpy(), b.double().cpu().numpy()):
+        if x.ndim != 2:
+            ssim.append(float("nan"))
+            hogs.append(float("nan"))
+            continue
         xs, ys = _scaled(x), _scaled(y)
         ssim.append(structural_similarity(xs, ys, data_range=1.0))
         hx = hog(xs, pixels_per_cell=(max(2, xs.shape[0] // 16),) * 2, cells_per_block=(2, 2))
@@ -82,7 +87,7 @@ def similarities(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
     ca = (fa.amax(1) == fa.amin(1)).cpu()
     cb = (fb.amax(1) == fb.amin(1)).cpu()
     fill = torch.where(ca & cb, 1.0, 0.0).double()
-    for k in ("spearman_abs", "spearman", "hog"):
+    for k in ("spearman_abs", "spearman") + (("hog",) if a.dim() == 3 else ()):
         out[k] = torch.where(ca | cb, fill, out[k])
     return out
 
@@ -130,7 +135,8 @@ class MPRT(Metric):
                 randomise_(module, ctx.seed * 7919 + s * 1000 + i)
             randomised = Subject(model, labels=subject.labels, mean=subject.mean, std=subject.std,
                                  input_size=subject.input_size, layer=subject.default_layer,
-                                 name=f"{subject.name} (randomised)", groups=subject.groups)
+                                 name=f"{subject.name} (randomised)", groups=subject.groups,
+                                 layout=getattr(subject, "layout", None))
             new = rerun_method(ctx, exp, ctx.x, rows, counter, subject=randomised)
             sims = similarities(maps, new)
             for k in per_stage:

@@ -86,6 +86,7 @@ class _HitRecorder:
 class _Road(Metric):
     family = "faithfulness"
     order = "morf"
+    layouts = ("BCHW",)    # the imputation fills pixels from their image neighbours
     defaults = {"levels": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "noise": 0.01, "output": "prob"}
     cost = "9 per map (+ one sparse solve per map and level)"
 

@@ -13,9 +13,7 @@ against the numbers mechanically.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,8 +21,10 @@ import torch
 from ..engine import PassCounter, forward_logits, perturbed_scores, upsample
 from ..errors import SaliencyError
 from ..explanation import Explanation
-from ..targets import ResolvedTarget, Side, Target, as_target
+from ..targets import ResolvedTarget, Side, Target
 from .names import METHOD_NAMES, method_title  # noqa: F401  (re-exported: they lived here)
+from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _components, _count_word,  # noqa: F401
+                    _resolve, _Sentences, fmt_corr, fmt_pct)  # noqa: F401  (fmt_corr re-exported: it lived here)
 
 HIDE_WORDS = {
     "blur": "replacing it with a blurred copy of the photo",
@@ -33,89 +33,6 @@ HIDE_WORDS = {
     "mean": "filling it with the average colour",
     "white": "painting it white",
 }
-
-_ROWS = ("upper", "middle", "lower")
-_COLS = ("left", "middle", "right")
-_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
-_COUNTS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-
-
-def fmt_pct(v: float) -> str:
-    """A share or probability in [0,1] as a whole percentage; never rounds a nonzero value to 0%."""
-    p = 100.0 * float(v)
-    r = int(round(p))
-    if p > 0 and r == 0:
-        return "<1%"
-    if p < 100 and r == 100:
-        return ">99%"
-    return f"{r}%"
-
-
-def fmt_corr(v: float) -> str:
-    return f"{float(v):.2f}"
-
-
-def _count_word(n: int) -> str:
-    return _COUNTS[n] if 0 <= n < len(_COUNTS) else str(n)
-
-
-@dataclass
-class Verbalization:
-    """The paragraph, the structured numbers behind it, and which numbers each sentence uses.
-
-    `sentences[i] = {"text": ..., "numbers": [{"key": "regions.0.evidence", "value": 0.63,
-    "shown": "63%"}, ...]}`; `key` is a dotted path into `facts`.
-    """
-
-    text: str
-    facts: dict
-    sentences: list = field(default_factory=list)
-    masks: list = field(default_factory=list, repr=False)  # the described regions' [H,W] bool masks
-
-    def __str__(self):
-        return self.text
-
-    def fact(self, key: str):
-        """The fact at a dotted path, e.g. `fact("regions.0.removed")`."""
-        node: Any = self.facts
-        for part in key.split("."):
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        return node
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "facts": self.facts, "sentences": self.sentences}
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-
-class _Sentences:
-    """Collects sentences with the facts their numbers come from (in order of appearance)."""
-
-    def __init__(self, facts: dict):
-        self.facts = facts
-        self.items: list[dict] = []
-
-    def add(self, template: str, *keys: str, corr: Sequence[str] = ()):
-        numbers = []
-        shown = []
-        for key in keys:
-            value = _lookup(self.facts, key)
-            s = fmt_corr(value) if key in corr else fmt_pct(value)
-            numbers.append({"key": key, "value": value, "shown": s})
-            shown.append(s)
-        text = template.format(*shown)
-        self.items.append({"text": text, "numbers": numbers})
-
-    def add_plain(self, text: str):
-        self.items.append({"text": text, "numbers": []})
-
-
-def _lookup(facts: dict, key: str):
-    node: Any = facts
-    for part in key.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
 
 
 # ------------------------------------------------------------------------------------- regions
@@ -139,30 +56,6 @@ def _as_map(explanation, index: int, hw) -> tuple[torch.Tensor, str, bool]:
     if tuple(m.shape) != tuple(hw):
         m = upsample(m[None], hw)[0]
     return m, name, signed
-
-
-def _components(evidence: np.ndarray, threshold: float, min_area: float, smooth: float) -> list[np.ndarray]:
-    """Connected components (8-neighbourhood) of {smoothed evidence >= threshold * its max}, strongest first.
-
-    Pixel-level maps (gradients, IG) are speckled; a Gaussian of `smooth` x the image size joins
-    neighbouring evidence into regions. The shares reported are always of the unsmoothed evidence.
-    """
-    from scipy import ndimage
-
-    sm = ndimage.gaussian_filter(evidence, sigma=smooth * max(evidence.shape), mode="constant") if smooth > 0 \
-        else evidence
-    peak = float(sm.max())
-    if peak <= 0:
-        return []
-    labels, n = ndimage.label(sm >= threshold * peak, structure=np.ones((3, 3), dtype=int))
-    comps = []
-    hw = evidence.size
-    for i in range(1, n + 1):
-        mask = labels == i
-        if mask.sum() / hw >= min_area:
-            comps.append(mask)
-    comps.sort(key=lambda m: (-float(evidence[m].sum()), -int(m.sum())))
-    return comps
 
 
 def _cell_edges(n: int, cells: int) -> np.ndarray:
@@ -300,39 +193,6 @@ def _location(mask: np.ndarray, weight: np.ndarray) -> dict:
 
 
 # ------------------------------------------------------------------------------------- targets
-def _resolve(subject, logits, target, explanation, index) -> ResolvedTarget:
-    described = explanation.target[index] if isinstance(explanation, Explanation) and explanation.target else None
-    if target is None and described is not None:
-        return _from_description(subject, described, logits)
-    resolved = as_target(target).resolve(subject, logits)
-    if described is not None:
-        d = resolved.describe()[0]
-        same = (sorted(d["indices"]) == sorted(described.get("indices", [])) and
-                sorted(d.get("vs_indices", [])) == sorted(described.get("vs_indices", [])))
-        if not same:
-            raise SaliencyError(f"the explanation was made for {described.get('name')!r}, not for {d['name']!r}; "
-                                "verbalize it with its own target")
-    return resolved
-
-
-def _from_description(subject, d: dict, logits) -> ResolvedTarget:
-    kind = d.get("kind", "class")
-    idx = [int(i) for i in d["indices"]]
-    k = logits.shape[1]
-    if any(i >= k for i in idx + [int(i) for i in d.get("vs_indices", [])]):
-        raise SaliencyError("the explanation's target lies beyond the model's classes: was it made with this model?")
-
-    def side(indices, name):
-        if len(indices) == 1:
-            return Side(indices, "class", subject.label(indices[0]))
-        return Side(indices, "topk" if kind == "topk" else "group", name)
-
-    if kind == "contrast":
-        name, vs_name = d.get("name", ""), d.get("vs_name", "")
-        pos_name = name[: -len(f" vs {vs_name}")] if vs_name and name.endswith(f" vs {vs_name}") else name
-        return ResolvedTarget([side(idx, pos_name)], [side([int(i) for i in d["vs_indices"]], vs_name)],
-                              "prob", "contrast")
-    return ResolvedTarget([side(idx, d.get("name", ""))], [None], "prob", kind)
 
 
 def _group_phrase(side: Side) -> str:
@@ -348,13 +208,17 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
               index: int = 0, threshold: float = 0.5, max_regions: int = 3, min_area: float = 0.005,
               smooth: float = 0.02, grid: int = 14, random_regions: int = 8, seed: int = 0, regions: str = "components",
               search_cells: int = 7, parts: Mapping | None = None, compare=None,
-              baseline: str | torch.Tensor = "blur", batch_size: int | None = None) -> Verbalization:
+              baseline: str | torch.Tensor | None = None, batch_size: int | None = None,
+              feature_names: Sequence[str] | None = None) -> Verbalization:
     """Describe in plain words what a saliency map shows, with measured numbers only.
 
     Args:
         subject: the `Subject` whose output was explained.
-        x: `[B,C,H,W]` input (the example `index` is described).
-        explanation: an `Explanation` (or a `[H,W]` / `[B,H,W]` map tensor).
+        x: `[B,C,H,W]` input (the example `index` is described); or a series `[B,C,T]`, a volume
+            `[B,C,D,H,W]`, a feature vector `[B,F]` (`present.verbalize_layouts`: stretches of time
+            steps, regions by slice and 3x3x3 position, the features of most evidence).
+        explanation: an `Explanation` (or a `[H,W]` / `[B,H,W]` map tensor; the input's shape
+            without its channel axis on other layouts).
         target: what was explained; default the explanation's own target (or the top-1 class).
             Contrasts read "rather than B", groups "any kind of dog".
         threshold: a pixel belongs to a region when its positive evidence is at least
@@ -378,18 +242,17 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
         random_regions: how many random placements of the main region's shape (same area) are
             hidden for comparison (0 = none); their mean effect gets a sentence.
         seed: seed of those random placements; same seed, same text.
-        baseline: what hidden pixels are replaced with ("blur", "black", "mean", or a tensor).
+        baseline: what hidden pixels are replaced with ("blur", "black", "mean", or a tensor);
+            default "blur" ("zero" for a feature vector, which has no neighbours to blur over).
         batch_size: chunk size for the perturbed forward passes.
+        feature_names: names of the features of a `[B,F]` input (default `subject.feature_names`
+            if it has them, else f0, f1, ...).
 
     Returns:
         `Verbalization` with `.text`, `.facts`, `.sentences`, `.to_json()`.
     """
     from ..methods.gradient import make_baseline
 
-    layout = getattr(explanation, "layout", "BCHW")
-    if layout != "BCHW":
-        raise SaliencyError(f"verbalize describes maps of photos [B,C,H,W]; this explanation is of a {layout} "
-                            "input: series, volumes and features have no words yet")
     if not 0 < threshold <= 1:
         raise SaliencyError(f"threshold must be in (0, 1], got {threshold}")
     if not isinstance(max_regions, int) or max_regions < 1:
@@ -407,6 +270,23 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
     x = subject.check_input(x)
     if not 0 <= index < x.shape[0]:
         raise SaliencyError(f"index {index} is out of range for a batch of {x.shape[0]}")
+    layout = subject.layout_for(x)
+    exp_layout = explanation.layout if isinstance(explanation, Explanation) else layout
+    if exp_layout != layout:
+        raise SaliencyError(f"the explanation is of a {exp_layout} input but x is {layout}: verbalize the input "
+                            "it was made for")
+    if layout != "BCHW":
+        if regions != "components" or parts is not None:
+            raise SaliencyError("regions='search' and parts= describe photos; a series, volume or feature vector "
+                                "is described by its own stretches, regions or features")
+        from .verbalize_layouts import verbalize_layout
+
+        return verbalize_layout(subject, x, explanation, target, layout=layout, index=index, threshold=threshold,
+                                max_regions=max_regions, min_area=min_area, smooth=smooth,
+                                random_regions=random_regions, seed=seed, compare=compare, baseline=baseline,
+                                batch_size=batch_size, feature_names=feature_names)
+    if baseline is None:
+        baseline = "blur"
     x = x[index:index + 1]
     hw = tuple(x.shape[-2:])
     smap, method, signed = _as_map(explanation, index, hw)
@@ -574,10 +454,6 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
 
 
 # ------------------------------------------------------------------------------------- wording
-def _change(noun: str, before_shown: str, after_shown: str, after_value: float, before_value: float) -> str:
-    if after_shown == before_shown:
-        return f"leaves {noun} at {{}}"
-    return f"lowers {noun} to {{}}" if after_value < before_value else f"raises {noun} to {{}}"
 
 
 def _write(facts: dict, kind: str, pos: Side, neg: Side | None) -> _Sentences:

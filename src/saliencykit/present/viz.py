@@ -386,15 +386,17 @@ def grid(images: Sequence, rows: Sequence[dict], row_titles: Sequence[str] | Non
 def series_plot(series, m, signed: bool = False, method: str | None = None, target: str | None = None,
                 path=None, width: float = 7.0, height: float = 2.4):
     """A series `[C,T]` (or `[T]`) as lines, with its map `[T]` as a coloured band under them
-    (the map's colour scale: diverging for a signed map, 0 white; sequential otherwise). Returns
-    the path written, or the matplotlib figure when `path` is None."""
+    (the map's colour scale: diverging for a signed map, centred at 0 (white) and symmetric to its
+    largest |value|; sequential from its minimum to its maximum otherwise) and a colour bar of that
+    scale in the map's own units; `m=None` draws the series alone. Returns the path written, or the
+    matplotlib figure when `path` is None."""
     s = np.asarray(series.detach().cpu() if hasattr(series, "detach") else series, dtype=np.float64)
     if s.ndim == 1:
         s = s[None]
-    mm = np.asarray(m.detach().cpu() if hasattr(m, "detach") else m, dtype=np.float32)
-    if s.ndim != 2 or mm.ndim != 1 or mm.shape[0] != s.shape[1]:
+    mm = None if m is None else np.asarray(m.detach().cpu() if hasattr(m, "detach") else m, dtype=np.float32)
+    if s.ndim != 2 or (mm is not None and (mm.ndim != 1 or mm.shape[0] != s.shape[1])):
         raise SaliencyError(f"series_plot needs a series [C,T] and a map [T] of the same length; got {s.shape} "
-                            f"and {mm.shape}")
+                            f"and {None if mm is None else mm.shape}")
     from .names import method_title
 
     plt = _plt()
@@ -402,9 +404,21 @@ def series_plot(series, m, signed: bool = False, method: str | None = None, targ
     t = np.arange(s.shape[1])
     lo, hi = float(s.min()), float(s.max())
     pad = 0.05 * (hi - lo or 1.0)
-    band = colorize(mm[None], signed)          # [1,T,3] uint8 on the map's own scale
-    ax.imshow(band, aspect="auto", extent=(-0.5, s.shape[1] - 0.5, lo - pad, hi + pad), alpha=0.85,
-              interpolation="nearest", zorder=0)
+    if mm is not None:
+        # the map's own scale, as `colorize` draws it: signed maps symmetric around 0, others min..max
+        if signed:
+            top = float(np.abs(mm).max()) or 1.0
+            vmin, vmax, cmap = -top, top, SIGNED_CMAP
+        else:
+            vmin, vmax, cmap = float(mm.min()), float(mm.max()), UNSIGNED_CMAP
+            if vmax <= vmin:
+                vmax = vmin + 1.0
+        band = ax.imshow(mm[None], cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto",
+                         extent=(-0.5, s.shape[1] - 0.5, lo - pad, hi + pad), alpha=0.85, interpolation="nearest",
+                         zorder=0)
+        bar = fig.colorbar(band, ax=ax, fraction=0.04, pad=0.015)
+        bar.set_label("map (red for, blue against)" if signed else "map", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     for c in range(s.shape[0]):
         ax.plot(t, s[c], lw=1.0, color="black" if s.shape[0] == 1 else None, zorder=2, label=f"channel {c}")
     if s.shape[0] > 1:
@@ -412,7 +426,7 @@ def series_plot(series, m, signed: bool = False, method: str | None = None, targ
     ax.set_xlim(-0.5, s.shape[1] - 0.5)
     ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("time step")
-    title = method_title(method) if method else "saliency"
+    title = method_title(method) if method else ("series" if mm is None else "saliency")
     ax.set_title(f"{title}: {target}" if target else title, fontsize=10)
     fig.tight_layout()
     if path is None:

@@ -17,10 +17,12 @@ hurts. The intervention `b_p` is a parameter:
 
 The positive and negative effects are returned apart (`positive = relu(effect)`,
 `negative = relu(-effect)`, `effect = positive - negative`), so a picture can show them in two
-colours (`CausalEffect.overlay`). Each region is one forward row, run through the one perturbation
-runner (`engine.perturbed_scores`) with the unchanged input as the first row of every image, so
-the clean and the intervened outputs come from the same model form. A region outside the
-receptive field of R has an effect of exactly zero.
+colours (`CausalEffect.overlay`). The regions are occlusion's windows with stride = patch
+(`methods.along_axes.occlusion_along_axes`, on the one perturbation runner) with the unchanged
+input as the first row of every image (`clean_row=True`), so the clean and the intervened
+outputs come from the same model form and chunks: a region outside the receptive field of R has
+an effect of exactly zero. With the "zero" intervention the effect is occlusion's drop on
+`sk.OutputRegion(mask, reduce="mean")` divided by the output's channels.
 
     >>> ce = causal_effect(load_model("denoiser"), x, out_mask, patch=8, intervention="mean")
     >>> ce.effect.shape, ce.maps.shape       # [B, H/8, W/8] per region, [B, H, W] at input size
@@ -33,7 +35,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..engine import PassCounter, perturbed_scores
+from ..methods.along_axes import occlusion_along_axes
+from ..methods.base import Context
 from ..errors import SaliencyError, positive_float, positive_int, resolve_seed
 from ..subject import Subject
 
@@ -116,6 +119,7 @@ class _RegionScore:
 
 
 def _region_ids(h: int, w: int, patch: int, device) -> tuple[torch.Tensor, int, int]:
+    """[H,W] the region of each pixel (row-major cells of `patch` pixels, the last ones clipped)."""
     gh, gw = math.ceil(h / patch), math.ceil(w / patch)
     ys = torch.arange(h, device=device) // patch
     xs = torch.arange(w, device=device) // patch
@@ -187,25 +191,14 @@ def causal_effect(model_or_subject, x: torch.Tensor, out_mask, patch: int = 8, i
         raise SaliencyError(f"reference must be a [B,C,H,W] batch like the output, got {tuple(reference.shape)}")
     x = x.detach()
     ids, gh, gw = _region_ids(h, w, patch, x.device)
-    n_regions = gh * gw
-    base = _baseline(x, ids, n_regions, intervention, sigma, seed)
-    rows_per_image = n_regions + 1            # row 0 of each image: the unchanged input
+    base = _baseline(x, ids, gh * gw, intervention, sigma, seed)
     target = _RegionScore(mask[:, None].float(), None if reference is None else reference.detach())
-
-    def masks(start, stop):
-        r = torch.arange(start, stop, device=x.device)
-        region = r % rows_per_image - 1       # -1: the clean row
-        keep = (ids[None] != region[:, None, None]).to(x.dtype)[:, None]
-        return r // rows_per_image, keep
-
-    counter = PassCounter()
+    window = (min(patch, h), min(patch, w))   # a patch longer than one side: one cell along it
     with subject.explaining():
-        scores = perturbed_scores(subject, x, base, target, masks, n=b * rows_per_image, batch_size=batch_size,
-                                  counter=counter, progress=progress, desc="causal effect")
-    scores = scores.view(b, rows_per_image).to(x.dtype)
-    clean = scores[:, 0]
-    effect = (clean[:, None] - scores[:, 1:]).view(b, gh, gw)
-    maps = effect.flatten(1)[:, ids.flatten()].view(b, h, w).detach().cpu()
+        ctx = Context(subject, x, seed=seed, batch_size=batch_size, progress=progress)
+        res = occlusion_along_axes(ctx, target, window, window, None, base, clean_row=True, desc="causal effect")
+    effect = res["raw"].to(x.dtype)
+    maps = res["maps"].to(x.dtype).detach().cpu()
     return CausalEffect(effect=effect.detach().cpu(), maps=maps, positive=maps.clamp(min=0), negative=(-maps).clamp(min=0),
-                        clean_score=clean.detach().cpu(), patch=patch, intervention=intervention, seed=seed,
-                        passes=counter.per_image(b))
+                        clean_score=res["clean"].to(x.dtype).detach().cpu(), patch=patch, intervention=intervention,
+                        seed=seed, passes=ctx.counter.per_image(b))
