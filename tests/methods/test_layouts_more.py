@@ -339,3 +339,21 @@ def test_cam_eigencam_and_smooth_gradcam_pp_on_more_layouts(case):
         smooth = sk.explain(s, x, ["smooth_gradcam_pp", "gradcam_pp"], layer=layer, target=1, samples=2,
                             noise_abs=0.0)
         assert torch.allclose(smooth["smooth_gradcam_pp"].raw, smooth["gradcam_pp"].raw, atol=1e-6)
+
+
+def test_saved_params_are_the_values_that_ran(features):
+    """Occlusion's patch/stride and RISE's cell default to None (the layout picks them); the
+    Explanation records the values used, so a saved image explanation still says 15/8 and 7."""
+    torch.manual_seed(0)
+    image = sk.Subject(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)),
+                       input_size=(24, 24))
+    x = torch.randn(1, 3, 24, 24)
+    exps = sk.explain(image, x, ["occlusion", "rise"], params={"rise": {"n_masks": 8}})
+    assert (exps["occlusion"].params["patch"], exps["occlusion"].params["stride"]) == (15, 8)
+    assert exps["rise"].params["cell"] == 7
+    asked = sk.explain(image, x, "occlusion", params={"occlusion": {"patch": 6, "stride": 3}})
+    assert (asked.params["patch"], asked.params["stride"]) == (6, 3)
+    flat = sk.explain(sk.Subject(flat_mlp(), layout="BF"), features, ["occlusion", "rise"],
+                      params={"rise": {"n_masks": 8}})
+    assert (flat["occlusion"].params["patch"], flat["occlusion"].params["stride"]) == (1, 1)
+    assert flat["rise"].params["cell"] is None      # one draw per feature, as documented

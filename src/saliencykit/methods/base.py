@@ -569,7 +569,10 @@ def _run_one(ctx, cls, resolved, layer, seed, all_params, t_call, layer_note, to
         results[cls.name] = Explanation(
             maps=out["maps"], method=cls.name, signed=out.get("signed", cls.signed),
             target=described, layer=out.get("layer"),
-            params={k: v for k, v in all_params[cls.name].items()},
+            # the settings asked for, with the values a method chose for those left to it (None: its default
+            # for the layout) in their place, so a saved explanation says what ran
+            params={**all_params[cls.name], **{k: v for k, v in out.get("used", {}).items()
+                                               if all_params[cls.name].get(k) is None}},
             seed=seed if cls.randomized else None, passes=passes, seconds=seconds,
             raw=out.get("raw"), attributions=out.get("attributions"), model=subject.name, extras=extras,
             layout=ctx.layout)

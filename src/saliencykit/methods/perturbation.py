@@ -110,6 +110,7 @@ class Occlusion(Method):
         stride = (1 if flat else 8) if stride is None else stride
         out = occlusion_along_axes(ctx, target, patch, stride, _output(target, output), _baseline(ctx, baseline))
         out["extras"].update(patch=patch, stride=stride)
+        out["used"] = {"patch": patch, "stride": stride}
         return out
 
 
@@ -183,7 +184,10 @@ class Rise(Method):
         if acc_cls is not None:
             extras["class_maps"] = (acc_cls / norm).float().view(b, len(cls_idx), *axes)
             extras["classes"] = cls_idx.tolist()
-        return {"maps": maps, "signed": out == "log_prob" or target.kind == "contrast", "extras": extras}
+        # the cell recorded as given: one int when every axis has the same (an image's 7), else per axis
+        used = cells if cells is None or len(set(cells)) > 1 else cells[0]
+        return {"maps": maps, "signed": out == "log_prob" or target.kind == "contrast", "extras": extras,
+                "used": {"cell": used}}
 
 
 # ----------------------------------------------------------------------------- LIME / KernelSHAP
