@@ -9,7 +9,8 @@ for maps `[n,T]` and scores them against the motif masks on the correctly classi
 * auc: the ROC AUC of the map's values for telling motif steps from the others (0.5 = chance;
   ties count half).
 
-`score_maps(maps, masks)` is the same for maps already made. A random map (`random_maps`) scores
+`score_maps(maps, masks)` (from `benchmarks.scoring`, shared with the volume leaderboard) is the
+same for maps already made. A random map (`random_maps`) scores
 pointing ≈ motif fraction (~1/5), energy ≈ the same and AUC ≈ 0.5, which every useful method must
 beat. `leaderboard(bench, methods)` explains with the library's methods through
 `sk.explain(Subject(model, layout="BCT"), ...)` and ranks them with the random map.
@@ -23,46 +24,9 @@ import torch
 
 from . import dataset as S
 from ...errors import SaliencyError
+from ..scoring import auc as _auc, score_maps  # noqa: F401  (the shared scorers, importable from here as before)
 
 SCORES = ("pointing", "energy", "auc")
-
-
-def _auc(values: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mann-Whitney AUC of `values` [T] for the positives `mask` [T] (average ranks for ties)."""
-    pos = int(mask.sum())
-    neg = mask.numel() - pos
-    if pos == 0 or neg == 0:
-        return float("nan")
-    v = values.double()
-    order = torch.argsort(v)
-    ranks = torch.empty_like(v)
-    ranks[order] = torch.arange(1, v.numel() + 1, dtype=v.dtype)
-    # ties: every member of a group of equal values gets the group's mean rank
-    uniq, inverse = torch.unique(v, return_inverse=True)
-    if uniq.numel() < v.numel():
-        sums = torch.zeros(uniq.numel(), dtype=v.dtype).index_add_(0, inverse, ranks)
-        counts = torch.zeros(uniq.numel(), dtype=v.dtype).index_add_(0, inverse, torch.ones_like(v))
-        ranks = (sums / counts)[inverse]
-    return float((ranks[mask].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def score_maps(maps, masks) -> dict:
-    """Mean pointing, energy and AUC of `maps` [n,T] against boolean `masks` [n,T]; a map with no
-    positive mass has no energy (left out of that mean), a flat map has AUC 0.5."""
-    maps = torch.as_tensor(maps).detach().double().cpu()
-    masks = torch.as_tensor(masks).bool().cpu()
-    if maps.dim() != 2 or maps.shape != masks.shape:
-        raise SaliencyError(f"maps must be [n,T] like the masks {tuple(masks.shape)}, got {tuple(maps.shape)}")
-    if not torch.isfinite(maps).all():
-        raise SaliencyError("maps contain NaN or inf; check the method's output before scoring")
-    pointing = masks.gather(1, maps.argmax(1, keepdim=True))[:, 0].double()
-    pos = maps.clamp(min=0)
-    mass = pos.sum(1)
-    ok = mass > 0
-    energy = (pos * masks).sum(1)[ok] / mass[ok]
-    aucs = torch.tensor([_auc(m, k) for m, k in zip(maps, masks)], dtype=torch.float64)
-    return {"pointing": float(pointing.mean()), "energy": float(energy.mean()) if ok.any() else float("nan"),
-            "auc": float(aucs.nanmean()), "n": int(maps.shape[0])}
 
 
 class SeriesBench:
