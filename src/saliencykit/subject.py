@@ -174,6 +174,9 @@ class Subject:
             inputs are explained at that module's output, one value per position (`embedding.py`).
         baseline_token: with `embedding`, the id whose embedding is the "black" baseline (IG's);
             None: zeros in embedding space.
+        feature_names: for flat feature vectors (layout "BF"), one name per feature, read by
+            `sk.verbalize` and shown in reports; checked against the input's number of features
+            when it is explained.
     """
 
     subject_kind = "classifier"  # which methods run on it (`Method.kinds`); a detector is another kind
@@ -183,7 +186,7 @@ class Subject:
                  input_size=(224, 224), layer: str = "auto", name: str | None = None,
                  device: str | torch.device | None = None, groups: dict | None = None,
                  fast: bool | str | None = None, layout: str | None = None, embedding: str | None = None,
-                 baseline_token: int | None = None):
+                 baseline_token: int | None = None, feature_names: Sequence[str] | None = None):
         if not isinstance(model, nn.Module):
             raise SaliencyError(f"Subject needs a torch.nn.Module, got {type(model).__name__}")
         check_embedding(model, embedding, baseline_token)
@@ -204,6 +207,10 @@ class Subject:
         self.grid_fn: Callable | None = None
         self.fast = fast
         self.layout = None if layout is None else check_layout(layout)
+        if feature_names is not None and (isinstance(feature_names, str) or self.layout not in (None, "BF")):
+            raise SaliencyError(f"feature_names must be a list of names for a layout='BF' subject (flat feature "
+                                f"vectors), got {type(feature_names).__name__} on layout {self.layout!r}")
+        self.feature_names = None if feature_names is None else [str(v) for v in feature_names]
 
     # ----------------------------------------------------------------------------- basics
     def __repr__(self):
@@ -324,6 +331,10 @@ class Subject:
             raise SaliencyError(f"input must have 4 dimensions [B,C,H,W]; got shape {tuple(x.shape)}{hint}")
         if layout == "BF" and x.dim() == 1:
             x = x.unsqueeze(0)  # one feature vector: a batch of one
+        names = getattr(self, "feature_names", None)
+        if names is not None and (layout != "BF" or x.shape[-1] != len(names)):
+            raise SaliencyError(f"the subject has {len(names)} feature_names but the input is {tuple(x.shape)} "
+                                f"(layout {layout}): give [B,{len(names)}] feature vectors, or one name per feature")
         axis = channel_axis(layout)
         if LAYOUTS[layout][2] and x.shape[axis] != self.in_channels:
             raise SaliencyError(f"input has {x.shape[axis]} channels; the model expects {self.in_channels}")

@@ -118,6 +118,23 @@ def test_the_features_of_most_evidence_are_named_with_their_signed_values():
     assert "f1 (+0.41), f2 (-0.22) and f4 (+0.10)" in v2.text
 
 
+def test_subject_feature_names_are_read_by_verbalize_and_checked_at_explain_time():
+    names = ["age", "bmi", "bp", "s1", "s2"]
+    subject = sk.Subject(nn.Sequential(nn.Linear(5, 2)), labels=["a", "b"], layout="BF", feature_names=names)
+    x = torch.randn(1, 5)
+    m = torch.tensor([[0.05, 0.41, -0.22, 0.0, 0.10]])
+    # the subject's names stand where feature_names= would (the same words as the test above)
+    v = verbalize(subject, x, Explanation(maps=m, method="gradxinput", signed=True, layout="BF"), random_regions=0)
+    assert subject.feature_names == names and "bmi (+0.41), bp (-0.22) and s2 (+0.10)" in v.text
+    assert sk.explain(subject, x, "saliency").maps.shape == (1, 5)
+    with pytest.raises(SaliencyError, match="5 feature_names but the input is \\(1, 4\\)"):
+        sk.explain(sk.Subject(nn.Linear(4, 2), layout="BF", feature_names=names), torch.randn(1, 4), "saliency")
+    with pytest.raises(SaliencyError, match="feature_names must be a list of names for a layout='BF'"):
+        sk.Subject(nn.Linear(5, 2), layout="BCT", feature_names=names)
+    with pytest.raises(SaliencyError, match="feature_names must be a list"):
+        sk.Subject(nn.Linear(5, 2), layout="BF", feature_names="age")
+
+
 def test_layout_words_refuse_what_they_cannot_do():
     subject, x = _series_case()
     m = Explanation(maps=torch.rand(1, 100), method="occlusion", signed=False, layout="BCT")
