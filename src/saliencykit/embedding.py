@@ -10,7 +10,9 @@ channel axis, the positions the time axis). The view's forward runs the model on
 embedding's output replaced by z (`hooks.forward_at`: a forward hook acting on this thread only,
 removed in `finally`), so the gradient methods attribute at the embedding and the map, the
 channel reduction, is one value per token `[B,T]` (`reduce="sum"`, gradient x input's and IG's
-default: the sum over the embedding dimension).
+default: the sum over the embedding dimension). Occlusion runs on the same view, forward only: by
+default each token alone (`patch=1, stride=1`) is replaced by the baseline embedding, and its map
+is the score drop per token; `patch=k` occludes windows of k tokens.
 
 `Subject` checks the name (`subject.check_embedding`) and keeps integer inputs as given (`subject.check_ids`).
 The "black" baseline of the view is zeros in embedding space, or the embedding of the ids all set
@@ -30,9 +32,12 @@ from .errors import SaliencyError
 from .hooks import forward_at
 from .subject import Subject, extract_logits
 
-# the methods that take gradients at the input and nothing else; the others read the input as a
-# signal (windows, segments, blurs, spectra) or the model's layers, which token embeddings are not
-EMBEDDING_METHODS = ("saliency", "gradxinput", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients")
+# the methods that take gradients at the input and nothing else, and occlusion, which replaces
+# windows of tokens (one token by default) by the baseline embedding; the others read the input
+# as a signal (segments, blurs, spectra, smooth masks) or the model's layers, which token
+# embeddings are not
+EMBEDDING_METHODS = ("saliency", "gradxinput", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients",
+                     "occlusion")
 
 
 def _replaced(out, z: torch.Tensor, flat: bool):
@@ -60,6 +65,8 @@ def embedding_view(subject, ids: torch.Tensor, methods=()):
 class EmbeddingView(Subject):
     """What `sk.explain` sees of a subject with an embedding: its input is the embedding's output
     `[B,D,T]` for the ids it was made for; everything else (labels, layers, eval mode) is the subject's."""
+
+    token_view = True   # occlusion's defaults: one token at a time, replaced by the baseline embedding
 
     def __init__(self, subject, ids: torch.Tensor):   # no Subject.__init__: the subject's settings as they are
         self.__dict__.update(subject.__dict__)

@@ -95,6 +95,46 @@ def test_baseline_token_is_the_embedding_of_that_id():
     assert torch.allclose(ours.maps.sum(1), gap, rtol=0, atol=1e-12)    # completeness from that baseline
 
 
+class OnEmbedding(nn.Module):
+    """The Bag model from its embedding's output on: what Captum explains where we explain the ids."""
+
+    def __init__(self, bag):
+        super().__init__()
+        self.bag = bag
+
+    def forward(self, e):                    # e [B,T,D]
+        return self.bag.head(torch.tanh(e).mean(1))
+
+
+@pytest.mark.parametrize("token", [None, 5])
+def test_occlusion_of_tokens_agrees_with_captum_feature_ablation(token):
+    """Occlusion through the embedding replaces one token at a time by the baseline embedding (zeros,
+    or the baseline token's); Captum's FeatureAblation on the embedding output, one feature group
+    per token, computes the same drops (the same float64 forwards; our maps are stored in float32, so
+    1e-6 of the largest drop: float32 rounding is 6e-8 of it)."""
+    captum = pytest.importorskip("captum.attr")
+    model = _bag()
+    ids = _ids(seed=4)
+    subject = sk.Subject(model, embedding="emb", baseline_token=token)
+    before = subject.state_fingerprint()
+    ours = sk.explain(subject, ids, "occlusion", target=sk.Class(2))
+    assert ours.maps.shape == (3, 7) and ours.params["patch"] == 1 and ours.params["stride"] == 1
+    with torch.no_grad():
+        e = model.emb(ids)
+        base = torch.zeros(6, dtype=torch.float64) if token is None else model.emb.weight[token]
+    groups = torch.arange(7).view(1, 7, 1).expand_as(e)          # every element of token t in group t
+    theirs = captum.FeatureAblation(OnEmbedding(model)).attribute(e, baselines=base.view(1, 1, 6).expand_as(e),
+                                                                  target=2, feature_mask=groups)
+    tol = 1e-6 * float(theirs.abs().max())
+    assert torch.allclose(ours.maps.double(), theirs[..., 0], rtol=0, atol=tol)
+    # windows of two tokens at stride 1: Captum's Occlusion averages the drops of the windows covering a token
+    two = sk.explain(subject, ids, "occlusion", target=sk.Class(2), patch=2, stride=1)
+    occ = captum.Occlusion(OnEmbedding(model)).attribute(e, sliding_window_shapes=(2, 6), strides=(1, 6),
+                                                         baselines=base.view(1, 1, 6).expand_as(e), target=2)
+    assert torch.allclose(two.maps.double(), occ[..., 0].double(), rtol=0, atol=tol)   # Captum divides in float32
+    assert_same_state(before, subject.state_fingerprint())
+
+
 def test_bool_flags_through_a_module_of_one_number_per_position():
     class Flags(nn.Module):                      # bool [B,F] -> one float per flag
         def __init__(self):
@@ -155,8 +195,8 @@ def test_refusals_name_the_fix():
     subject = sk.Subject(model, embedding="emb")
     with pytest.raises(SaliencyError, match="batch axis"):
         sk.explain(subject, ids[0], "saliency")
-    with pytest.raises(SaliencyError, match="occlusion cannot explain integer inputs.*use saliency"):
-        sk.explain(subject, ids, "occlusion")
+    with pytest.raises(SaliencyError, match="rise cannot explain integer inputs.*use saliency.*occlusion"):
+        sk.explain(subject, ids, "rise")
     # a float input to a subject that reads ids would fail inside torch's embedding lookup
     with pytest.raises(SaliencyError, match="input is torch.float32, but this subject reads token ids"):
         sk.explain(subject, torch.randn(2, 7), "saliency")

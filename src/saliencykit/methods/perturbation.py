@@ -99,13 +99,19 @@ class Occlusion(Method):
                    "score drop s(x) - s(x_occluded); each pixel gets the mean drop of the windows covering "
                    "it (Zeiler & Fergus 2014). baseline: 'mean' (0 in normalised space), 'zero', 'blur' "
                    "or a tensor. patch/stride: an int or one per axis; None: 15 and 8 (images, series, "
-                   "volumes, clips), 1 and 1 on feature vectors (each feature ablated alone).")
+                   "volumes, clips), 1 and 1 on feature vectors and on token ids through an embedding (each "
+                   "feature / token alone; a token's default baseline is the baseline embedding).")
 
     layouts = ("BCHW", "BCT", "BCDHW", "BTCHW", "BF")
 
     def run(self, ctx, target, layer, patch=None, stride=None, baseline="mean", output=None):
-        # one sliding-window occlusion for every layout (methods.along_axes)
-        flat = ctx.layout == "BF"
+        # one sliding-window occlusion for every layout (methods.along_axes); token ids seen through
+        # their embedding (`embedding.EmbeddingView`) are occluded one token at a time by default,
+        # each replaced by the baseline embedding (zeros, or the subject's baseline_token's)
+        tokens = getattr(ctx.subject, "token_view", False)
+        flat = ctx.layout == "BF" or tokens
+        if tokens and isinstance(baseline, str) and baseline == "mean":
+            baseline = "black"
         patch = (1 if flat else 15) if patch is None else patch
         stride = (1 if flat else 8) if stride is None else stride
         out = occlusion_along_axes(ctx, target, patch, stride, _output(target, output), _baseline(ctx, baseline))
