@@ -12,7 +12,9 @@ removed in `finally`), so the gradient methods attribute at the embedding and th
 channel reduction, is one value per token `[B,T]` (`reduce="sum"`, gradient x input's and IG's
 default: the sum over the embedding dimension). Occlusion runs on the same view, forward only: by
 default each token alone (`patch=1, stride=1`) is replaced by the baseline embedding, and its map
-is the score drop per token; `patch=k` occludes windows of k tokens.
+is the score drop per token; `patch=k` occludes windows of k tokens. KernelSHAP and LIME take
+each token as one feature (`segments=[T]` labels group them), hidden tokens taking the baseline
+embedding.
 
 `Subject` checks the name (`subject.check_embedding`) and keeps integer inputs as given (`subject.check_ids`).
 The "black" baseline of the view is zeros in embedding space, or the embedding of the ids all set
@@ -32,12 +34,12 @@ from .errors import SaliencyError
 from .hooks import forward_at
 from .subject import Subject, extract_logits
 
-# the methods that take gradients at the input and nothing else, and occlusion, which replaces
-# windows of tokens (one token by default) by the baseline embedding; the others read the input
-# as a signal (segments, blurs, spectra, smooth masks) or the model's layers, which token
-# embeddings are not
+# the methods that take gradients at the input and nothing else, and occlusion, KernelSHAP and LIME,
+# which replace tokens (one token each by default) by the baseline embedding; the others read the
+# input as a signal (blurs, spectra, smooth masks) or the model's layers, which token embeddings
+# are not
 EMBEDDING_METHODS = ("saliency", "gradxinput", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients",
-                     "occlusion")
+                     "occlusion", "kernelshap", "lime")
 
 
 def _replaced(out, z: torch.Tensor, flat: bool):

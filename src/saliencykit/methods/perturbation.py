@@ -108,10 +108,8 @@ class Occlusion(Method):
         # one sliding-window occlusion for every layout (methods.along_axes); token ids seen through
         # their embedding (`embedding.EmbeddingView`) are occluded one token at a time by default,
         # each replaced by the baseline embedding (zeros, or the subject's baseline_token's)
-        tokens = getattr(ctx.subject, "token_view", False)
-        flat = ctx.layout == "BF" or tokens
-        if tokens and isinstance(baseline, str) and baseline == "mean":
-            baseline = "black"
+        flat = ctx.layout == "BF" or getattr(ctx.subject, "token_view", False)
+        baseline = _token_baseline(ctx, baseline, "mean")
         patch = (1 if flat else 15) if patch is None else patch
         stride = (1 if flat else 8) if stride is None else stride
         out = occlusion_along_axes(ctx, target, patch, stride, _output(target, output), _baseline(ctx, baseline))
@@ -288,7 +286,17 @@ def _paint(coef: list[torch.Tensor], seg: torch.Tensor) -> torch.Tensor:
     return torch.stack([c.to(seg.device).float()[seg[i]] for i, c in enumerate(coef)])
 
 
+def _token_baseline(ctx, baseline, default):
+    """Token ids seen through their embedding (`embedding.EmbeddingView`): a method's default
+    baseline means the baseline embedding there (zeros, or the subject's baseline_token's)."""
+    if getattr(ctx.subject, "token_view", False) and isinstance(baseline, str) and baseline == default:
+        return "black"
+    return baseline
+
+
 def _segment_params(ctx, n_segments, segments, compactness):
+    if getattr(ctx.subject, "token_view", False) and segments is None:   # token ids: each token alone
+        return series_segments(ctx.x, ctx.x.shape[-1], None)
     if ctx.layout == "BCT":   # a series: time segments
         return series_segments(ctx.x, n_segments, segments)
     if ctx.layout in ("BCDHW", "BTCHW"):   # a volume or a clip: supervoxels
@@ -318,7 +326,8 @@ class Lime(Method):
                    "default (n_segments), or segments=[H,W] labels. surrogate='lasso' fits scikit-learn's "
                    "weighted Lasso instead (Captum's default surrogate; alpha defaults to 0.01 there). Series: equal "
                    "time segments; volumes and clips: SLIC supervoxels; feature vectors: each feature alone (hidden ones "
-                   "take 0) or segments=[F] groups.")
+                   "take 0) or segments=[F] groups; token ids through an embedding: each token alone, hidden ones "
+                   "take the baseline embedding.")
     #: alpha of each surrogate when none is given (ridge: LIME's; lasso: Captum's SkLearnLasso default)
     DEFAULT_ALPHA = {"ridge": 1.0, "lasso": 0.01}
 
@@ -335,6 +344,7 @@ class Lime(Method):
         out = _output(target, output)
         seg, counts = _segment_params(ctx, n_segments, segments, compactness)
         b, mmax = len(counts), max(counts)
+        baseline = _token_baseline(ctx, baseline, "segment_mean")
         if baseline == "segment_mean" and ctx.layout == "BF" and segments is None:
             baseline = "mean"   # a feature alone is its own mean: hidden features take 0 instead
         base = (_segment_baseline(ctx.x.detach(), seg, counts, channel_axis(ctx.layout)) if baseline == "segment_mean"
@@ -417,7 +427,8 @@ class KernelShap(Method):
     description = ("KernelSHAP on superpixels (Lundberg & Lee 2017): Shapley-kernel weighted least squares "
                    "with phi_0 = f(baseline) and sum(phi) = f(x) - f(baseline) imposed exactly; all "
                    "coalitions when 2^M - 2 <= n_samples (exact Shapley values), else kernel-distributed "
-                   "paired samples. Hidden superpixels take the baseline ('mean' = 0 in normalised space).")
+                   "paired samples. Hidden superpixels take the baseline ('mean' = 0 in normalised space; token ids "
+                   "through an embedding: each token alone, hidden ones take the baseline embedding).")
 
     def run(self, ctx, target, layer, n_samples=1000, n_segments=50, segments=None, compactness=10.0,
             baseline="mean", output=None):
@@ -425,6 +436,7 @@ class KernelShap(Method):
         out = _output(target, output)
         seg, counts = _segment_params(ctx, n_segments, segments, compactness)
         b, mmax = len(counts), max(counts)
+        baseline = _token_baseline(ctx, baseline, "mean")
         base = (_segment_baseline(ctx.x.detach(), seg, counts, channel_axis(ctx.layout)) if baseline == "segment_mean"
                 else _baseline(ctx, baseline))
         g = generator(ctx.seed)
