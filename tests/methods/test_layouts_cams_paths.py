@@ -16,7 +16,7 @@ import saliencykit as sk
 from saliencykit.errors import SaliencyError
 from saliencykit.methods.cam import _cluster_filter
 
-from layout_models import features, flat_mlp, series_cnn, volume_cnn  # noqa: F401
+from layout_models import FrameNet, clip, clip_subject, features, flat_mlp, series_cnn, volume_cnn  # noqa: F401
 
 
 def case(kind, stride=2):
@@ -130,6 +130,40 @@ def test_iia_is_the_image_path_on_a_one_pixel_high_map(kind):
     one = sk.explain(s, x, "iia", layer="1", steps=2)
     two = sk.explain(twin, img, "iia", layer="1", steps=2)
     torch.testing.assert_close(one.raw.reshape(two.raw.shape), two.raw, rtol=1e-6, atol=1e-9)
+
+
+def _frame_net_from(net, x, replace):
+    """FrameNet's forward with its conv output z [B*T,C,h,w] replaced by replace(z) (a leaf)."""
+    z = replace(net.conv(x.flatten(0, 1)).detach()).requires_grad_(True)
+    out = net.fc(torch.relu(z).mean((2, 3)).view(x.shape[0], x.shape[1], -1).mean(1))
+    return z, out
+
+
+def test_iia_and_dix_on_a_frame_by_frame_clip_layer(clip):  # noqa: F811
+    # a clip's frame-by-frame conv output [B*T,C,h,w]: the rows' betas reach all their frames and
+    # the maps come back as [B,T,h,w]. IIA with one step (right rule: alpha = beta = 1) is
+    # ReLU(dS/dz * z) at the clean clip, channel-summed; DIX with one step and the "min" baseline is
+    # the mean of that term at z and at m, each channel's minimum over all frames and positions
+    # (float64 by hand, float32 raw maps: 1e-5)
+    s = clip_subject(FrameNet())
+    net, cls = s.model, [0, 2]
+    rows = torch.tensor(cls)
+
+    def term(replace):
+        z, out = _frame_net_from(net, clip, replace)
+        g, = torch.autograd.grad(out.gather(1, rows[:, None]).sum(), z)
+        return (g * z).detach().clamp_min(0).sum(1).view(2, 4, 3, 3)
+
+    e = sk.explain(s, clip, "iia", target=cls, layer="conv", steps=1)
+    assert e.maps.shape == (2, 4, 6, 6)
+    torch.testing.assert_close(e.raw.double(), term(lambda z: z), rtol=1e-5, atol=1e-9)
+
+    def to_min(z):
+        m = z.view(2, 4, *z.shape[1:]).amin(dim=(1, 3, 4), keepdim=True)
+        return m.expand(2, 4, -1, 1, 1).reshape(8, -1, 1, 1).expand_as(z).clone()
+
+    d = sk.explain(s, clip, "dix", target=cls, layer="conv", steps=1, baseline="min")
+    torch.testing.assert_close(d.raw.double(), (term(lambda z: z) + term(to_min)) / 2, rtol=1e-5, atol=1e-9)
 
 
 def test_layer_methods_refuse_a_flat_input_saying_why(features):  # noqa: F811

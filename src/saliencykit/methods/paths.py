@@ -343,11 +343,14 @@ class _ReplaceOutput:
     """Forward hook replacing the output `a` of the module's `call`-th call in a forward pass by
     `base + beta * (a - base)` per row, as a leaf tensor whose gradient is then taken. `base` is
     zero ("zero") or the per-channel spatial minimum of `a` ("min"; over a token output's tokens,
-    over a series' or a volume's layer axes when `along_axes`)."""
+    over a series', a volume's or a clip's layer axes when `along_axes`). With `frames` (a clip of
+    that many frames), a frame-by-frame layer's `[rows*T,C,h,w]` output takes each row's beta on
+    all its frames and its minimum over all of them."""
 
-    def __init__(self, module, beta: torch.Tensor, base: str, call: int, along_axes: bool = False):
+    def __init__(self, module, beta: torch.Tensor, base: str, call: int, along_axes: bool = False,
+                 frames: int | None = None):
         self.module, self.beta, self.base, self.call = module, beta, base, call
-        self.along_axes = along_axes
+        self.along_axes, self.frames = along_axes, frames
         self.calls = 0
         self.tensor: torch.Tensor | None = None
 
@@ -358,12 +361,18 @@ class _ReplaceOutput:
         if not isinstance(out, torch.Tensor):
             raise SaliencyError("the chosen layer does not output a single tensor")
         a = out.detach()
+        rows = self.beta.shape[0]
+        folded = self.frames is not None and a.dim() == 4 and a.shape[0] == rows * self.frames
         if self.base == "zero":
             base = torch.zeros_like(a)
+        elif folded:   # each row's channel minimum over its frames' positions
+            per_row = a.reshape(rows, self.frames, *a.shape[1:]).amin(dim=(1, 3, 4), keepdim=True)
+            base = per_row.expand(rows, self.frames, -1, 1, 1).reshape(rows * self.frames, -1, 1, 1)
         else:
             dims = tuple(range(2, a.dim())) if a.dim() == 4 or self.along_axes else (1,)
             base = a.amin(dim=dims, keepdim=True)
-        beta = self.beta.to(a.device, a.dtype).view(-1, *([1] * (a.dim() - 1)))
+        beta = self.beta.repeat_interleave(self.frames) if folded else self.beta
+        beta = beta.to(a.device, a.dtype).view(-1, *([1] * (a.dim() - 1)))
         self.tensor = (base + beta * (a - base)).requires_grad_(True)
         return self.tensor
 
@@ -397,7 +406,9 @@ def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torc
     out = None
     for start, stop in spans(inputs.shape[0], bs):
         sl = slice(start, stop)
-        rep = _ReplaceOutput(module, betas[sl], base, n_calls - 1, along_axes=ctx.layout in ("BCT", "BCDHW"))
+        frames = ctx.x.shape[1] if ctx.layout == "BTCHW" else None
+        rep = _ReplaceOutput(module, betas[sl], base, n_calls - 1, along_axes=ctx.layout in ("BCT", "BCDHW", "BTCHW"),
+                             frames=frames)
         with torch.enable_grad(), rep:
             logits = ctx.subject.forward(inputs[sl].detach())
             if rep.tensor is None:
@@ -407,7 +418,11 @@ def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torc
             (g,) = torch.autograd.grad(score.sum(), r, allow_unused=True)
         ctx.counter.add(forward=inputs[sl].shape[0], backward=inputs[sl].shape[0])
         g = torch.zeros_like(r) if g is None else g
-        e = as_grid(ctx, name, g.detach() * r.detach()).double()
+        e = g.detach() * r.detach()
+        n = inputs[sl].shape[0]
+        if frames is not None and e.dim() == 4 and e.shape[0] == n * frames:   # a clip's frame-by-frame layer
+            e = e.reshape(n, frames, *e.shape[1:]).transpose(1, 2)
+        e = as_grid(ctx, name, e).double()
         if relu:
             e = e.clamp_min(0)
         e = e.sum(1) * weights[sl].to(e.device, torch.float64).view(-1, *([1] * (e.dim() - 2)))
@@ -516,9 +531,8 @@ class IIA(Method):
                 "path": "auto", "batch_size": None}
     # the representation path is per location of a layer map, any number of axes (a series' or a
     # volume's layer, upsampled linearly / trilinearly: torch has no 1-D / 3-D bicubic)
-    layouts = ("BCHW", "BCT", "BCDHW")
-    not_for = {"BF": "IIA integrates a layer map and a flat input's layers have no axes to map",
-               "BTCHW": "the representation path is not built for a clip's frame-by-frame layers yet"}
+    layouts = ("BCHW", "BCT", "BCDHW", "BTCHW")
+    not_for = {"BF": "IIA integrates a layer map and a flat input's layers have no axes to map"}
 
     def run(self, ctx, target, layer, steps=5, rule="riemann_right", baseline="mean", relu=True,
             upsample="bicubic", path="auto", batch_size=None):
@@ -570,8 +584,7 @@ class DIX(Method):
                    "a_t = a' + (t/T)(a - a'), t = 0..T, of ReLU(dS/da(a_t) * a_t) at one layer; channel sum.")
     defaults = {"steps": 4, "baseline": "zero", "relu": True, "upsample": "bicubic", "batch_size": None}
     layouts = IIA.layouts
-    not_for = {"BF": "DIX integrates a layer map and a flat input's layers have no axes to map",
-               "BTCHW": IIA.not_for["BTCHW"]}
+    not_for = {"BF": "DIX integrates a layer map and a flat input's layers have no axes to map"}
 
     def run(self, ctx, target, layer, steps=4, baseline="zero", relu=True, upsample="bicubic", batch_size=None):
         positive_int(steps, "steps")
