@@ -6,7 +6,8 @@ layout_models.py):
   filter on a map one pixel high (DBSCAN sees the same channel vectors);
 * IIA's iterated integral and DIX's mean along the layer path have closed forms at the layer that
   feeds global average pooling + a linear head (as tests/methods/test_paths.py checks on images);
-  DIX's "min" baseline is the per-channel minimum over the layer's time steps / voxels.
+  DIX's "min" baseline is the per-channel minimum over the layer's time steps / voxels;
+* on a clip's frame-by-frame layer, IIA's and DIX's one-step forms written out by hand.
 """
 import pytest
 import torch

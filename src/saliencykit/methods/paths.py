@@ -529,8 +529,8 @@ class IIA(Method):
                    "ReLU(dS/dA * A) of every block averaged, then rollout; CLS row on the patch grid.")
     defaults = {"steps": 5, "rule": "riemann_right", "baseline": "mean", "relu": True, "upsample": "bicubic",
                 "path": "auto", "batch_size": None}
-    # the representation path is per location of a layer map, any number of axes (a series' or a
-    # volume's layer, upsampled linearly / trilinearly: torch has no 1-D / 3-D bicubic)
+    # the representation path is per location of a layer map, any number of axes (a series', a
+    # volume's or a clip's layer, upsampled linearly / trilinearly: torch has no 1-D / 3-D bicubic)
     layouts = ("BCHW", "BCT", "BCDHW", "BTCHW")
     not_for = {"BF": "IIA integrates a layer map and a flat input's layers have no axes to map"}
 

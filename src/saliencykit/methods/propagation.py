@@ -10,7 +10,9 @@ FullGrad (`fullgrad`)
     hidden biases). Map: `normalisation="official"` (default; |.|, per-sample min-max over the
     whole tensor, bilinear upsampling with align_corners=True, sum over channels and layers) or
     `"grad_cam_lib"` (|.|, min-max per channel, bilinear align_corners=False, sum; the variant of
-    pytorch-grad-cam). Only spatial bias-gradients enter the map; all enter completeness.
+    pytorch-grad-cam). Only spatial bias-gradients enter the map; all enter completeness. A series'
+    or a volume's terms are upsampled linearly / trilinearly; a clip's frame-by-frame layer
+    `[B*T,C,h,w]` gets its frames back on the time axis first.
 
 NormGrad (`normgrad`)
     From the layer capture shared with the CAMs: activation `a(u)` and gradient `g(u)` per location.
