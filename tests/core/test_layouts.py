@@ -197,8 +197,11 @@ def test_layout_mismatch_and_ambiguity_are_refused(series, volume):
 
 def test_methods_that_cannot_apply_refuse_naming_the_layout(series):
     s = sk.Subject(series_cnn(), layout="BCT")
-    for method in ("xrai", "cf_cam", "meaningful_perturbation", "fullgrad", "extremal_perturbation"):
-        with pytest.raises(SaliencyError, match=f"{method}.* cannot explain a BCT input.*for BCT use .*saliency"):
+    # each refusal says why the method cannot read the layout (Method.not_for)
+    for method, why in (("xrai", "needs image segments"), ("meaningful_perturbation", "28x28 mask"),
+                        ("extremal_perturbation", "height and width"), ("legrad", "patch tokens"),
+                        ("attention_rollout", "patch tokens")):
+        with pytest.raises(SaliencyError, match=f"{method}.* cannot explain a BCT input.*{why}.*for BCT use .*saliency"):
             sk.explain(s, series, method)
     with pytest.raises(SaliencyError, match="xrai.* cannot explain a BF input.*for BF use .*occlusion"):
         sk.explain(sk.Subject(flat_mlp(), layout="BF"), torch.randn(2, 6, dtype=torch.float64), "xrai")

@@ -413,26 +413,32 @@ def eigen_projection(A: torch.Tensor, sign_correction: bool = True) -> torch.Ten
 
 # =========================================================================== CF-CAM
 def _cluster_filter(gbar: torch.Tensor, spatial_sigma: float, range_sigma: float | None) -> torch.Tensor:
-    """Filter a cluster's mean gradient map [h,w] with a normalised h x w kernel: a spatial Gaussian
-    centred on the map times (unless range_sigma is None) a range term exp(-(g - mean g)^2 / 2 rs^2);
-    2-D convolution with 'same' padding."""
-    h, w = gbar.shape
-    yy = torch.arange(h, dtype=gbar.dtype, device=gbar.device) - h // 2
-    xx = torch.arange(w, dtype=gbar.dtype, device=gbar.device) - w // 2
-    r2 = yy.view(-1, 1) ** 2 + xx.view(1, -1) ** 2
+    """Filter a cluster's mean gradient map ([h,w]; a series' [t], a volume's or a clip's [d,h,w])
+    with a normalised kernel of the map's size: a Gaussian of the distance to the map's centre
+    times (unless range_sigma is None) a range term exp(-(g - mean g)^2 / 2 rs^2); convolution
+    over the map's axes with 'same' zero padding."""
+    shape = tuple(gbar.shape)
+    nd = len(shape)
+    r2 = None
+    for i, n in enumerate(shape):       # squared distance to the centre, one axis at a time
+        c = (torch.arange(n, dtype=gbar.dtype, device=gbar.device) - n // 2) ** 2
+        c = c.view(*([1] * i), n, *([1] * (nd - i - 1)))
+        r2 = c if r2 is None else r2 + c
     k = torch.exp(-r2 / (2 * spatial_sigma ** 2))
     if range_sigma is not None:
         k = k * torch.exp(-(gbar - gbar.mean()) ** 2 / (2 * range_sigma ** 2))
     k = k / k.sum().clamp_min(1e-30)
-    # 'same' zero padding, the extra row/column of an even kernel on the far side
-    pad = ((w - 1) // 2, (w - 1) - (w - 1) // 2, (h - 1) // 2, (h - 1) - (h - 1) // 2)
-    return F.conv2d(F.pad(gbar.view(1, 1, h, w), pad), k.view(1, 1, h, w))[0, 0]
+    # 'same' zero padding, the extra row/column of an even kernel on the far side (last axis first)
+    pad = tuple(p for n in reversed(shape) for p in ((n - 1) // 2, (n - 1) - (n - 1) // 2))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    return conv(F.pad(gbar.view(1, 1, *shape), pad), k.view(1, 1, *shape))[0, 0]
 
 
 def cf_cam_map(A: torch.Tensor, G: torch.Tensor, spatial_sigma: float = 5.0, range_sigma: float | None = 0.1,
                importance_percentile: float = 75.0, eps_percentile: float = 25.0,
                min_samples_fraction: float = 0.05) -> tuple[torch.Tensor, dict]:
-    """CF-CAM of one example from activations and gradients [C,h,w] -> ReLU map [h,w] and info.
+    """CF-CAM of one example from activations and gradients [C,h,w] -> ReLU map [h,w] and info
+    (a series' [C,t] -> [t], a volume's [C,d,h,w] -> [d,h,w]).
 
     Important channels (activation norm >= the 75th percentile) keep the mean gradient as weight;
     the others are clustered with scikit-learn's DBSCAN (Euclidean, eps = 25th percentile of the
@@ -449,7 +455,8 @@ def cf_cam_map(A: torch.Tensor, G: torch.Tensor, spatial_sigma: float = 5.0, ran
     norms = vec.norm(dim=1)
     important = norms >= torch.quantile(norms, importance_percentile / 100.0)
     weights = torch.full((c,), float("nan"), dtype=torch.float64)
-    weights[important] = G[important].mean((1, 2))
+    axes = tuple(range(1, A.dim()))
+    weights[important] = G[important].mean(axes)
     rest = torch.nonzero(~important).flatten()
     n_clusters = 0
     if rest.numel() >= 2:
@@ -466,7 +473,7 @@ def cf_cam_map(A: torch.Tensor, G: torch.Tensor, spatial_sigma: float = 5.0, ran
             n_clusters += 1
     valid = ~torch.isnan(weights)
     w = torch.softmax(weights[valid], 0)
-    cam = torch.relu((w.view(-1, 1, 1) * A[valid]).sum(0))
+    cam = torch.relu((w.view(-1, *([1] * len(axes))) * A[valid]).sum(0))
     info = {"clusters": n_clusters, "important": int(important.sum()), "noise": int(c - valid.sum())}
     return cam, info
 
@@ -479,7 +486,10 @@ class CFCAM(Method):
     cost = "1F+1B"
     uses_layer = True
     description = ("CF-CAM: high-norm channels weighted by mean gradient, the rest clustered with DBSCAN "
-                   "(scikit-learn) and weighted by filtered cluster gradients; softmax weights; map / max.")
+                   "(scikit-learn) and weighted by filtered cluster gradients; softmax weights; map / max. "
+                   "Series, volumes and clips too: the cluster filter is a Gaussian over the layer map's axes.")
+    layouts = _GradCamBase.layouts
+    not_for = _GradCamBase.not_for
     defaults = {"spatial_sigma": 5.0, "range_sigma": 0.1, "importance_percentile": 75.0,
                 "eps_percentile": 25.0, "min_samples_fraction": 0.05}
 
@@ -503,7 +513,7 @@ class CFCAM(Method):
             raws.append(m.float().to(A.device))
             infos.append(info)
         raw = torch.stack(raws)
-        maps = upsample(raw, ctx.x.shape[-2:])
-        peak = maps.reshape(maps.shape[0], -1).amax(1).view(-1, 1, 1)
+        maps = upsample(raw, map_size(ctx))
+        peak = maps.reshape(maps.shape[0], -1).amax(1).view(-1, *([1] * (maps.dim() - 1)))
         maps = torch.where(peak > 0, maps / peak.clamp_min(1e-30), maps)
         return {"maps": maps, "raw": raw, "layer": names[0], "extras": {"clusters": infos}}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SaliencyError
-from .base import Method, register
+from .base import ANY_LAYOUT, Method, register
 from .propagation import LRP, lrp_relevance
 
 
@@ -54,15 +54,16 @@ def bank_share_mask(basis: torch.Tensor, k: int):
     projector = W.T @ torch.linalg.pinv(W @ W.T)                                    # [C, K]
 
     def mask_fn(out):
-        if out.dim() != 4:
-            raise SaliencyError(f"conditioning on a concept bank needs a feature map [B,C,h,w], got {tuple(out.shape)}")
+        if out.dim() < 2:
+            raise SaliencyError(f"conditioning on a concept bank needs a layer output [B,C,...], got {tuple(out.shape)}")
         if out.shape[1] != W.shape[1]:
             raise SaliencyError(f"the bank has {W.shape[1]} channels and the layer has {out.shape[1]}: the bank "
                                 "was made on another model or layer")
         a = out.double().clamp(min=0)
         Wd, P = W.to(a.device), projector.to(a.device)
-        u = torch.einsum("bchw,ck->bkhw", a, P).clamp(min=0)
-        parts = torch.einsum("bkhw,kc->bkchw", u, Wd)                              # [B, K, C, h, w]
+        # any axes after the channel axis: a series' [B,C,t], an image's [B,C,h,w], a volume's [B,C,d,h,w]
+        u = torch.einsum("bc...,ck->bk...", a, P).clamp(min=0)
+        parts = torch.einsum("bk...,kc->bkc...", u, Wd)                            # [B, K, C, ...]
         total = parts.sum(1)
         share = torch.where(total > 0, parts[:, k] / torch.where(total > 0, total, torch.ones_like(total)),
                             torch.full_like(total, 1.0 / W.shape[0]))
@@ -106,7 +107,11 @@ class CRP(Method):
     defaults = {**LRP.defaults, "concept": None}
     requires = ("concept",)
     description = ("Concept relevance propagation (Achtibat et al. 2023): LRP whose relevance at a layer is "
-                   "restricted to chosen channels or to a concept bank direction before it reaches the input.")
+                   "restricted to chosen channels or to a concept bank direction before it reaches the input. "
+                   "Any layout LRP reads: the channels of a series', a volume's or a clip's layer, or the "
+                   "features of an MLP's layer.")
+    # the masks act on the layer output's channel axis (dim 1), whatever follows it
+    layouts = ANY_LAYOUT
 
     def run(self, ctx, target, layer, concept=None, reduce="sum", **lrp):
         from ..engine import reduce_channels
@@ -124,7 +129,7 @@ class CRP(Method):
                   "merged_batchnorm": [list(p) for p in out["merged"]]}
         if out["undefined"]:
             extras["gradient_through"] = out["undefined"]
-        return {"maps": reduce_channels(rel, reduce), "attributions": rel, "signed": reduce in ("sum", "mean"),
+        return {"maps": reduce_channels(rel, reduce, ctx.layout), "attributions": rel, "signed": reduce in ("sum", "mean"),
                 "extras": extras}
 
 

@@ -20,7 +20,7 @@ from ..engine import auto_batch, forward_logits, gradient_pass, spans, upsample
 from ..errors import SaliencyError, positive_int
 from ..hooks import this_thread_only
 from .base import ANY_LAYOUT, Method, register
-from .cam import as_grid, resolve_layers
+from .cam import as_grid, map_size, resolve_layers
 from ..filters import gaussian_blur, gaussian_kernels, separable, separable_axes
 from .gradient import _check_reduce, _maps, make_baseline
 
@@ -342,10 +342,15 @@ class GuidedIG(Method):
 class _ReplaceOutput:
     """Forward hook replacing the output `a` of the module's `call`-th call in a forward pass by
     `base + beta * (a - base)` per row, as a leaf tensor whose gradient is then taken. `base` is
-    zero ("zero") or the per-channel spatial minimum of `a` ("min")."""
+    zero ("zero") or the per-channel spatial minimum of `a` ("min"; over a token output's tokens,
+    over a series', a volume's or a clip's layer axes when `along_axes`). With `frames` (a clip of
+    that many frames), a frame-by-frame layer's `[rows*T,C,h,w]` output takes each row's beta on
+    all its frames and its minimum over all of them."""
 
-    def __init__(self, module, beta: torch.Tensor, base: str, call: int):
+    def __init__(self, module, beta: torch.Tensor, base: str, call: int, along_axes: bool = False,
+                 frames: int | None = None):
         self.module, self.beta, self.base, self.call = module, beta, base, call
+        self.along_axes, self.frames = along_axes, frames
         self.calls = 0
         self.tensor: torch.Tensor | None = None
 
@@ -356,12 +361,18 @@ class _ReplaceOutput:
         if not isinstance(out, torch.Tensor):
             raise SaliencyError("the chosen layer does not output a single tensor")
         a = out.detach()
+        rows = self.beta.shape[0]
+        folded = self.frames is not None and a.dim() == 4 and a.shape[0] == rows * self.frames
         if self.base == "zero":
             base = torch.zeros_like(a)
+        elif folded:   # each row's channel minimum over its frames' positions
+            per_row = a.reshape(rows, self.frames, *a.shape[1:]).amin(dim=(1, 3, 4), keepdim=True)
+            base = per_row.expand(rows, self.frames, -1, 1, 1).reshape(rows * self.frames, -1, 1, 1)
         else:
-            dims = tuple(range(2, a.dim())) if a.dim() == 4 else (1,)
+            dims = tuple(range(2, a.dim())) if a.dim() == 4 or self.along_axes else (1,)
             base = a.amin(dim=dims, keepdim=True)
-        beta = self.beta.to(a.device, a.dtype).view(-1, *([1] * (a.dim() - 1)))
+        beta = self.beta.repeat_interleave(self.frames) if folded else self.beta
+        beta = beta.to(a.device, a.dtype).view(-1, *([1] * (a.dim() - 1)))
         self.tensor = (base + beta * (a - base)).requires_grad_(True)
         return self.tensor
 
@@ -395,7 +406,9 @@ def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torc
     out = None
     for start, stop in spans(inputs.shape[0], bs):
         sl = slice(start, stop)
-        rep = _ReplaceOutput(module, betas[sl], base, n_calls - 1)
+        frames = ctx.x.shape[1] if ctx.layout == "BTCHW" else None
+        rep = _ReplaceOutput(module, betas[sl], base, n_calls - 1, along_axes=ctx.layout in ("BCT", "BCDHW", "BTCHW"),
+                             frames=frames)
         with torch.enable_grad(), rep:
             logits = ctx.subject.forward(inputs[sl].detach())
             if rep.tensor is None:
@@ -405,10 +418,14 @@ def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torc
             (g,) = torch.autograd.grad(score.sum(), r, allow_unused=True)
         ctx.counter.add(forward=inputs[sl].shape[0], backward=inputs[sl].shape[0])
         g = torch.zeros_like(r) if g is None else g
-        e = as_grid(ctx, name, g.detach() * r.detach()).double()
+        e = g.detach() * r.detach()
+        n = inputs[sl].shape[0]
+        if frames is not None and e.dim() == 4 and e.shape[0] == n * frames:   # a clip's frame-by-frame layer
+            e = e.reshape(n, frames, *e.shape[1:]).transpose(1, 2)
+        e = as_grid(ctx, name, e).double()
         if relu:
             e = e.clamp_min(0)
-        e = e.sum(1) * weights[sl].to(e.device, torch.float64).view(-1, 1, 1)
+        e = e.sum(1) * weights[sl].to(e.device, torch.float64).view(-1, *([1] * (e.dim() - 2)))
         if out is None:
             out = torch.zeros((ctx.batch, *e.shape[1:]), dtype=torch.float64, device=e.device)
         out.index_add_(0, rows[sl], e)
@@ -512,6 +529,10 @@ class IIA(Method):
                    "ReLU(dS/dA * A) of every block averaged, then rollout; CLS row on the patch grid.")
     defaults = {"steps": 5, "rule": "riemann_right", "baseline": "mean", "relu": True, "upsample": "bicubic",
                 "path": "auto", "batch_size": None}
+    # the representation path is per location of a layer map, any number of axes (a series', a
+    # volume's or a clip's layer, upsampled linearly / trilinearly: torch has no 1-D / 3-D bicubic)
+    layouts = ("BCHW", "BCT", "BCDHW", "BTCHW")
+    not_for = {"BF": "IIA integrates a layer map and a flat input's layers have no axes to map"}
 
     def run(self, ctx, target, layer, steps=5, rule="riemann_right", baseline="mean", relu=True,
             upsample="bicubic", path="auto", batch_size=None):
@@ -531,7 +552,7 @@ class IIA(Method):
         k_idx = torch.arange(steps).repeat_interleave(steps * b)
         j_idx = torch.arange(steps).repeat_interleave(b).repeat(steps)
         ex = torch.arange(b).repeat(steps * steps)
-        a = alphas.to(x.device, x.dtype)[k_idx.to(x.device)].view(-1, 1, 1, 1)
+        a = alphas.to(x.device, x.dtype)[k_idx.to(x.device)].view(-1, *([1] * (x.dim() - 1)))
         inputs = base[ex] + a * (x[ex] - base[ex])
         weights = wa[k_idx] * wb[j_idx]
         if attention:
@@ -547,7 +568,7 @@ class IIA(Method):
         name = _layer_name(ctx, layer)
         raw = representation_path(ctx, target, name, inputs, ex.to(x.device), betas[j_idx], weights,
                                   "zero", relu, batch_size)
-        return {"maps": _upsample_map(raw, x.shape[-2:], upsample, relu), "raw": raw.float(), "layer": name,
+        return {"maps": _upsample_map(raw, map_size(ctx), upsample, relu), "raw": raw.float(), "layer": name,
                 "signed": not relu, "extras": {"path": "representation"}}
 
 
@@ -562,6 +583,8 @@ class DIX(Method):
     description = ("Deep Integrated Explanations (experimental, definition unconfirmed): mean over "
                    "a_t = a' + (t/T)(a - a'), t = 0..T, of ReLU(dS/da(a_t) * a_t) at one layer; channel sum.")
     defaults = {"steps": 4, "baseline": "zero", "relu": True, "upsample": "bicubic", "batch_size": None}
+    layouts = IIA.layouts
+    not_for = {"BF": "DIX integrates a layer map and a flat input's layers have no axes to map"}
 
     def run(self, ctx, target, layer, steps=4, baseline="zero", relu=True, upsample="bicubic", batch_size=None):
         positive_int(steps, "steps")
@@ -579,5 +602,5 @@ class DIX(Method):
             ex, betas, weights = ex[keep], betas[keep], weights[keep]
         raw = representation_path(ctx, target, name, x[ex], ex.to(x.device), betas, weights, baseline, relu,
                                   batch_size)
-        return {"maps": _upsample_map(raw, x.shape[-2:], upsample, relu), "raw": raw.float(), "layer": name,
+        return {"maps": _upsample_map(raw, map_size(ctx), upsample, relu), "raw": raw.float(), "layer": name,
                 "signed": not relu}

@@ -526,6 +526,10 @@ def pyramid_perturb(pyr: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @register
 class ExtremalPerturbation(Method):
     name = "extremal_perturbation"
+    not_for = dict.fromkeys(("BCT", "BCDHW", "BTCHW", "BF"),
+                            "its smooth masks (a max-convolution of a 2-D grid) and blur pyramid are defined on "
+                            "an image's height and width; on a series learned_mask and contralsp learn masks "
+                            "over time")
     aliases = ("extremal",)
     family = "perturbation"
     cost = "steps x (F+B) per area (300; 600 for 'dual')"
@@ -610,6 +614,9 @@ class ExtremalPerturbation(Method):
 @register
 class MeaningfulPerturbation(Method):
     name = "meaningful_perturbation"
+    not_for = dict.fromkeys(("BCT", "BCDHW", "BTCHW", "BF"),
+                            "its 28x28 mask, median blur and 2-D total variation are defined on an image; "
+                            "learned_mask is its counterpart over a series' time steps")
     aliases = ("meaningful",)
     family = "perturbation"
     cost = "steps x (F+B) (300)"

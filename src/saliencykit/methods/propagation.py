@@ -10,7 +10,9 @@ FullGrad (`fullgrad`)
     hidden biases). Map: `normalisation="official"` (default; |.|, per-sample min-max over the
     whole tensor, bilinear upsampling with align_corners=True, sum over channels and layers) or
     `"grad_cam_lib"` (|.|, min-max per channel, bilinear align_corners=False, sum; the variant of
-    pytorch-grad-cam). Only spatial bias-gradients enter the map; all enter completeness.
+    pytorch-grad-cam). Only spatial bias-gradients enter the map; all enter completeness. A series'
+    or a volume's terms are upsampled linearly / trilinearly; a clip's frame-by-frame layer
+    `[B*T,C,h,w]` gets its frames back on the time axis first.
 
 NormGrad (`normgrad`)
     From the layer capture shared with the CAMs: activation `a(u)` and gradient `g(u)` per location.
@@ -66,8 +68,9 @@ from torch import nn
 from ..engine import gradient_pass, upsample
 from ..errors import SaliencyError
 from ..hooks import GradientMask, model_lock, this_thread_only
+from ..subject import channel_axis
 from .base import ANY_LAYOUT, Method, register
-from .cam import as_grid, normalize01, resolve_layers
+from .cam import as_grid, map_size, normalize01, resolve_layers
 from .lrp_rules import ELEMENTWISE, RULES, PassThrough, RuleHooks
 
 RULE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -155,11 +158,21 @@ def full_gradient(subject, x: torch.Tensor, target, counter=None) -> dict:
             b = module.bias.detach()
         b = b.to(g.dtype).view(1, -1, *([1] * (g.dim() - 2)))
         term = g * b
-        total = total + term.flatten(1).sum(1)
+        # per example: a frame-by-frame layer's [B*T, ...] term holds T rows of each example
+        total = total + term.reshape(x.shape[0], -1).sum(1)
         terms.append((names.get(module, type(module).__name__), term, module))
     scores = scores.detach()
     return {"scores": scores, "input_term": input_term, "bias_terms": terms,
             "completeness_error": (total - scores).abs(), "total": total}
+
+
+def _term_grid(ctx, t: torch.Tensor) -> torch.Tensor | None:
+    """A bias term `[B,C,...]` on the input's axes, or None when it has none (a Linear's `[B,F]`,
+    tokens): a clip's frame-by-frame term `[B*T,C,h,w]` gets its frames back on a time axis."""
+    x = ctx.x
+    if ctx.layout == "BTCHW" and t.dim() == 4 and t.shape[0] == x.shape[0] * x.shape[1]:
+        return as_grid(ctx, "", t)
+    return t if t.dim() == x.dim() else None
 
 
 @register
@@ -172,7 +185,12 @@ class FullGrad(Method):
     defaults = {"normalisation": "official", "tolerance": 1e-3}
     description = ("Full-gradient representation (Srinivas & Fleuret 2019): |input-gradient x input| plus "
                    "|bias-gradient x bias| of every conv/BatchNorm layer (BatchNorm's implicit bias included), "
-                   "each min-max normalised, upsampled and summed. Completeness error reported in extras.")
+                   "each min-max normalised, upsampled and summed. Completeness error reported in extras. "
+                   "Series and volumes too: their layer terms are upsampled linearly / trilinearly.")
+    # the terms have the layer's axes, whatever their number, upsampled linearly / trilinearly
+    # (a clip's frame-by-frame layers get their frames back on a time axis, as for the CAMs)
+    layouts = ("BCHW", "BCT", "BCDHW", "BTCHW")
+    not_for = {"BF": "FullGrad sums bias-gradient maps upsampled to the input's axes, and a flat input has none"}
 
     def run(self, ctx, target, layer, normalisation="official", tolerance=1e-3):
         if normalisation not in ("official", "grad_cam_lib"):
@@ -181,10 +199,13 @@ class FullGrad(Method):
             raise SaliencyError(f"tolerance must be a non-negative number, got {tolerance!r}")
         x = ctx.x
         fg = full_gradient(ctx.subject, x, target, ctx.counter)
-        size = tuple(x.shape[-2:])
-        spatial = [(n, t) for n, t, _ in fg["bias_terms"] if t.dim() == x.dim()]
+        size = map_size(ctx)    # (H, W); a series' (T,), a volume's (D, H, W): linear / trilinear upsampling
+        spatial = [(n, g) for n, t, _ in fg["bias_terms"] if (g := _term_grid(ctx, t)) is not None]
+        # the input term with its channels at dim 1 (a clip's [B,T,C,H,W] -> [B,C,T,H,W])
+        ca = channel_axis(ctx.layout)
+        inp = fg["input_term"] if ca == 1 else fg["input_term"].movedim(ca, 1)
         if normalisation == "official":
-            maps = _minmax(fg["input_term"].abs(), 1e-6).sum(1)
+            maps = _minmax(inp.abs(), 1e-6).sum(1)
             for _, t in spatial:
                 # bilinear upsampling is linear: summing channels first gives the same map, C times cheaper
                 maps = maps + upsample(_minmax(t.abs(), 1e-6).sum(1), size, align_corners=True).to(maps.dtype)
@@ -192,7 +213,7 @@ class FullGrad(Method):
             def per_channel(t):
                 b, c = t.shape[:2]
                 return _minmax(t.abs().reshape(b * c, *t.shape[2:]), 1e-7).reshape(t.shape)
-            maps = per_channel(fg["input_term"]).sum(1)
+            maps = per_channel(inp).sum(1)
             for _, t in spatial:
                 maps = maps + upsample(per_channel(t).sum(1), size, align_corners=False).to(maps.dtype)
         err = fg["completeness_error"]
@@ -264,7 +285,12 @@ class NormGrad(Method):
     defaults = {"variant": "norm", "combine": "product", "meta": False, "meta_lr": 1e-4, "meta_negate": False}
     description = ("NormGrad (Rebuffi et al. 2020): ||gradient|| x ||activation|| per location of a layer "
                    "(virtual 1x1 conv); 'selective' variant; several layers combined by product of min-max "
-                   "normalised maps; optional meta-saliency (one SGD step on the target's cross-entropy).")
+                   "normalised maps; optional meta-saliency (one SGD step on the target's cross-entropy). "
+                   "Series, volumes and clips too (the layer map upsampled linearly / trilinearly).")
+    # norms over the channel axis of a layer map: any number of axes after it (a clip's layer as
+    # for the CAMs: a 3-D convolution's map or a frame-by-frame one with its frames put back)
+    layouts = ("BCHW", "BCT", "BCDHW", "BTCHW")
+    not_for = {"BF": "NormGrad takes norms per location of a layer map, and a flat input's layers have no axes"}
 
     def run(self, ctx, target, layer, variant="norm", combine="product", meta=False, meta_lr=1e-4,
             meta_negate=False):
@@ -285,7 +311,7 @@ class NormGrad(Method):
             A = as_grid(ctx, name, acts[name]).to(ctx.x.dtype)
             G = as_grid(ctx, name, grads[name]).to(ctx.x.dtype)
             raws.append(normgrad_map(A, G, variant))
-        size = tuple(ctx.x.shape[-2:])
+        size = map_size(ctx)    # a series' layer map upsampled linearly, a volume's or a clip's trilinearly
         if len(raws) == 1:
             maps = upsample(raws[0], size).to(ctx.x.dtype)
         else:

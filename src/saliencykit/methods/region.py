@@ -191,6 +191,8 @@ def _base_attribution(value, x: torch.Tensor) -> torch.Tensor:
 @register
 class XRAI(Method):
     name = "xrai"
+    not_for = dict.fromkeys(("BCT", "BCDHW", "BTCHW", "BF"),
+                            "XRAI needs image segments: Felzenszwalb superpixels of an RGB image")
     family = "region"
     cost = "200F+200B"
     signed = True

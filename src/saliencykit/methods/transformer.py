@@ -101,9 +101,15 @@ def rollout(attentions: list[torch.Tensor], head_fusion: str = "mean", discard_r
     return R
 
 
+# the ViT methods read attention between image patch tokens: no other layout has those tokens
+VIT_ONLY = dict.fromkeys(("BCT", "BCDHW", "BTCHW", "BF"),
+                         "it reads a Vision Transformer's attention between image patch tokens")
+
+
 @register
 class AttentionRollout(Method):
     name = "attention_rollout"
+    not_for = VIT_ONLY
     aliases = ("rollout",)
     family = "transformer"
     cost = "1F"
@@ -170,6 +176,7 @@ def _attention_gradients(ctx, target):
 @register
 class Relevancy(_TapPrimed, Method):
     name = "relevancy"
+    not_for = VIT_ONLY
     aliases = ("chefer", "transformer_attribution")
     family = "transformer"
     cost = "1F+1B"
@@ -188,6 +195,7 @@ class Relevancy(_TapPrimed, Method):
 @register
 class LeGrad(Method):
     name = "legrad"
+    not_for = VIT_ONLY
     family = "transformer"
     cost = "2F+2B"
     defaults = {"layers": 2, "aggregate": "sum"}
@@ -233,6 +241,7 @@ class LeGrad(Method):
 @register
 class TokenTM(_TapPrimed, Method):
     name = "tokentm"
+    not_for = VIT_ONLY
     family = "transformer"
     cost = "1F+1B"
     experimental = True
