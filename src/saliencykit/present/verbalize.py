@@ -23,7 +23,7 @@ from ..errors import SaliencyError
 from ..explanation import Explanation
 from ..targets import ResolvedTarget, Side, Target
 from .names import METHOD_NAMES, method_title  # noqa: F401  (re-exported: they lived here)
-from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _components, _count_word,  # noqa: F401
+from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _closing, _components, _count_word,  # noqa: F401
                     _resolve, _Sentences, fmt_corr, fmt_pct)  # noqa: F401  (fmt_corr re-exported: it lived here)
 
 HIDE_WORDS = {
@@ -520,21 +520,7 @@ def _write(facts: dict, kind: str, pos: Side, neg: Side | None) -> _Sentences:
         else:
             s.add(f"A {ordinal}, weaker region lies {r['phrase']}{rname} ({{}} of the evidence); "
                   "hiding it gives {}.", f"regions.{i}.evidence", f"regions.{i}.removed")
-    if facts["together"] is not None:
-        which = "both regions" if len(regs) == 2 else f"all {_count_word(len(regs))} regions"
-        s.add(f"Hiding {which} together gives {{}}; showing only them gives {{}}.",
-              "together.removed", "together.kept")
-    negative = facts["negative"]
-    if negative is not None:
-        against = f"*{pos.name}*" if kind != "contrast" else f"*{pos.name}* over *{neg.name}*"
-        s.add(f"Evidence against {against} is strongest {negative['phrase']} ({{}} of the negative evidence).",
-              "negative.evidence")
-    for j, c in enumerate(facts["compare"]):
-        s.add(f"{c['method_title']} puts {{}} of its positive evidence in that same main region "
-              f"(rank correlation with {title}: {{}}).",
-              f"compare.{j}.evidence_in_main_region", f"compare.{j}.rank_correlation",
-              corr=(f"compare.{j}.rank_correlation",))
-    return s
+    return _closing(s, facts, regs, kind, pos, neg, title)
 
 
 __all__ = ["verbalize", "Verbalization", "method_title", "fmt_pct", "searched_regions"]

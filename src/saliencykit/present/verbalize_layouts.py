@@ -27,8 +27,8 @@ from ..explanation import Explanation
 from ..metrics.base import map_shape, positions_mask
 from ..targets import ResolvedTarget
 from .names import method_title
-from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _components, _count_word, _resolve,
-                    _Sentences, fmt_pct)
+from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _closing, _components, _count_word,
+                    _resolve, _Sentences, fmt_pct)
 
 WHOLE = {"BCT": "series", "BCDHW": "volume", "BTCHW": "clip", "BF": "feature vector"}
 HIDE_WORDS = {
@@ -341,20 +341,7 @@ def _write(facts: dict, layout: str, kind: str, pos, neg) -> _Sentences:
         ordinal = _ORDINALS[i] if i < len(_ORDINALS) else f"{i + 1}th"
         s.add(f"A {ordinal}, weaker {unit} lies {r['phrase']} ({{}} of the evidence); hiding it gives {{}}.",
               f"regions.{i}.evidence", f"regions.{i}.removed")
-    if facts["together"] is not None:
-        which = f"both {units}" if len(regs) == 2 else f"all {_count_word(len(regs))} {units}"
-        s.add(f"Hiding {which} together gives {{}}; showing only them gives {{}}.", "together.removed", "together.kept")
-    negative = facts["negative"]
-    if negative is not None:
-        against = f"*{pos.name}*" if kind != "contrast" else f"*{pos.name}* over *{neg.name}*"
-        s.add(f"Evidence against {against} is strongest {negative['phrase']} ({{}} of the negative evidence).",
-              "negative.evidence")
-    for j, c in enumerate(facts["compare"]):
-        s.add(f"{c['method_title']} puts {{}} of its positive evidence in that same main {unit} "
-              f"(rank correlation with {title}: {{}}).",
-              f"compare.{j}.evidence_in_main_region", f"compare.{j}.rank_correlation",
-              corr=(f"compare.{j}.rank_correlation",))
-    return s
+    return _closing(s, facts, regs, kind, pos, neg, title, unit, units)
 
 
 def _write_features(s: _Sentences, facts: dict, kind: str, pos, neg, title: str, noun: str,

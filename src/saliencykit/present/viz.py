@@ -52,12 +52,18 @@ def display_options(method: str | None, smooth: float = 0.0) -> dict:
 
 
 def rank_agreement(a, b, cells: int = 56) -> float:
-    """Spearman rank correlation of two maps pooled to `cells` x `cells` (1.0 = same ordering)."""
+    """Spearman rank correlation of two maps pooled to `cells` x `cells` (1.0 = same ordering); two
+    maps of a series ([T]) are ranked step by step."""
     import torch
     from scipy.stats import spearmanr
 
-    pooled = [torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(_to_numpy_map(m))[None, None],
-                                                      cells).ravel().numpy() for m in (a, b)]
+    def ranked(m):
+        if isinstance(m, torch.Tensor) and m.dim() == 1:
+            return m.detach().double().cpu().numpy()
+        return torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(_to_numpy_map(m))[None, None],
+                                                       cells).ravel().numpy()
+
+    pooled = [ranked(m) for m in (a, b)]
     if np.ptp(pooled[0]) == 0 or np.ptp(pooled[1]) == 0:
         return 0.0
     rho = spearmanr(pooled[0], pooled[1]).statistic

@@ -171,3 +171,23 @@ def _change(noun: str, before_shown: str, after_shown: str, after_value: float, 
     if after_shown == before_shown:
         return f"leaves {noun} at {{}}"
     return f"lowers {noun} to {{}}" if after_value < before_value else f"raises {noun} to {{}}"
+
+
+def _closing(s: "_Sentences", facts: dict, regs: list, kind: str, pos, neg, title: str, unit: str = "region",
+             units: str = "regions") -> "_Sentences":
+    """The sentences that end every description, of a photo or a series/volume: the main `units`
+    hidden together, the evidence against, and the compared methods' share in the main `unit`."""
+    if facts["together"] is not None:
+        which = f"both {units}" if len(regs) == 2 else f"all {_count_word(len(regs))} {units}"
+        s.add(f"Hiding {which} together gives {{}}; showing only them gives {{}}.", "together.removed", "together.kept")
+    negative = facts["negative"]
+    if negative is not None:
+        against = f"*{pos.name}*" if kind != "contrast" else f"*{pos.name}* over *{neg.name}*"
+        s.add(f"Evidence against {against} is strongest {negative['phrase']} ({{}} of the negative evidence).",
+              "negative.evidence")
+    for j, c in enumerate(facts["compare"]):
+        s.add(f"{c['method_title']} puts {{}} of its positive evidence in that same main {unit} "
+              f"(rank correlation with {title}: {{}}).",
+              f"compare.{j}.evidence_in_main_region", f"compare.{j}.rank_correlation",
+              corr=(f"compare.{j}.rank_correlation",))
+    return s

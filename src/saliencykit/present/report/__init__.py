@@ -194,8 +194,6 @@ def photo_section(subject, image, name: str, methods: Sequence[str] | None = Non
     from ...methods import explain
     from ...images import load_image
     from ...targets import as_target
-    from ..names import method_title
-    from ..verbalize import verbalize as verbalize_fn
     from ..viz import CLIP, display_options, overlay
 
     img = load_image(image)
@@ -210,26 +208,45 @@ def photo_section(subject, image, name: str, methods: Sequence[str] | None = Non
         raise SaliencyError("the report needs at least one explanation per photo")
     preds = predictions if predictions is not None else subject.predict(x, k=5)[0]
     shown = _display_copy(img)
+
+    def draw(mname, e):
+        opts = display_options(mname)
+        return (_data_uri(overlay(shown, e.maps[0], signed=e.signed, **opts)),
+                f"clipped at {opts['clip']:g}th pct." if opts["clip"] != CLIP else "")
+
+    section = explained_section(subject, x, exps, preds, draw, {"name": name, "photo": _data_uri(shown)},
+                                metrics=metrics, seed=seed, batch_size=batch_size, verbalize=verbalize,
+                                metric_params=metric_params)
+    if bank is not None:
+        section["concepts"] = concept_section(subject, x, bank, shown)
+    return section
+
+
+def explained_section(subject, x: torch.Tensor, exps: dict, preds: list, draw, head: dict, metrics=(), seed: int = 0,
+                      batch_size: int | None = None, verbalize: bool = True, metric_params: dict | None = None) -> dict:
+    """One input's section, whatever its kind (a photo, a series): a cell per explanation (its picture
+    from `draw(method, explanation)` -> (uri, display note), passes, settings, warnings), the words
+    on the first method, the metrics; `head` holds the kind's own keys (name, photo, kind)."""
+    from ..names import method_title
+    from ..verbalize import verbalize as verbalize_fn
+
     cells, photo_warnings = [], []
     for mname, e in exps.items():
-        opts = display_options(mname)
         own = [w for w in e.warnings if w["code"] not in PHOTO_WARNINGS]
         photo_warnings += [w["message"] for w in e.warnings if w["code"] in PHOTO_WARNINGS]
-        cells.append({"method": mname, "title": method_title(mname), "signed": e.signed,
-                      "overlay": _data_uri(overlay(shown, e.maps[0], signed=e.signed, **opts)), "seconds": e.seconds,
-                      "passes": e.passes, "layer": e.layer, "params": e.params, "seed": e.seed,
-                      "display": f"clipped at {opts['clip']:g}th pct." if opts["clip"] != CLIP else "",
+        uri, display = draw(mname, e)
+        cells.append({"method": mname, "title": method_title(mname), "signed": e.signed, "overlay": uri,
+                      "seconds": e.seconds, "passes": e.passes, "layer": e.layer, "params": e.params, "seed": e.seed,
+                      "display": display,
                       "warnings": [{"short": w.get("short", w["message"]), "message": w["message"]} for w in own]})
     first = next(iter(exps.values()))
-    section = {"name": name, "photo": _data_uri(shown), "predictions": preds,
+    section = {**head, "predictions": preds,
                "target": first.target[0] if first.target else {"name": preds[0]["label"], "kind": "class"},
                "cells": cells, "signed_present": any(c["signed"] for c in cells),
                "unsigned_present": any(not c["signed"] for c in cells), "verbalization": None,
                "warnings": list(dict.fromkeys(photo_warnings)) + [f"{c['title']}: {w['message']}" for c in cells
                                                                    for w in c["warnings"]],
                "metrics": None, "metrics_note": None, "concepts": None}
-    if bank is not None:
-        section["concepts"] = concept_section(subject, x, bank, shown)
     if verbalize:
         names = list(exps)
         v = verbalize_fn(subject, x, exps[names[0]], compare=[exps[n] for n in most_different(exps)],
