@@ -123,17 +123,25 @@ class RiseMasks:
         # a series' masks are 1-D (linear upsampling), a volume's 3-D (trilinear); an image's as always
         self.grids = (torch.rand(n, 1, *[cell] * len(size), generator=g) < p).float().to(device)
         self.step = tuple(int(math.ceil(length / cell)) for length in size)
-        self.shifts = [torch.randint(0, st, (n,), generator=g).tolist() for st in self.step]
+        # per axis, the N shifts, kept on the device with the grids: a chunk's crops are one gather
+        # there (no per-chunk copy of the indices to the host, no loop over the chunk's rows)
+        self.shifts = [torch.randint(0, st, (n,), generator=g).to(device) for st in self.step]
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
         """Masks for the given mask indices: [k,1,*size] in [0,1]."""
         up = tuple((self.cell + 1) * st for st in self.step)
-        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(self.size)]
+        d = len(self.size)
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[d]
+        index = index.to(self.grids.device)
         big = F.interpolate(self.grids[index], size=up, mode=mode, align_corners=False).clamp_(0, 1)
-        out = torch.empty(len(index), 1, *self.size, device=big.device)
-        for r, i in enumerate(index.tolist()):
-            out[r] = big[(r, slice(None), *(slice(sh[i], sh[i] + length) for sh, length in zip(self.shifts, self.size)))]
-        return out
+        k = len(index)
+        # row r's crop along axis a covers shift_a[index[r]] .. + size[a]; indices broadcast to [k, *size]
+        where = [torch.arange(k, device=big.device).view(k, *[1] * d)]
+        for a, (sh, length) in enumerate(zip(self.shifts, self.size)):
+            along = [1] * (d + 1)
+            along[a + 1] = length
+            where.append(sh[index].view(k, *[1] * d) + torch.arange(length, device=big.device).view(along))
+        return big[where[0], 0, *where[1:]].unsqueeze(1)
 
 
 @register
@@ -169,7 +177,8 @@ class Rise(Method):
         else:
             if isinstance(classes, (int, str)):
                 classes = [classes]
-            cls_idx = torch.tensor([ctx.subject.class_index(c, k_classes) for c in classes], dtype=torch.long)
+            cls_idx = torch.tensor([ctx.subject.class_index(c, k_classes) for c in classes], dtype=torch.long,
+                                   device=x.device)
         if cls_idx is not None and b * len(cls_idx) * hw * 4 > 4 * 2 ** 30:
             raise SaliencyError(f"rise classes: {len(cls_idx)} per-class maps of {b} x {' x '.join(map(str, axes))} "
                                 "need more than 4 GiB; ask for the classes you need (classes=[...])")
@@ -192,7 +201,7 @@ class Rise(Method):
             ex, m = current["rows"], current["m"].flatten(1).double()
             acc.index_add_(0, ex, scores.double().view(-1, 1) * m)
             if acc_cls is not None:
-                per_class = target.transform(logits, out)[:, cls_idx.to(logits.device)]   # [k, C]
+                per_class = target.transform(logits, out)[:, cls_idx]   # [k, C]
                 acc_cls.index_add_(0, ex, per_class.unsqueeze(2) * m.float().unsqueeze(1))
 
         perturbed_scores(ctx.subject, x, torch.zeros_like(x), target, masks, b * n, batch_size=ctx.batch_size,
