@@ -409,6 +409,8 @@ def perturbed_scores(subject, x: torch.Tensor, baseline: torch.Tensor, target: R
     def make_inputs(start, stop):
         rows, m = masks(start, stop)
         cache[(start, stop)] = rows
+        if m.dtype == torch.bool:  # a hard mask picks, the same values as the blend with one pass less
+            return torch.where(m, x[rows], baseline[rows])
         m = m.to(x.dtype)
         return x[rows] * m + baseline[rows] * (1 - m)
 
