@@ -8,6 +8,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+import saliencykit as sk
 from saliencykit import engine
 from saliencykit.methods.perturbation import RiseMasks
 from saliencykit.targets import Class, Contrast, Group
@@ -49,3 +50,22 @@ def test_engine_asks_the_device_for_no_host_values():
     src = inspect.getsource(engine)
     for call in (".item()", ".tolist()", ".cpu()"):
         assert call not in src, f"engine.py calls {call}: a GPU would wait for it on every chunk"
+
+
+def test_hard_masks_pick_exactly_what_the_blend_gives(tiny, tiny_x):
+    # perturbed_scores picks torch.where(mask, x, baseline) for a bool mask; the definition is the
+    # blend x*m + b*(1-m), which for m in {0, 1} is the same input bit for bit, so the scores are equal
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(6, 1, 32, 32, generator=g) > 0.5
+    rows = torch.tensor([0, 1, 0, 1, 1, 0])
+    base = torch.randn(tiny_x.shape, generator=g)
+    target = sk.Class(0).resolve(tiny, tiny.forward(tiny_x))
+    with tiny.explaining():
+        hard = engine.perturbed_scores(tiny, tiny_x, base, target, lambda a, b: (rows[a:b], keep[a:b]), 6,
+                                       batch_size=4)
+        soft = engine.perturbed_scores(tiny, tiny_x, base, target, lambda a, b: (rows[a:b], keep[a:b].float()), 6,
+                                       batch_size=4)
+    assert torch.equal(hard, soft)
+    # and they are the scores of the blended inputs themselves
+    blended = tiny_x[rows] * keep + base[rows] * ~keep
+    assert torch.allclose(hard, tiny.forward(blended)[:, 0].detach(), atol=1e-6)
