@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ MEMORY_FRACTION = 0.25  # share of the available memory one chunk may use
 # 16-18 ms/image at 4-16 rows, 26.5 at 32; forward+backward 41-43 at 6-8 rows, 79 at 32). Chunks
 # are capped so that the largest layer output of a chunk stays near this size.
 CPU_CHUNK_BYTES = 32 * 2**20
+# the reduced precision `explain(..., amp=True)` runs the model's passes in, per device type
+AMP_DTYPES = {"cpu": torch.bfloat16, "cuda": torch.float16}
 # model -> {(input shape, dtype): costs}; weak, so a freed model's entry cannot answer for a new one
 _ROW_COST: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -96,6 +99,43 @@ def with_progress(iterable, desc: str = "", enabled: bool = True, total: int | N
             bar.step()
 
 
+def amp_dtype(device) -> torch.dtype:
+    """The dtype `amp=True` computes in on `device` (a CPU: bfloat16, CUDA: float16); a
+    SaliencyError for a device type without mixed precision here."""
+    kind = torch.device(device).type
+    if kind not in AMP_DTYPES:
+        raise SaliencyError(f"amp=True runs the model under torch.autocast on a CPU (bfloat16) or CUDA (float16); "
+                            f"the input is on {kind!r}: use amp=False there")
+    return AMP_DTYPES[kind]
+
+
+@contextlib.contextmanager
+def mixed_precision(device, enabled: bool):
+    """The model's passes under `torch.autocast` in `amp_dtype(device)` when `enabled` (a no-op
+    otherwise). Autocast is per thread, so other threads' calls on the same model stay in float32.
+    Gradients w.r.t. a float32 input come back in float32; the engine widens the activations and
+    layer gradients it hands to methods (`widen`)."""
+    if not enabled:
+        yield None
+        return
+    dtype = amp_dtype(device)
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+        yield dtype
+
+
+def amp_active(device) -> bool:
+    """Whether this thread runs under an enabled autocast for `device`'s type."""
+    return torch.is_autocast_enabled(torch.device(device).type)
+
+
+def widen(t):
+    """A float16 / bfloat16 tensor (an activation or gradient computed under autocast) as float32;
+    anything else unchanged (a float64 model keeps its precision)."""
+    if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
 def memory_budget_bytes(device=None) -> int:
     """Bytes one chunk may use: SALIENCYKIT_MEMORY_MB if set, else a quarter of what is free."""
     import os
@@ -131,9 +171,10 @@ def row_cost_bytes(subject, shape) -> tuple[int, int]:
                 sizes.append(out.numel() * out.element_size())
 
         handles = [m.register_forward_hook(this_thread_only(hook)) for m in subject.model.modules() if not list(m.children())]
-        try:
-            with torch.inference_mode():
-                subject.forward(torch.zeros((1, *shape[1:]), device=subject.device, dtype=dtype))
+        device = torch.device(subject.device)
+        try:  # measured in the model's dtype even under amp, so chunk sizes never depend on call order
+            with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=False):
+                subject.forward(torch.zeros((1, *shape[1:]), device=device, dtype=dtype))
         finally:
             for h in handles:
                 h.remove()
@@ -230,9 +271,10 @@ def gradient_pass(subject, x: torch.Tensor, target: ResolvedTarget, rows: torch.
         gi = torch.zeros_like(xin)
     layer_grads = {}
     for (name, a), g in zip(acts.items(), grads[1 if input_grad else 0:]):
-        layer_grads[name] = torch.zeros_like(a) if g is None else g.detach()
-    return GradResult(logits=logits.detach(), scores=scores.detach(), input_grad=None if gi is None else gi.detach(),
-                      activations={k: v.detach() for k, v in acts.items()}, gradients=layer_grads)
+        layer_grads[name] = widen(torch.zeros_like(a) if g is None else g.detach())
+    return GradResult(logits=widen(logits.detach()), scores=widen(scores.detach()),
+                      input_grad=None if gi is None else widen(gi.detach()),
+                      activations={k: widen(v.detach()) for k, v in acts.items()}, gradients=layer_grads)
 
 
 def chunked_gradient(subject, inputs: torch.Tensor, target: ResolvedTarget, rows: torch.Tensor,
@@ -293,7 +335,8 @@ def forward_scores(subject, make_inputs: Callable[[int, int], torch.Tensor], n: 
         for start, stop in it:
             chunk = make_inputs(start, stop)
             if start == 0:  # the form of the model this run uses (timed once per model and shape)
-                plan = inference.plan_for(subject, chunk, len(chunks))
+                # under amp the eager model runs in autocast; the other forms would not honour it
+                plan = None if amp_active(chunk.device) else inference.plan_for(subject, chunk, len(chunks))
             logits = _as_scores_input(inference.run(subject, plan, chunk))
             scores.append(target.score(logits, rows=rows_of(start, stop), output=output))
             if on_chunk is not None:
@@ -366,6 +409,8 @@ def perturbed_scores(subject, x: torch.Tensor, baseline: torch.Tensor, target: R
     def make_inputs(start, stop):
         rows, m = masks(start, stop)
         cache[(start, stop)] = rows
+        if m.dtype == torch.bool:  # a hard mask picks, the same values as the blend with one pass less
+            return torch.where(m, x[rows], baseline[rows])
         m = m.to(x.dtype)
         return x[rows] * m + baseline[rows] * (1 - m)
 

@@ -568,11 +568,13 @@ class Subject:
         with _EXPLAINING_LOCK:
             state = _EXPLAINING.get(model)
             if state is None:
-                training = {m: m.training for m in model.modules()}
-                inplace = [m for m in model.modules() if isinstance(getattr(m, "inplace", None), bool) and m.inplace]
+                modules = list(model.modules())
+                training = {m: m.training for m in modules}
+                inplace = [m for m in modules if _inplace_on(m)]
                 for m in inplace:
                     m.inplace = False
-                model.eval()
+                if any(training.values()):  # through train(False), which a model may override
+                    model.eval()
                 state = _EXPLAINING[model] = [0, training, inplace]
             state[0] += 1
         try:
@@ -583,7 +585,8 @@ class Subject:
                 if state[0] == 0:
                     del _EXPLAINING[model]
                     for m, was in state[1].items():
-                        m.training = was
+                        if m.training is not was:  # setting a module attribute is slow: only the changed
+                            m.training = was
                     for m in state[2]:
                         m.inplace = True
             lock.release()
@@ -635,6 +638,16 @@ def check_ids(subject, ids: torch.Tensor) -> torch.Tensor:
     if ids.is_complex():
         raise SaliencyError(f"input must be real: token ids, flags or floats, got {ids.dtype}")
     return ids.to(subject.device)
+
+
+def _inplace_on(m: nn.Module) -> bool:
+    """Whether `m` has a boolean `inplace` flag that is on. The attribute is looked up only where the
+    module's instance or class has it: a failed `getattr` goes through `nn.Module.__getattr__` and
+    an exception, which on every module of a large model cost a millisecond per explain call."""
+    if "inplace" not in m.__dict__ and not hasattr(type(m), "inplace"):
+        return False
+    v = getattr(m, "inplace", None)
+    return isinstance(v, bool) and v
 
 
 def count_hooks(model: nn.Module) -> int:

@@ -216,6 +216,12 @@ class ResolvedTarget:
         return len(self.pos)
 
     def _masks(self, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._device_tables(k, device)[:2]
+
+    def _device_tables(self, k: int, device) -> tuple:
+        """(pos mask [B,k], neg mask, pos side is a group [B], neg side is a group [B]) on `device`,
+        built once per class count and device: a score of any chunk then indexes them by its rows
+        on the device, with no per-row Python loop and no copy or sync per chunk."""
         key = (k, str(device))
         if key not in self._cache:
             # built outside inference mode: the cached masks are reused by gradient passes, and
@@ -228,7 +234,10 @@ class ResolvedTarget:
                 for b, side in enumerate(self.neg):
                     if side is not None:
                         neg[b, side.indices] = True
-            self._cache[key] = (pos, neg)
+                pos_group = torch.tensor([s.kind == "group" for s in self.pos], dtype=torch.bool, device=device)
+                neg_group = torch.tensor([s is not None and s.kind == "group" for s in self.neg], dtype=torch.bool,
+                                         device=device)
+            self._cache[key] = (pos, neg, pos_group, neg_group)
         return self._cache[key]
 
     def transform(self, logits: torch.Tensor, output: str | None = None) -> torch.Tensor:
@@ -241,10 +250,10 @@ class ResolvedTarget:
             return logits.log_softmax(-1)
         raise SaliencyError(f"unknown output {output!r}")
 
-    def _combine(self, out: torch.Tensor, mask: torch.Tensor, sides, output: str) -> torch.Tensor:
-        group_rows = torch.tensor([s is not None and s.kind == "group" for s in sides], device=out.device)
+    def _combine(self, out: torch.Tensor, mask: torch.Tensor, group_rows: torch.Tensor, any_group: bool,
+                 output: str) -> torch.Tensor:
         summed = (out * mask).sum(1)
-        if output == "prob" or not bool(group_rows.any()):
+        if output == "prob" or not any_group:
             return summed
         # a group of logits combines as log-sum-exp (the group's logit); of log-probs, likewise
         lse = torch.logsumexp(out.masked_fill(~mask, float("-inf")), dim=1)
@@ -255,19 +264,19 @@ class ResolvedTarget:
         """Per-row score. `rows[i]` = which example row i of `logits` belongs to (default: i)."""
         output = output or self.output
         out = self.transform(logits, output)
-        pos, neg = self._masks(logits.shape[1], logits.device)
+        pos, neg, pos_group, neg_group = self._device_tables(logits.shape[1], logits.device)
         if rows is not None:
-            pos, neg = pos[rows], neg[rows]
-            pos_sides = [self.pos[int(r)] for r in rows]
-            neg_sides = [self.neg[int(r)] for r in rows]
-        else:
-            if logits.shape[0] != len(self.pos):
-                raise SaliencyError(f"{logits.shape[0]} outputs for {len(self.pos)} targets")
-            pos_sides, neg_sides = self.pos, self.neg
-        s = self._combine(out, pos, pos_sides, output)
+            pos, neg, pos_group, neg_group = pos[rows], neg[rows], pos_group[rows], neg_group[rows]
+        elif logits.shape[0] != len(self.pos):
+            raise SaliencyError(f"{logits.shape[0]} outputs for {len(self.pos)} targets")
+        # whether any example (not only the chunk's rows) has a group side: decided in Python, so a
+        # chunk's score never waits for the device; where() picks per row either way
+        s = self._combine(out, pos, pos_group, any(p.kind == "group" for p in self.pos), output)
         if any(n is not None for n in self.neg):
             has_neg = neg.any(1)
-            s = s - torch.where(has_neg, self._combine(out, neg, neg_sides, output), torch.zeros_like(s))
+            s = s - torch.where(has_neg, self._combine(out, neg, neg_group,
+                                                       any(n is not None and n.kind == "group" for n in self.neg),
+                                                       output), torch.zeros_like(s))
         return s
 
     def describe(self) -> list[dict]:

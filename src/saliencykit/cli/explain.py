@@ -27,7 +27,7 @@ GRID_SMOOTH = 0.006  # display-only smoothing of pixel-level maps in the grid (0
 
 def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=None, layer="auto", seed=0,
                 batch_size=None, quiet=False, grid_path: Path | None = None, params: dict | None = None,
-                grid_smooth: float = 0.0, region: tuple | None = None) -> dict:
+                grid_smooth: float = 0.0, region: tuple | None = None, amp: bool = False) -> dict:
     """Explain each photo with each method; write overlays, raw maps and summary.json.
 
     One progress bar per method (over the photos). All files are written only after every map
@@ -72,7 +72,7 @@ def run_explain(photos, methods, out: Path, model="efficientnet_lite0", target=N
     for m in methods:
         for i in progress(range(len(inputs)), quiet, method_title(m).ljust(width), unit="photo"):
             e = explain(subject, inputs[i][1], method=m, target=targets[i], layer=layer, seed=seed,
-                        batch_size=batch_size, params=params)
+                        batch_size=batch_size, params=params, amp=amp)
             if inputs[i][4]:
                 e.extras["warnings"] = e.warnings + [{"code": "alpha", "example": 0, "message": inputs[i][4],
                                                       "short": "transparent pixels shown as white"}]
@@ -126,7 +126,7 @@ def print_warnings(summary) -> None:
 
 
 def run_explain_arrays(paths, methods, out: Path, model: str, layout: str = "BCT", target=None, layer="auto",
-                       seed=0, batch_size=None, quiet=False, params: dict | None = None) -> dict:
+                       seed=0, batch_size=None, quiet=False, params: dict | None = None, amp: bool = False) -> dict:
     """Explain `.npy` / `.csv` inputs (a series [C,T] or [T], or any `layout`) with each method:
     per input and method the map (`STEM_METHOD.npz`, key `maps` `[1, ...]`), for a series a line
     plot with the map as a coloured band (`STEM_METHOD.png`), and summary.json; written only after
@@ -160,7 +160,7 @@ def run_explain_arrays(paths, methods, out: Path, model: str, layout: str = "BCT
     for m in methods:
         for i in progress(range(len(inputs)), quiet, method_title(m).ljust(width), unit="input"):
             exps[i][m] = explain(subject, inputs[i][1], method=m, target=target, layer=layer, seed=seed,
-                                 batch_size=batch_size, params=params)
+                                 batch_size=batch_size, params=params, amp=amp)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"model": model, "seed": seed, "methods": list(methods), "params": params, "layout": layout,
                "versions": package_versions(), "photos": []}
@@ -192,7 +192,7 @@ def cmd_explain(args):
         summary = run_explain_arrays(args.photos, args.method or ["saliency"], Path(args.out), model=args.model,
                                      layout=args.layout or "BCT", target=target_from_args(args), layer=args.layer,
                                      seed=args.seed, batch_size=args.batch_size, quiet=args.quiet,
-                                     params=parse_params(args.param))
+                                     params=parse_params(args.param), amp=args.amp)
     else:
         region = None
         if args.region is not None:
@@ -204,7 +204,7 @@ def cmd_explain(args):
                               target=None if region else target_from_args(args), layer=args.layer, seed=args.seed,
                               batch_size=args.batch_size, quiet=args.quiet,
                               grid_path=Path(args.out) / "grid.png" if args.grid else None,
-                              params=parse_params(args.param), grid_smooth=GRID_SMOOTH, region=region)
+                              params=parse_params(args.param), grid_smooth=GRID_SMOOTH, region=region, amp=args.amp)
     if not args.quiet:
         print_warnings(summary)
         for p in summary["photos"]:
@@ -262,6 +262,8 @@ def register(sub):
     p.add_argument("--method", action="append", help="method name (repeat for several); default gradcam")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--grid", action="store_true", help="also write grid.png")
+    p.add_argument("--amp", action="store_true", help="run the model in mixed precision (CPU: bfloat16, CUDA: "
+                                                       "float16); faster, maps differ slightly (docs/performance.md)")
     add_model_args(p)
     add_dense_args(p)
     p.set_defaults(func=cmd_explain)

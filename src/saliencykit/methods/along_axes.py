@@ -195,19 +195,27 @@ class RiseMasks:
         self.grids = (torch.rand(n, 1, *grid, generator=g) < p).float().to(device)
         if self.cells is not None:
             self.step = tuple(int(math.ceil(length / c)) for length, c in zip(self.size, self.cells))
-            self.shifts = [torch.randint(0, st, (n,), generator=g).tolist() for st in self.step]
+            # per axis, the N shifts, kept on the device with the grids: a chunk's crops are one gather
+            # there (no per-chunk copy of the indices to the host, no loop over the chunk's rows)
+            self.shifts = [torch.randint(0, st, (n,), generator=g).to(device) for st in self.step]
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
         """Masks for the given mask indices: [k,1,*size] in [0,1]."""
+        index = index.to(self.grids.device)
         if self.cells is None:
             return self.grids[index]
+        d = len(self.size)
         up = tuple((c + 1) * st for c, st in zip(self.cells, self.step))
-        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(self.size)]
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[d]
         big = F.interpolate(self.grids[index], size=up, mode=mode, align_corners=False).clamp_(0, 1)
-        out = torch.empty(len(index), 1, *self.size, device=big.device)
-        for r, i in enumerate(index.tolist()):
-            out[r] = big[(r, slice(None), *(slice(sh[i], sh[i] + length) for sh, length in zip(self.shifts, self.size)))]
-        return out
+        k = len(index)
+        # row r's crop along axis a covers shift_a[index[r]] .. + size[a]; indices broadcast to [k, *size]
+        where = [torch.arange(k, device=big.device).view(k, *[1] * d)]
+        for a, (sh, length) in enumerate(zip(self.shifts, self.size)):
+            along = [1] * (d + 1)
+            along[a + 1] = length
+            where.append(sh[index].view(k, *[1] * d) + torch.arange(length, device=big.device).view(along))
+        return big[where[0], 0, *where[1:]].unsqueeze(1)
 
 
 def _labels(segments, shape: tuple[int, ...], b: int, what: str, axes: str, device) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from ..engine import (DEFAULT_BATCH, GradResult, PassCounter, Progress, auto_batch, forward_logits, gradient_pass,
-                      spans)
+                      mixed_precision, spans, widen)
 from ..errors import SaliencyError, positive_int, resolve_seed
 from ..hooks import model_lock
 from ..explanation import Explanation, map_warnings
@@ -176,8 +176,8 @@ class Context:
                 parts.append((start, xin, logits, acts))
         self._primed = parts
         # the whole batch's logits and activations, detached, joined once for every reader
-        self._primed_out = (torch.cat([p[2].detach() for p in parts]),
-                            {n: torch.cat([p[3][n].detach() for p in parts]) for n in parts[0][3]})
+        self._primed_out = (widen(torch.cat([p[2].detach() for p in parts])),
+                            {n: widen(torch.cat([p[3][n].detach() for p in parts])) for n in parts[0][3]})
         self._logits = self._primed_out[0].float()
 
     def _primed_grads(self, target: ResolvedTarget, layers: Sequence[str], input_grad: bool):
@@ -200,8 +200,8 @@ class Context:
             if input_grad:
                 gis.append(torch.zeros_like(xin) if grads[0] is None else grads[0].detach())
             for n, g in zip(layers, grads[1 if input_grad else 0:]):
-                layer_grads[n].append(torch.zeros_like(acts[n]) if g is None else g.detach())
-            scores_all.append(scores.detach())
+                layer_grads[n].append(widen(torch.zeros_like(acts[n]) if g is None else g.detach()))
+            scores_all.append(widen(scores.detach()))
         self.counter.add(backward=self.batch)
         self._graph_freed = not retain
         logits, acts = self._primed_out
@@ -289,10 +289,10 @@ class Context:
         if key not in self._captures:
             with self.subject.capture(layers) as cap, torch.no_grad():
                 logits = self.subject.forward(self.x)
-                acts = {name: cap.get(name).detach() for name in cap.modules}
+                acts = {name: widen(cap.get(name).detach()) for name in cap.modules}
             self.counter.add(forward=self.batch)
             self._logits = logits.detach().float() if self._logits is None else self._logits
-            self._captures[key] = GradResult(logits=logits.detach(), scores=torch.zeros(0), input_grad=None,
+            self._captures[key] = GradResult(logits=widen(logits.detach()), scores=torch.zeros(0), input_grad=None,
                                              activations=acts)
         res = self._captures[key]
         return res.activations, res.logits
@@ -400,7 +400,7 @@ def _top_answers(ctx) -> list | None:
 
 def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto", seed: int | None = 0,
             batch_size: int | None = None, progress: bool = False, params: dict | None = None,
-            **kwargs) -> Explanation | dict[str, Explanation]:
+            amp: bool = False, **kwargs) -> Explanation | dict[str, Explanation]:
     """Explain `subject`'s output on `x` with one method (-> Explanation) or several (-> dict).
 
     Args:
@@ -415,6 +415,10 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
         batch_size: rows per forward/backward chunk (memory budget), an integer >= 1; None: sized
             automatically.
         params: per-method parameters, `{"integrated_gradients": {"steps": 128}}`.
+        amp: run the model's passes under `torch.autocast` (a CPU: bfloat16, CUDA: float16) for
+            speed; off by default. Maps and attributions come back in float32 and differ from the
+            float32 ones by the reduced precision (see docs/performance.md, "Mixed precision");
+            each Explanation records it in `extras["amp"]` (the dtype's name).
         **kwargs: parameters passed to every method that accepts them.
     """
     from ..subject import Subject
@@ -442,6 +446,8 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
     if batch_size is not None:
         batch_size = positive_int(batch_size, "batch_size")
     seed = resolve_seed(seed)
+    if not isinstance(amp, bool):
+        raise SaliencyError(f"amp must be True or False, got {amp!r}")
     model = getattr(subject, "model", None)
     exclusive = any(cls.changes_model for cls in classes)
     lock = model_lock(model)(exclusive) if isinstance(model, torch.nn.Module) else contextlib.nullcontext()
@@ -460,8 +466,11 @@ def explain(subject, x: torch.Tensor, method="gradcam", target=None, layer="auto
         # the subject reads the target (a detector: Box targets); e.g. Text expands the batch to one
         # row per prompt explained for one image
         x, tgt = subject.target_for(target).expand_batch(x)
-        with subject.explaining():
+        with subject.explaining(), mixed_precision(getattr(x, "device", "cpu"), amp) as amp_dtype:
             results = _run(subject, x, classes, tgt, layer, seed, batch_size, progress, all_params, t_call)
+        if amp_dtype is not None:
+            for e in results.values():
+                e.extras["amp"] = str(amp_dtype).replace("torch.", "")
     if isinstance(method, str):
         return results[classes[0].name]
     return results

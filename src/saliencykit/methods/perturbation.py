@@ -150,11 +150,12 @@ class Rise(Method):
         if classes is None:
             cls_idx = None
         elif isinstance(classes, str) and classes == "all":
-            cls_idx = torch.arange(k_classes)
+            cls_idx = torch.arange(k_classes, device=x.device)
         else:
             if isinstance(classes, (int, str)):
                 classes = [classes]
-            cls_idx = torch.tensor([ctx.subject.class_index(c, k_classes) for c in classes], dtype=torch.long)
+            cls_idx = torch.tensor([ctx.subject.class_index(c, k_classes) for c in classes], dtype=torch.long,
+                                   device=x.device)
         if cls_idx is not None and b * len(cls_idx) * hw * 4 > 4 * 2 ** 30:
             raise SaliencyError(f"rise classes: {len(cls_idx)} per-class maps of {b} x {' x '.join(map(str, axes))} "
                                 "need more than 4 GiB; ask for the classes you need (classes=[...])")
@@ -177,7 +178,7 @@ class Rise(Method):
             ex, m = current["rows"], current["m"].flatten(1).double()
             acc.index_add_(0, ex, scores.double().view(-1, 1) * m)
             if acc_cls is not None:
-                per_class = target.transform(logits, out)[:, cls_idx.to(logits.device)]   # [k, C]
+                per_class = target.transform(logits, out)[:, cls_idx]   # [k, C]
                 acc_cls.index_add_(0, ex, per_class.unsqueeze(2) * m.float().unsqueeze(1))
 
         perturbed_scores(ctx.subject, x, torch.zeros_like(x), target, masks, b * n, batch_size=ctx.batch_size,
