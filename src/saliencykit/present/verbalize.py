@@ -18,13 +18,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..engine import PassCounter, forward_logits, perturbed_scores, upsample
+from ..engine import perturbed_scores, upsample
 from ..errors import SaliencyError
 from ..explanation import Explanation
-from ..targets import ResolvedTarget, Side, Target
+from ..targets import Side, Target
 from .names import METHOD_NAMES, method_title  # noqa: F401  (re-exported: they lived here)
-from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _closing, _components, _count_word,  # noqa: F401
-                    _resolve, _Sentences, fmt_corr, fmt_pct)  # noqa: F401  (fmt_corr re-exported: it lived here)
+from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _closing, _components,  # noqa: F401
+                    _count_word, _opening, _Sentences, fmt_corr, fmt_pct)  # noqa: F401  (fmt_corr re-exported: it lived here)
 
 HIDE_WORDS = {
     "blur": "replacing it with a blurred copy of the photo",
@@ -295,29 +295,12 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
         raise SaliencyError("regions='parts' needs the parts masks")
     evidence = smap.clamp(min=0).numpy().astype(np.float64)
     total = float(evidence.sum())
-    counter = PassCounter()
-
-    with subject.explaining():
-        logits = forward_logits(subject, x, counter=counter)
-        resolved = _resolve(subject, logits, target, explanation, index if isinstance(explanation, Explanation) else 0)
-        base = make_baseline(subject, x, baseline)
-    probs = logits.softmax(-1)[0]
-    top = int(probs.argmax())
-    pos_side, neg_side = resolved.pos[0], resolved.neg[0]
-    kind = resolved.kind
-    # scores are read as probabilities: a class's probability, a group's summed probability, and for a
-    # contrast the two sides' probabilities separately
-    score_targets = [ResolvedTarget([pos_side], [None], "prob", "class")]
-    if neg_side is not None:
-        score_targets.append(ResolvedTarget([neg_side], [None], "prob", "class"))
-    clean = [float(t.score(logits, output="prob")[0]) for t in score_targets]
+    o = _opening(subject, x, explanation, target, index, lambda: make_baseline(subject, x, baseline), method, signed)
+    kind, pos_side, neg_side, base, counter = o.kind, o.pos, o.neg, o.base, o.counter
+    score_targets = o.score_targets
 
     facts: dict = {
-        "method": method, "method_title": method_title(method), "signed": bool(signed),
-        "target": {"kind": kind, "name": pos_side.name, "indices": list(pos_side.indices),
-                   **({"vs_name": neg_side.name, "vs_indices": list(neg_side.indices)} if neg_side else {})},
-        "top": {"index": top, "label": subject.label(top), "prob": float(probs[top])},
-        "prob": clean[0], **({"vs_prob": clean[1]} if neg_side is not None else {}),
+        **o.head,
         "baseline": baseline if isinstance(baseline, str) else "tensor", "threshold": threshold,
         "threshold_used": None,
         "image_size": list(hw), "positive_evidence_total": total, "regions": [], "n_regions_found": 0,

@@ -21,14 +21,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..engine import PassCounter, forward_logits, perturbed_scores
+from ..engine import perturbed_scores
 from ..errors import SaliencyError
 from ..explanation import Explanation
 from ..metrics.base import map_shape, positions_mask
-from ..targets import ResolvedTarget
 from .names import method_title
 from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _closing, _components, _count_word,
-                    _resolve, _Sentences, fmt_pct)
+                    _opening, _Sentences, fmt_pct)
 
 WHOLE = {"BCT": "series", "BCDHW": "volume", "BTCHW": "clip", "BF": "feature vector"}
 HIDE_WORDS = {
@@ -138,26 +137,13 @@ def verbalize_layout(subject, x: torch.Tensor, explanation, target, *, layout: s
     smap = m.detach().double().cpu()
     evidence = smap.clamp(min=0).numpy()
     total = float(evidence.sum())
-    counter = PassCounter()
     base_name = baseline if baseline is not None else ("zero" if layout == "BF" else "blur")
-    with subject.explaining():
-        logits = forward_logits(subject, x, counter=counter)
-        resolved = _resolve(subject, logits, target, explanation, index if isinstance(explanation, Explanation) else 0)
-        base = layout_baseline(subject, x, layout, base_name)
-    probs = logits.softmax(-1)[0]
-    top = int(probs.argmax())
-    pos_side, neg_side = resolved.pos[0], resolved.neg[0]
-    kind = resolved.kind
-    score_targets = [ResolvedTarget([pos_side], [None], "prob", "class")]
-    if neg_side is not None:
-        score_targets.append(ResolvedTarget([neg_side], [None], "prob", "class"))
-    clean = [float(t.score(logits, output="prob")[0]) for t in score_targets]
+    o = _opening(subject, x, explanation, target, index, lambda: layout_baseline(subject, x, layout, base_name),
+                 method, signed)
+    kind, pos_side, neg_side, base, counter = o.kind, o.pos, o.neg, o.base, o.counter
+    score_targets = o.score_targets
     facts: dict = {
-        "layout": layout, "method": method, "method_title": method_title(method), "signed": bool(signed),
-        "target": {"kind": kind, "name": pos_side.name, "indices": list(pos_side.indices),
-                   **({"vs_name": neg_side.name, "vs_indices": list(neg_side.indices)} if neg_side else {})},
-        "top": {"index": top, "label": subject.label(top), "prob": float(probs[top])},
-        "prob": clean[0], **({"vs_prob": clean[1]} if neg_side is not None else {}),
+        "layout": layout, **o.head,
         "baseline": base_name if isinstance(base_name, str) else "tensor", "threshold": threshold,
         "threshold_used": None, "map_shape": list(shape), "positive_evidence_total": total, "regions": [],
         "n_regions_found": 0, "together": None, "random": None, "negative": None, "compare": [], "features": None,

@@ -191,3 +191,47 @@ def _closing(s: "_Sentences", facts: dict, regs: list, kind: str, pos, neg, titl
               f"compare.{j}.evidence_in_main_region", f"compare.{j}.rank_correlation",
               corr=(f"compare.{j}.rank_correlation",))
     return s
+
+
+@dataclass
+class _Opening:
+    """The clean pass every description starts from: the resolved target's two sides, the scores the
+    hiding experiments read (a side's probability each), the baseline, and the facts' first keys."""
+    logits: Any
+    kind: str
+    pos: Side
+    neg: Side | None
+    score_targets: list
+    base: Any
+    counter: Any
+    head: dict
+
+
+def _opening(subject, x, explanation, target, index: int, make_base, method: str, signed: bool) -> _Opening:
+    """One forward of `x` (counted), the target resolved as the explanation's, the baseline from
+    `make_base()` (inside `subject.explaining()`), and the facts on the target and the model's answer."""
+    from ..engine import PassCounter, forward_logits
+    from .names import method_title
+
+    counter = PassCounter()
+    with subject.explaining():
+        logits = forward_logits(subject, x, counter=counter)
+        resolved = _resolve(subject, logits, target, explanation, index if isinstance(explanation, Explanation) else 0)
+        base = make_base()
+    probs = logits.softmax(-1)[0]
+    top = int(probs.argmax())
+    pos, neg = resolved.pos[0], resolved.neg[0]
+    # scores are read as probabilities: a class's probability, a group's summed probability, and for a
+    # contrast the two sides' probabilities separately
+    score_targets = [ResolvedTarget([pos], [None], "prob", "class")]
+    if neg is not None:
+        score_targets.append(ResolvedTarget([neg], [None], "prob", "class"))
+    clean = [float(t.score(logits, output="prob")[0]) for t in score_targets]
+    head = {
+        "method": method, "method_title": method_title(method), "signed": bool(signed),
+        "target": {"kind": resolved.kind, "name": pos.name, "indices": list(pos.indices),
+                   **({"vs_name": neg.name, "vs_indices": list(neg.indices)} if neg else {})},
+        "top": {"index": top, "label": subject.label(top), "prob": float(probs[top])},
+        "prob": clean[0], **({"vs_prob": clean[1]} if neg is not None else {}),
+    }
+    return _Opening(logits, resolved.kind, pos, neg, score_targets, base, counter, head)
