@@ -162,6 +162,8 @@ def load_array(path, layout: str):
 
     from ..subject import LAYOUTS
 
+    if not Path(path).is_file():
+        raise SaliencyError(f"no such file: {str(path)!r}")
     path = Path(path)
     try:
         arr = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else \

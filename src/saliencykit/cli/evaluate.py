@@ -37,11 +37,7 @@ def load_arrays(paths, subject, layout: str, metrics, regions=None):
 
     layout = check_layout(layout)
     subject.layout = layout
-    xs = []
-    for spec in paths:
-        if not Path(spec).is_file():
-            raise SaliencyError(f"no such file: {spec!r}")
-        xs.append(load_array(spec, layout))
+    xs = [load_array(spec, layout) for spec in paths]
     if len({tuple(x.shape) for x in xs}) > 1:
         raise SaliencyError(f"the inputs have different shapes {sorted({tuple(x.shape[1:]) for x in xs})}; "
                             "evaluate scores one batch: give inputs of one shape")

@@ -149,11 +149,7 @@ def run_explain_arrays(paths, methods, out: Path, model: str, layout: str = "BCT
     params = params or {}
     subject = load_model(model)
     subject.layout = layout
-    inputs = []
-    for spec in paths:
-        if not Path(spec).is_file():
-            raise SaliencyError(f"no such file: {spec!r}")
-        inputs.append((Path(spec).stem, load_array(spec, layout)))
+    inputs = [(Path(spec).stem, load_array(spec, layout)) for spec in paths]
     stems = unique_stems([stem for stem, _ in inputs])
     width = max(len(method_title(m)) for m in methods)
     exps: list[dict] = [{} for _ in inputs]
