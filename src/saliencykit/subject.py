@@ -441,6 +441,11 @@ class Subject:
             if self.default_layer not in (None, "auto"):
                 return self.find_layer(self.default_layer)
             return self.find_layer(self.auto_layer(x))
+        if isinstance(layer, str) and layer:
+            try:    # a name: one walk down its path, not a dict of every module (1.5 ms a call on Lite0)
+                return layer, self.model.get_submodule(layer)
+            except AttributeError:
+                pass
         modules = self.named_layers()
         if isinstance(layer, nn.Module):
             for name, mod in modules.items():
