@@ -24,7 +24,7 @@ from ..explanation import Explanation
 from ..targets import Side, Target
 from .names import METHOD_NAMES, method_title  # noqa: F401  (re-exported: they lived here)
 from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _closing, _components,  # noqa: F401
-                    _count_word, _opening, _Sentences, fmt_corr, fmt_pct)  # noqa: F401  (fmt_corr re-exported: it lived here)
+                    _count_word, _model_says, _opening, _Sentences, fmt_corr, fmt_pct)  # noqa: F401  (fmt_corr re-exported: it lived here)
 
 HIDE_WORDS = {
     "blur": "replacing it with a blurred copy of the photo",
@@ -442,18 +442,7 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
 def _write(facts: dict, kind: str, pos: Side, neg: Side | None) -> _Sentences:
     s = _Sentences(facts)
     title = facts["method_title"]
-    top_label = facts["top"]["label"]
-    # what the model says
-    if kind == "contrast":
-        s.add(f"The question is why the model says *{pos.name}* ({{}}) rather than *{neg.name}* ({{}}).",
-              "prob", "vs_prob")
-    elif pos.kind in ("group", "topk"):
-        s.add(f"The explained target is {_group_phrase(pos)}: together those classes get {{}} "
-              f"(the top answer is *{top_label}*, {{}}).", "prob", "top.prob")
-    elif pos.indices[0] == facts["top"]["index"]:
-        s.add(f"The model says *{pos.name}* ({{}}).", "prob")
-    else:
-        s.add(f"The model gives *{pos.name}* {{}}; its top answer is *{top_label}* ({{}}).", "prob", "top.prob")
+    _model_says(s, facts, kind, pos, neg, group=_group_phrase(pos) if pos.kind in ("group", "topk") else None)
 
     regs = facts["regions"]
     if not regs:

@@ -27,7 +27,7 @@ from ..explanation import Explanation
 from ..metrics.base import map_shape, positions_mask
 from .names import method_title
 from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _closing, _components, _count_word,
-                    _opening, _Sentences, fmt_pct)
+                    _model_says, _opening, _Sentences, fmt_pct)
 
 WHOLE = {"BCT": "series", "BCDHW": "volume", "BTCHW": "clip", "BF": "feature vector"}
 HIDE_WORDS = {
@@ -271,17 +271,7 @@ def _write(facts: dict, layout: str, kind: str, pos, neg) -> _Sentences:
     s = _Sentences(facts)
     title = facts["method_title"]
     whole = WHOLE[layout]
-    if kind == "contrast":
-        s.add(f"The question is why the model says *{pos.name}* ({{}}) rather than *{neg.name}* ({{}}).",
-              "prob", "vs_prob")
-    elif pos.kind in ("group", "topk"):
-        s.add(f"The explained target is *{pos.name}*: together those classes get {{}} "
-              f"(the top answer is *{facts['top']['label']}*, {{}}).", "prob", "top.prob")
-    elif pos.indices[0] == facts["top"]["index"]:
-        s.add(f"The model says *{pos.name}* ({{}}).", "prob")
-    else:
-        s.add(f"The model gives *{pos.name}* {{}}; its top answer is *{facts['top']['label']}* ({{}}).",
-              "prob", "top.prob")
+    _model_says(s, facts, kind, pos, neg)
     it = "them" if layout in ("BCT", "BF") else "it"
     hide = HIDE_WORDS.get(facts["baseline"], "replacing {it} with the baseline").format(it=it, whole=whole)
     noun = f"the probability of *{pos.name}*" if pos.kind == "class" else "their total"

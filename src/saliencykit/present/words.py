@@ -235,3 +235,20 @@ def _opening(subject, x, explanation, target, index: int, make_base, method: str
         "prob": clean[0], **({"vs_prob": clean[1]} if neg is not None else {}),
     }
     return _Opening(logits, resolved.kind, pos, neg, score_targets, base, counter, head)
+
+
+def _model_says(s: "_Sentences", facts: dict, kind: str, pos, neg, group: str | None = None) -> None:
+    """The first sentence of every description: what the model says of the target (a contrast's
+    two sides, a group's total, the class and, when it is not the top answer, the top answer);
+    `group` names a group (default: its name in italics)."""
+    top_label = facts["top"]["label"]
+    if kind == "contrast":
+        s.add(f"The question is why the model says *{pos.name}* ({{}}) rather than *{neg.name}* ({{}}).",
+              "prob", "vs_prob")
+    elif pos.kind in ("group", "topk"):
+        s.add(f"The explained target is {group or f'*{pos.name}*'}: together those classes get {{}} "
+              f"(the top answer is *{top_label}*, {{}}).", "prob", "top.prob")
+    elif pos.indices[0] == facts["top"]["index"]:
+        s.add(f"The model says *{pos.name}* ({{}}).", "prob")
+    else:
+        s.add(f"The model gives *{pos.name}* {{}}; its top answer is *{top_label}* ({{}}).", "prob", "top.prob")
