@@ -23,8 +23,8 @@ from ..errors import SaliencyError
 from ..explanation import Explanation
 from ..targets import Side, Target
 from .names import METHOD_NAMES, method_title  # noqa: F401  (re-exported: they lived here)
-from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _closing, _components,  # noqa: F401
-                    _count_word, _model_says, _opening, _Sentences, fmt_corr, fmt_pct)  # noqa: F401  (fmt_corr re-exported: it lived here)
+from .words import (_ORDINALS, Verbalization, _change, _closing, _components,  # noqa: F401
+                    _centroid, _count_word, _model_says, _opening, _place, _Sentences, fmt_corr, fmt_pct)  # noqa: F401  (fmt_corr re-exported: it lived here)
 
 HIDE_WORDS = {
     "blur": "replacing it with a blurred copy of the photo",
@@ -164,18 +164,9 @@ def _location(mask: np.ndarray, weight: np.ndarray) -> dict:
     """Where a region is: evidence-weighted centroid on a 3x3 layout, plus border / spread cases."""
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
-    wts = weight[ys, xs].astype(np.float64)
-    if wts.sum() <= 0:
-        wts = np.ones_like(wts)
-    cy = float((ys + 0.5) @ wts / wts.sum()) / h
-    cx = float((xs + 0.5) @ wts / wts.sum()) / w
+    cy, cx = _centroid(mask, weight)
     row, col = min(int(cy * 3), 2), min(int(cx * 3), 2)
-    if (row, col) == (1, 1):
-        words = "centre"
-    elif row == 1:
-        words = f"middle {_COLS[col]}"
-    else:
-        words = f"{_ROWS[row]} {_COLS[col]}"
+    words = _place(row, col)
     bh = (ys.max() - ys.min() + 1) / h
     bw = (xs.max() - xs.min() + 1) / w
     band_y, band_x = max(1, round(0.1 * h)), max(1, round(0.1 * w))

@@ -26,8 +26,8 @@ from ..errors import SaliencyError
 from ..explanation import Explanation
 from ..metrics.base import map_shape, positions_mask
 from .names import method_title
-from .words import (_COLS, _ORDINALS, _ROWS, Verbalization, _change, _closing, _components, _count_word,
-                    _model_says, _opening, _Sentences, fmt_pct)
+from .words import (_ORDINALS, Verbalization, _change, _closing, _components, _count_word,
+                    _centroid, _model_says, _opening, _place, _Sentences, fmt_pct)
 
 WHOLE = {"BCT": "series", "BCDHW": "volume", "BTCHW": "clip", "BF": "feature vector"}
 HIDE_WORDS = {
@@ -76,18 +76,9 @@ def _series_location(mask: np.ndarray) -> dict:
 def _volume_location(mask: np.ndarray, weight: np.ndarray) -> dict:
     d, h, w = mask.shape
     zs, ys, xs = np.nonzero(mask)
-    wts = weight[zs, ys, xs].astype(np.float64)
-    if wts.sum() <= 0:
-        wts = np.ones_like(wts)
-    c = [float((v + 0.5) @ wts / wts.sum()) / n for v, n in ((zs, d), (ys, h), (xs, w))]
+    c = _centroid(mask, weight)
     cell = [min(int(v * 3), 2) for v in c]
-    row, col = cell[1], cell[2]
-    if (row, col) == (1, 1):
-        plane = "centre"
-    elif row == 1:
-        plane = f"middle {_COLS[col]}"
-    else:
-        plane = f"{_ROWS[row]} {_COLS[col]}"
+    plane = _place(cell[1], cell[2])
     lo, hi = int(zs.min()), int(zs.max())
     slices = f"slice {lo}" if lo == hi else f"slices {lo}-{hi}"
     bbox = [int(zs.min()), int(ys.min()), int(xs.min()), int(zs.max()) + 1, int(ys.max()) + 1, int(xs.max()) + 1]

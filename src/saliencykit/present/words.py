@@ -252,3 +252,22 @@ def _model_says(s: "_Sentences", facts: dict, kind: str, pos, neg, group: str | 
         s.add(f"The model says *{pos.name}* ({{}}).", "prob")
     else:
         s.add(f"The model gives *{pos.name}* {{}}; its top answer is *{top_label}* ({{}}).", "prob", "top.prob")
+
+
+def _centroid(mask: np.ndarray, weight: np.ndarray) -> list[float]:
+    """The evidence-weighted centre of a region, per axis as a share of that axis's length (the
+    region's own pixels or voxels counted alike when it holds no positive evidence)."""
+    at = np.nonzero(mask)
+    wts = weight[at].astype(np.float64)
+    if wts.sum() <= 0:
+        wts = np.ones_like(wts)
+    return [float((v + 0.5) @ wts / wts.sum()) / n for v, n in zip(at, mask.shape)]
+
+
+def _place(row: int, col: int) -> str:
+    """A cell of a 3x3 layout in words: "centre", "middle left", "upper right", ..."""
+    if (row, col) == (1, 1):
+        return "centre"
+    if row == 1:
+        return f"middle {_COLS[col]}"
+    return f"{_ROWS[row]} {_COLS[col]}"
