@@ -240,14 +240,47 @@ class GradResult:
     gradients: dict = field(default_factory=dict)    # name -> [N,...]
 
 
-def gradient_pass(subject, x: torch.Tensor, target: ResolvedTarget, rows: torch.Tensor | None = None,
-                  layers: Sequence[str] = (), input_grad: bool = True, counter: PassCounter | None = None,
-                  output: str | None = None) -> GradResult:
-    """Forward `x` (rows mapped to examples by `rows`), backprop the summed target score.
+def _graph_from_layer_ok(subject, layers: Sequence[str], input_grad: bool) -> bool:
+    """Whether a capturing forward may start its graph at the layer (see `capturing_forward`):
+    one layer, no input gradient wanted, and no module whose forward takes another kernel when
+    autograd is off (`nn.MultiheadAttention`'s fast path: the part before the layer would round
+    differently from a pass with the graph from the input)."""
+    if input_grad or len(layers) != 1 or not hasattr(subject, "capture"):
+        return False
+    model = getattr(subject, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return False
+    return not any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
 
-    Samples do not interact in eval mode, so the gradient of the sum is each row's own gradient.
-    Must be called inside `subject.explaining()`.
+
+def capturing_forward(subject, x: torch.Tensor, layers: Sequence[str] = (), input_grad: bool = True):
+    """Forward `x` with its autograd graph kept and the outputs of `layers` captured:
+    `(input leaf, logits, {layer: output})`, the outputs still in the graph.
+
+    When the gradient of one layer's output is all that is wanted (`input_grad=False`: the
+    gradient CAMs), the graph starts at that layer: the forward runs without autograd up to the
+    layer's last call and the captured output is the graph's leaf. The gradient w.r.t. that output
+    does not depend on what comes before it, and the forward computes the same values, so the maps
+    are the same to the bit; the part before the layer records no graph and keeps no tensors for a
+    backward (EfficientNet-Lite0, forward + gradient to its head, one thread, 10 interleaved
+    rounds: 27.9 -> 24.0 ms at batch 1, 471 -> 344 ms at batch 8). The layer's calls per forward
+    are remembered per input shape (a shared activation module runs more than once); a forward
+    that does not reach the call expected is run again with the graph from the input.
     """
+    if layers and _graph_from_layer_ok(subject, layers, input_grad):
+        name = subject.find_layer(layers[0])[0]
+        seen = subject.__dict__.setdefault("_layer_calls", {}) if hasattr(subject, "__dict__") else {}
+        key = (name, tuple(x.shape[1:]), x.dtype)
+        with torch.no_grad():
+            xin = x.detach().clone()
+            capture = subject.capture(layers, graph_from=max(seen.get(key, 1) - 1, 0))
+            with capture:
+                logits = subject.forward(xin)
+        outs = capture.records[name].outputs
+        seen[key] = len(outs)
+        if outs and isinstance(outs[-1], torch.Tensor) and outs[-1].requires_grad and logits.requires_grad:
+            return xin, logits, {name: capture.get(name)}
+        # fewer calls than the last forward of this shape made, or an output that is not a tensor
     with torch.enable_grad():  # works even when the caller is under torch.no_grad()
         xin = x.detach().clone().requires_grad_(True)
         capture = subject.capture(layers) if layers else None
@@ -258,11 +291,24 @@ def gradient_pass(subject, x: torch.Tensor, target: ResolvedTarget, rows: torch.
         else:
             logits = subject.forward(xin)
             acts = {}
+    for name, a in acts.items():
+        if not a.requires_grad:
+            raise SaliencyError(f"layer {name!r} output does not depend on the input differentiably")
+    return xin, logits, acts
+
+
+def gradient_pass(subject, x: torch.Tensor, target: ResolvedTarget, rows: torch.Tensor | None = None,
+                  layers: Sequence[str] = (), input_grad: bool = True, counter: PassCounter | None = None,
+                  output: str | None = None) -> GradResult:
+    """Forward `x` (rows mapped to examples by `rows`), backprop the summed target score.
+
+    Samples do not interact in eval mode, so the gradient of the sum is each row's own gradient.
+    Must be called inside `subject.explaining()`.
+    """
+    xin, logits, acts = capturing_forward(subject, x, layers, input_grad)
+    with torch.enable_grad():  # works even when the caller is under torch.no_grad()
         scores = target.score(logits, rows=rows, output=output)
         wrt = ([xin] if input_grad else []) + list(acts.values())
-        for name, a in acts.items():
-            if not a.requires_grad:
-                raise SaliencyError(f"layer {name!r} output does not depend on the input differentiably")
         grads = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
     if counter is not None:
         counter.add(forward=x.shape[0], backward=x.shape[0])

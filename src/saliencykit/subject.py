@@ -102,11 +102,18 @@ class LayerCapture:
     module backward hooks (those break under in-place ops that follow the module).
     A module called several times in one forward (a shared activation) keeps every call;
     `call=-1` (default) selects the last one.
+
+    With `graph_from=k` (and `call=-1`), the forward is expected to run without autograd (under
+    `torch.no_grad()`): from the module's k-th call (0-based) on, each call switches autograd on
+    for the rest of this thread's forward and hands on (and keeps) a copy of a fresh leaf. The graph then starts at the layer instead of the input; gradients w.r.t. the
+    kept output are the same numbers, and the part of the forward before it records nothing.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], call: int = -1, keep_graph: bool = True):
+    def __init__(self, modules: dict[str, nn.Module], call: int = -1, keep_graph: bool = True,
+                 graph_from: int | None = None):
         self.modules = modules
         self.call = call
+        self.graph_from = graph_from
         self.records = {name: _Recording() for name in modules}
         self._handles = []
 
@@ -115,7 +122,21 @@ class LayerCapture:
             rec = self.records[name]
 
             def hook(_mod, _inp, out, rec=rec):
-                rec.outputs.append(out)
+                first = out[0] if isinstance(out, (tuple, list)) and out else out
+                if (self.graph_from is None or len(rec.outputs) < self.graph_from
+                        or not isinstance(first, torch.Tensor) or not first.is_floating_point()):
+                    rec.outputs.append(out)
+                    return None
+                torch.set_grad_enabled(True)   # this thread only; the caller's no_grad restores it
+                # a copy of the graph's new leaf goes on and is kept: an in-place op after the layer
+                # (DenseNet's relu_ on `features`) then changes the kept tensor just as it does in a
+                # pass with the graph from the input, and an in-place op on a leaf would raise
+                ahead = first.detach().requires_grad_(True).clone()
+                rec.outputs.append(ahead)
+                if not isinstance(out, (tuple, list)):
+                    return ahead
+                items = [ahead, *out[1:]]
+                return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
 
             self._handles.append(module.register_forward_hook(this_thread_only(hook)))
         return self
@@ -532,12 +553,12 @@ class Subject:
         self._auto_layer_cache[key] = finished[-1]
         return finished[-1]
 
-    def capture(self, layers: Sequence[str], call: int = -1) -> LayerCapture:
+    def capture(self, layers: Sequence[str], call: int = -1, graph_from: int | None = None) -> LayerCapture:
         modules = {}
         for layer in layers:
             name, mod = self.find_layer(layer)
             modules[name] = mod
-        return LayerCapture(modules, call=call)
+        return LayerCapture(modules, call=call, graph_from=graph_from)
 
     def tokens_to_grid(self, tokens: torch.Tensor, input_hw, layer: str | None = None) -> torch.Tensor:
         """Token output [B, P+N, D] of a ViT-like layer -> [B, D, h, w], dropping P prefix tokens.

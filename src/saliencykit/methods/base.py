@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..engine import (DEFAULT_BATCH, GradResult, PassCounter, Progress, auto_batch, forward_logits, gradient_pass,
-                      mixed_precision, spans, widen)
+from ..engine import (DEFAULT_BATCH, GradResult, PassCounter, Progress, auto_batch, capturing_forward, forward_logits,
+                      gradient_pass, mixed_precision, spans, widen)
 from ..errors import SaliencyError, positive_int, resolve_seed
 from ..hooks import model_lock
 from ..explanation import Explanation, map_warnings
@@ -146,6 +146,9 @@ class Context:
         # at 6-row chunks than keeping it (EfficientNet-Lite0, resnet50)
         self.primed_users: int | None = None
         self._graph_freed = False
+        # whether the primed pass keeps its graph back to the input; False when only layer
+        # gradients are wanted (its graph then starts at the layer, `engine.capturing_forward`)
+        self.input_graph = True
         self._own_primed: dict = {}  # key -> (input, logits): a clean forward under a method's own rules
 
     def prime(self, layers: Sequence[str] = (), chunk: int | None = None) -> None:
@@ -161,19 +164,10 @@ class Context:
         b = self.batch
         chunk = max(1, int(chunk or b))
         parts = []
-        with torch.enable_grad():
-            for start, stop in spans(b, chunk):
-                xin = self.x[start:stop].detach().clone().requires_grad_(True)
-                capture = self.subject.capture(layers) if layers else None
-                if capture is not None:
-                    with capture:
-                        logits = self.subject.forward(xin)
-                    acts = {name: capture.get(name) for name in capture.modules}
-                else:
-                    logits = self.subject.forward(xin)
-                    acts = {}
-                self.counter.add(forward=xin.shape[0])
-                parts.append((start, xin, logits, acts))
+        for start, stop in spans(b, chunk):
+            xin, logits, acts = capturing_forward(self.subject, self.x[start:stop], layers, self.input_graph)
+            self.counter.add(forward=xin.shape[0])
+            parts.append((start, xin, logits, acts))
         self._primed = parts
         # the whole batch's logits and activations, detached, joined once for every reader
         self._primed_out = (widen(torch.cat([p[2].detach() for p in parts])),
@@ -184,12 +178,9 @@ class Context:
         """Backward through the primed graph (chunk by chunk), or None when it cannot serve the request."""
         if self._primed is None or self._graph_freed:
             return None
-        if not set(layers) <= set(self._primed_out[1]):
+        if not set(layers) <= set(self._primed_out[1]) or (input_grad and not self._primed[0][1].requires_grad):
             return None
         retain = self.primed_users is None or self.primed_users > 1
-        for name in layers:
-            if not self._primed[0][3][name].requires_grad:
-                raise SaliencyError(f"layer {name!r} output does not depend on the input differentiably")
         gis, scores_all, layer_grads = [], [], {n: [] for n in layers}
         for start, xin, logits, acts in self._primed:
             rows = None if len(self._primed) == 1 else torch.arange(start, start + xin.shape[0], device=xin.device)
@@ -529,6 +520,8 @@ def _run(subject, x, classes, tgt, layer, seed, batch_size, progress, all_params
         # fewer than 4 rows runs whole
         chunk = batch_size or (auto_batch(subject, x.shape, grad=True, rows=x.shape[0])
                                if x.shape[0] >= 4 else None)
+        # only layer methods: the clean pass needs no graph before their layer
+        ctx.input_graph = any(cls.clean_pass and not cls.uses_layer for cls in classes)
         ctx.prime(layers, chunk=chunk)
         ctx.primed_users = sum(1 for cls in classes if cls.clean_pass)
     elif one_pass and classes[0].prime is not None:
