@@ -50,3 +50,11 @@ def test_limit_and_shuffle_pick_a_seeded_subset(tmp_path):
     assert ra.rows["image"].nunique() == 6
     assert list(ra.rows["image"]) == list(rb.rows["image"])            # the same seed, the same subset
     assert set(ra.rows["image"]) != {f"parts/{i:02d}" for i in range(6)}   # shuffled before the limit
+
+
+def test_amp_flag_reaches_the_run(tmp_path):
+    from saliencykit.datasets import load_run
+
+    out = tmp_path / "amp"
+    assert main(["run", "parts:4", *BASE, "--amp", "--out", str(out)]) == 0
+    assert load_run(out).config["amp"] is True

@@ -291,3 +291,27 @@ def test_a_local_run_never_imports_ray(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]     # neither Ray nor Hugging Face datasets was loaded
+
+
+def test_amp_is_recorded_refused_on_resume_and_noted_in_the_summary(reference, tmp_path):
+    # a float32 run's manifest has no "amp" key (so runs made before the option still resume);
+    # asking the same directory for amp is another configuration; an amp run records it, its maps
+    # are the autocast ones (bfloat16 on a CPU: close to float32, not equal), its metrics float32
+    import shutil
+
+    assert "amp" not in reference.config
+    out = tmp_path / "copy"
+    shutil.copytree(reference.root, out)
+    with pytest.raises(SaliencyError, match=r'amp: "<absent>" -> true'):
+        run("parts:24", out=out, amp=True, **KW)
+    kw = dict(model="parts_cnn", method="gradcam", metric=["deletion"], batch=4, shard_size=8, progress=False,
+              threads=1, workers=0, params={"deletion": {"step": 256}})
+    amp = run("parts:8", out=tmp_path / "amp", amp=True, **kw)
+    full = run("parts:8", out=tmp_path / "f32", **kw)
+    assert amp.config["amp"] is True and "amp" not in full.config
+    a = np.stack(amp.maps(method="gradcam")["map"].to_list()).astype(np.float32)
+    f = np.stack(full.maps(method="gradcam")["map"].to_list()).astype(np.float32)
+    assert a.shape == f.shape and not np.array_equal(a, f)
+    assert np.abs(a - f).max() <= 0.1 * np.abs(f).max()
+    assert any(n.startswith("amp:") for n in sk.datasets.summarize(amp).notes)
+    assert not any(n.startswith("amp:") for n in sk.datasets.summarize(full).notes)

@@ -49,7 +49,8 @@ def cmd_run(args) -> int:
                          layer=args.layer, seed=args.seed, batch=args.batch, batch_size=args.batch_size,
                          shard_size=args.shard_size, maps=args.maps, limit=args.limit, shuffle=args.shuffle,
                          random_baseline=not args.no_random, force=args.force, workers=args.workers,
-                         threads=args.threads, ray=args.ray, progress=not args.quiet, device=args.device)
+                         threads=args.threads, ray=args.ray, progress=not args.quiet, device=args.device,
+                         amp=args.amp)
     except KeyboardInterrupt:
         print(f"saliencykit: interrupted; the finished shards in {args.out} are intact: rerun the same command "
               "to resume", file=sys.stderr)
@@ -117,6 +118,9 @@ def register(subparsers):
     p.add_argument("--threads", type=int, default=None, help="torch threads per model (default: torch's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: where the model loads)")
     p.add_argument("--no-random", action="store_true", help="do not add the random-map baseline rows")
+    p.add_argument("--amp", action="store_true",
+                   help="explain under mixed precision (bfloat16 on a CPU, float16 on CUDA): faster, maps differ "
+                        "from float32 (docs/performance.md); the metrics stay float32")
     add_model_args(p)
     p.set_defaults(func=cmd_run)
 

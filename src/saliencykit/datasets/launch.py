@@ -11,14 +11,16 @@ from .store import load_run
 def run(source, model="efficientnet_lite0", method="gradcam", metric=(), out="run", params=None, target=None,
         layer="auto", seed=0, batch=8, batch_size=None, shard_size=64, maps="layer", limit=None,
         shuffle=False, random_baseline=True, force=False, workers=None, threads=None, ray=None,
-        progress=True, device=None):
+        progress=True, device=None, amp=False):
     """Explain and score every image of `source` into the run directory `out`; returns the `Run`
-    (`load_run(out)`). A rerun with the same arguments resumes; see docs/datasets.md."""
+    (`load_run(out)`). A rerun with the same arguments resumes; see docs/datasets.md. `amp=True`
+    explains under autocast (bfloat16 on a CPU, float16 on CUDA; recorded in the manifest, the
+    metrics stay float32); see docs/performance.md, "Mixed precision", for its error."""
     from ..subject import Subject
 
     subject = model if isinstance(model, Subject) else None
     cfg = build_config(subject.name if subject is not None else model, method, metric, params, target, layer,
-                       seed, batch, batch_size, shard_size, maps, limit, shuffle, random_baseline)
+                       seed, batch, batch_size, shard_size, maps, limit, shuffle, random_baseline, amp)
     src = open_source(source)
     if cfg.target == "label" and not src.has_labels:
         raise SaliencyError(f"--target label explains each image's labelled class, but this {src.kind} source has "

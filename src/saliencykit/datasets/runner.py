@@ -142,11 +142,15 @@ class RunConfig:
     limit: int | None
     shuffle: bool
     random_baseline: bool
+    amp: bool = False       # explain under autocast (`explain(amp=True)`); metrics stay float32
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
-        return asdict(self)
+        out = asdict(self)
+        if not self.amp:   # a float32 run's manifest reads as before `amp` existed, so its resume still matches
+            del out["amp"]
+        return out
 
 
 def resolve_target(cfg: RunConfig, label_indices):
@@ -249,7 +253,7 @@ def _explain_into(out, subject, cfg, ok, items, b, shard, versions):
     method_params, metric_params = _split_params(cfg)
     t0 = time.perf_counter()
     exps = method_registry.explain(subject, x, method=list(cfg.methods), target=tgt, layer=cfg.layer, seed=seed,
-                                   batch_size=cfg.batch_size, params=method_params)
+                                   batch_size=cfg.batch_size, params=method_params, amp=cfg.amp)
     ev = None
     if cfg.metrics:
         masks = None
@@ -326,7 +330,7 @@ def _needs(metric: str):
 # ------------------------------------------------------------------------------ the run
 def build_config(model, methods, metrics, params=None, target=None, layer="auto", seed=0, batch=8,
                  batch_size=None, shard_size=64, maps="layer", limit=None, shuffle=False,
-                 random_baseline=True) -> RunConfig:
+                 random_baseline=True, amp=False) -> RunConfig:
     from .. import methods as method_registry
     from ..metrics import get as get_metric
 
@@ -355,7 +359,7 @@ def build_config(model, methods, metrics, params=None, target=None, layer="auto"
                      batch_size=None if batch_size is None else positive_int(batch_size, "batch_size"),
                      shard_size=positive_int(shard_size, "shard_size"), maps=maps,
                      limit=None if limit is None else positive_int(limit, "limit"), shuffle=bool(shuffle),
-                     random_baseline=bool(random_baseline))
+                     random_baseline=bool(random_baseline), amp=bool(amp))
 
 
 def input_hashes(source: Source, items: list[Item], progress: bool = False) -> tuple[dict, dict]:

@@ -181,6 +181,9 @@ def summarize(run, metrics=None, seed: int = 0, n_boot: int = N_BOOT, confidence
     notes = []
     if "random" in methods:
         notes.append("random: a uniform-random map scored the same way, the chance level every method should beat.")
+    if hasattr(run, "manifest") and run.config.get("amp"):
+        notes.append("amp: the maps were made under mixed precision (bfloat16 on a CPU, float16 on CUDA) and differ "
+                     "from float32 ones; the metrics ran in float32.")
     return Summary(table, pairs, per_class, directions, seed, confidence, n_boot, notes)
 
 
