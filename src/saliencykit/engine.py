@@ -240,13 +240,11 @@ class GradResult:
     gradients: dict = field(default_factory=dict)    # name -> [N,...]
 
 
-def _graph_from_layer_ok(subject, layers: Sequence[str], input_grad: bool) -> bool:
-    """Whether a capturing forward may start its graph at the layer (see `capturing_forward`):
-    one layer, no input gradient wanted, and no module whose forward takes another kernel when
-    autograd is off (`nn.MultiheadAttention`'s fast path: the part before the layer would round
-    differently from a pass with the graph from the input)."""
-    if input_grad or len(layers) != 1 or not hasattr(subject, "capture"):
-        return False
+def graph_from_layer_ok(subject) -> bool:
+    """Whether a pass that needs gradients from a layer on may run the part before the layer
+    without autograd (`capturing_forward`, IIA's representation paths): no module of the model
+    takes another kernel when autograd is off (`nn.MultiheadAttention`'s fast path would round
+    the part before the layer differently from a pass with autograd on)."""
     model = getattr(subject, "model", None)
     if not isinstance(model, torch.nn.Module):
         return False
@@ -267,7 +265,7 @@ def capturing_forward(subject, x: torch.Tensor, layers: Sequence[str] = (), inpu
     are remembered per input shape (a shared activation module runs more than once); a forward
     that does not reach the call expected is run again with the graph from the input.
     """
-    if layers and _graph_from_layer_ok(subject, layers, input_grad):
+    if not input_grad and len(layers) == 1 and hasattr(subject, "capture") and graph_from_layer_ok(subject):
         name = subject.find_layer(layers[0])[0]
         seen = subject.__dict__.setdefault("_layer_calls", {}) if hasattr(subject, "__dict__") else {}
         key = (name, tuple(x.shape[1:]), x.dtype)

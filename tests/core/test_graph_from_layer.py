@@ -229,3 +229,17 @@ def test_models_with_multihead_attention_keep_the_graph_from_the_input():
     with subject.explaining():
         xin, _, _ = engine.capturing_forward(subject, _x(), ["proj"], input_grad=False)
     assert xin.requires_grad
+
+
+@pytest.mark.parametrize("method", ["gradcam", "smooth_gradcam_pp", "iia"])
+def test_maps_are_bit_equal_with_the_lever_off(tiny, tiny_x, monkeypatch, method):
+    # the same call with the graph from the input everywhere (the lever switched off) gives the
+    # same map to the bit: Grad-CAM (clean pass), Smooth Grad-CAM++ (gradient_pass per noisy
+    # copy), IIA (the representation path's forwards)
+    from saliencykit.methods import paths
+
+    on = sk.explain(tiny, tiny_x, method, layer="act2", seed=3)
+    monkeypatch.setattr(engine, "graph_from_layer_ok", lambda subject: False)
+    monkeypatch.setattr(paths, "graph_from_layer_ok", lambda subject: False)
+    off = sk.explain(tiny, tiny_x, method, layer="act2", seed=3)
+    assert torch.equal(on.maps, off.maps) and on.maps.abs().sum() > 0

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from ..engine import auto_batch, forward_logits, gradient_pass, spans, upsample
+from ..engine import auto_batch, forward_logits, gradient_pass, graph_from_layer_ok, spans, upsample
 from ..errors import SaliencyError, positive_int
 from ..hooks import this_thread_only
 from .base import ANY_LAYOUT, Method, register
@@ -374,6 +374,7 @@ class _ReplaceOutput:
         beta = self.beta.repeat_interleave(self.frames) if folded else self.beta
         beta = beta.to(a.device, a.dtype).view(-1, *([1] * (a.dim() - 1)))
         self.tensor = (base + beta * (a - base)).requires_grad_(True)
+        torch.set_grad_enabled(True)   # the graph starts here (this thread; the caller's no_grad restores it)
         return self.tensor
 
     def __enter__(self):
@@ -403,14 +404,18 @@ def representation_path(ctx, target, name: str, inputs: torch.Tensor, rows: torc
     _, module = ctx.subject.find_layer(name)
     n_calls = _count_calls(ctx, name)
     bs = batch_size or ctx.batch_size or auto_batch(ctx.subject, ctx.x.shape, grad=True)
+    before_layer_free = graph_from_layer_ok(ctx.subject)
     out = None
     for start, stop in spans(inputs.shape[0], bs):
         sl = slice(start, stop)
         frames = ctx.x.shape[1] if ctx.layout == "BTCHW" else None
         rep = _ReplaceOutput(module, betas[sl], base, n_calls - 1, along_axes=ctx.layout in ("BCT", "BCDHW", "BTCHW"),
                              frames=frames)
-        with torch.enable_grad(), rep:
+        # the part before the layer needs no graph: the gradient is taken w.r.t. the layer's
+        # replaced output, which switches autograd on for the rest of the forward
+        with (torch.no_grad() if before_layer_free else torch.enable_grad()), rep:
             logits = ctx.subject.forward(inputs[sl].detach())
+        with torch.enable_grad():
             if rep.tensor is None:
                 raise SaliencyError(f"layer {name!r} was not called during the forward pass")
             r = rep.tensor
