@@ -3,8 +3,9 @@
     python benchmarks/metrics.py --images 2 --threads 2 [--device cuda]
 
 Rows: deletion + insertion at 224 steps (224 px per step on 224x224), max-sensitivity
-(10 samples, r = 0.02, plain-gradient explainer shared by both libraries), ROAD most-relevant-first
-at 10..90 %. Each library gets the same model, images, maps and target classes; seconds per image
+(10 samples, r = 0.02, plain-gradient explainer shared by both libraries), infidelity at the same
+number of model evaluations (160 per image; Quantus perturbs black patches, ours noisy baselines),
+ROAD most-relevant-first at 10..90 %. Each library gets the same model, images, maps and target classes; seconds per image
 are wall-clock after one warm-up image. Quantus has no insertion metric; its pixel flipping
 counts channel elements per step and requires the step to divide H*W, so its deletion runs at
 224 elements per step (= 672 steps for a 3-channel map, reported as such). torchcam has no
@@ -46,7 +47,8 @@ def main(argv=None):
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per chunk (default: the engine's auto size; large chunks are slower on a CPU)")
-    p.add_argument("--skip", action="append", default=[], help="skip a row: deletion, sensitivity, road")
+    p.add_argument("--skip", action="append", default=[],
+                   help="skip a row: deletion, sensitivity, infidelity, road")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     subject = sk.load_model(args.model, device=args.device)
@@ -112,6 +114,24 @@ def main(argv=None):
             t_q, _ = _timed(lambda: metric(a_batch=exps["saliency"].maps[:, None].cpu().numpy(), explain_func=explain_func,
                                            batch_size=B, **qkw))
             rows.append(("max-sensitivity, 10 samples", "quantus", t_q / B, "same explainer", CPU_TIMES[-1] / B))
+
+    if "infidelity" not in args.skip:
+        # the same number of model evaluations per image (10 samples x 16 patches of 56 px on
+        # 224 x 224 = 160); the perturbations differ: Quantus replaces patches with black, one
+        # after another (one forward of the batch per patch), ours draws Yeh et al.'s noisy
+        # baselines and scores them in chunks
+        n_eval = 10 * (x.shape[-1] // 56) * (x.shape[-2] // 56)
+        t_sk, _ = _timed(lambda: ours(["infidelity"], {"infidelity": {"n_perturb": n_eval}}))
+        rows.append((f"infidelity, {n_eval} evaluations", "saliencykit", t_sk / B,
+                     f"noisy baseline, {n_eval} perturbations", CPU_TIMES[-1] / B))
+        if quantus is not None:
+            metric = quantus.Infidelity(perturb_patch_sizes=[56], n_perturb_samples=10, perturb_baseline="black",
+                                        disable_warnings=True)
+            t_q, _ = _timed(lambda: metric(a_batch=maps[:, None].cpu().numpy(), batch_size=B, **qkw))
+            rows.append((f"infidelity, {n_eval} evaluations", "quantus", t_q / B,
+                         "Infidelity, 10 samples x 16 black 56-px patches", CPU_TIMES[-1] / B))
+            rows.append((f"infidelity, {n_eval} evaluations", "ratio quantus/ours", t_q / t_sk, "",
+                         CPU_TIMES[-1] / CPU_TIMES[-2]))
 
     if "road" not in args.skip:
         levels = [0.1 * i for i in range(1, 10)]

@@ -158,14 +158,17 @@ def infidelity_perturbations(x: torch.Tensor, rows: torch.Tensor, kind: str, sig
     "noisy_baseline" (Yeh et al.'s Gaussian setting): x - I = baseline + sigma * N(0,1), i.e.
     I = x - baseline - sigma * eps. "gaussian": I = sigma * N(0,1) (small noise around x).
     """
-    xr = x[rows]
-    eps = torch.randn(xr.shape, generator=gen).to(x)
-    if kind == "noisy_baseline":
-        base = torch.zeros_like(xr) if baseline is None else baseline[rows]
-        return xr - base - sigma * eps
+    if kind not in ("noisy_baseline", "gaussian"):
+        raise SaliencyError(f"unknown infidelity perturbation {kind!r}; use 'noisy_baseline' or 'gaussian'")
+    # n copies of every input: in place where the arithmetic allows, the same operations in the
+    # same order as the formula (a fused multiply-add would round differently)
+    eps = torch.randn((rows.shape[0], *x.shape[1:]), generator=gen).to(x).mul_(sigma)
     if kind == "gaussian":
-        return sigma * eps
-    raise SaliencyError(f"unknown infidelity perturbation {kind!r}; use 'noisy_baseline' or 'gaussian'")
+        return eps
+    xr = x[rows]
+    if baseline is not None:
+        xr -= baseline[rows]
+    return xr.sub_(eps)
 
 
 @register
@@ -205,7 +208,7 @@ class Infidelity(Metric):
             exp = exps[name]
             ctx.check_maps(exp)
             phi = _attribution(exp, ctx)
-            ip = (I * phi[rows]).reshape(B * n, -1).sum(1).double().view(B, n)
+            ip = (I.view(B, n, -1) * phi.reshape(B, 1, -1)).reshape(B * n, -1).sum(1).double().view(B, n)
             if normalize:
                 den = (ip ** 2).mean(1)
                 beta = torch.where(den > 0, (ip * df).mean(1) / den.clamp_min(1e-300), torch.zeros_like(den))
