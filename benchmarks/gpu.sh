@@ -4,20 +4,23 @@
 # benchmarks/results-gpu.md.
 #
 #     bash benchmarks/gpu.sh                       # on a machine with CUDA
-#     bash benchmarks/gpu.sh --device cpu --quick  # the same script on a CPU, a few rows (a check)
+#     bash benchmarks/gpu.sh --device cpu --quick  # the same script on a CPU, a few rows (a check,
+#                                                  # written to benchmarks/_scratch/results-gpu-check.md)
 #
 # Installs nothing: it runs with the Python that has saliencykit and the anchors (the project's
-# test extra); set PYTHON to choose another. Every library runs on the same device, interleaved
+# test extra: .venv/bin/python when there is one, else python); set PYTHON to choose another. Every library runs on the same device, interleaved
 # in rotating order per row (benchmarks/compare.py); timings wait for the GPU (cuda.synchronize)
 # before they stop. Rows: the single-pass and multi-pass gradient methods and the gradient CAMs at
 # batch 1 and 8 on EfficientNet-Lite0 and resnet50 (random weights), Score-CAM on both, the
 # metric rows against Quantus. Options after the script's own are passed to compare.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
 DEVICE=cuda
 QUICK=0
-OUT=benchmarks/results-gpu.md
+OUT=
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -27,6 +30,10 @@ while [ $# -gt 0 ]; do
     *) EXTRA+=("$1"); shift ;;
   esac
 done
+# a check on a CPU never overwrites the GPU results
+if [ -z "$OUT" ]; then
+  if [ "$DEVICE" = cuda ]; then OUT=benchmarks/results-gpu.md; else mkdir -p benchmarks/_scratch; OUT=benchmarks/_scratch/results-gpu-check.md; fi
+fi
 if ! "$PYTHON" -c "import torch, saliencykit" 2>/dev/null; then
   echo "gpu.sh: $PYTHON cannot import torch and saliencykit; set PYTHON to the project's environment" >&2
   exit 2
