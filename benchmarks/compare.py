@@ -215,13 +215,15 @@ def anchors_for(subject, x, y, layer_name, layer_module, method: str) -> dict:
     except ImportError:
         tc = None
     tc_cls = {"gradcam": "GradCAM", "gradcam_pp": "GradCAMpp", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
-              "scorecam": "ScoreCAM"}
+              "scorecam": "ScoreCAM", "smooth_gradcam_pp": "SmoothGradCAMpp"}
     if tc is not None and method in tc_cls:
         cls = getattr(tc, tc_cls[method])
 
         def run(cls=cls):
             with explaining():
                 kw = {"batch_size": 32} if method == "scorecam" else {}
+                if method == "smooth_gradcam_pp":   # our defaults: 10 copies, noise sd 0.15 x the input range
+                    kw = {"num_samples": 10, "std": float(0.15 * (x.max() - x.min()))}
                 ext = cls(model, target_layer=layer_name, input_shape=tuple(x.shape[1:]), **kw)
                 try:
                     if method == "scorecam":
@@ -467,9 +469,10 @@ def main(argv=None):
     ap.add_argument("--models", default="efficientnet_lite0,resnet50")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--methods", default="saliency,gradxinput,guided_backprop,integrated_gradients,"
-                    "smoothgrad,gradcam,gradcam_pp,xgradcam,layercam,hirescam,eigencam,occlusion,kernelshap,lime,scorecam")
+                    "smoothgrad,gradcam,gradcam_pp,xgradcam,layercam,hirescam,eigencam,smooth_gradcam_pp,occlusion,kernelshap,"
+                    "lime,scorecam")
     ap.add_argument("--resnet50-methods", default="saliency,guided_backprop,gradcam,gradcam_pp,layercam,eigencam,"
-                    "scorecam",
+                    "smooth_gradcam_pp,scorecam",
                     help="resnet50 runs only these (cost)")
     ap.add_argument("--batch8-repeats", type=int, default=3)
     ap.add_argument("--batch8-methods", default="saliency,gradcam,eigencam",
