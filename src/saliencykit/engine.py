@@ -265,20 +265,24 @@ def capturing_forward(subject, x: torch.Tensor, layers: Sequence[str] = (), inpu
     are remembered per input shape (a shared activation module runs more than once); a forward
     that does not reach the call expected is run again with the graph from the input.
     """
-    if not input_grad and len(layers) == 1 and hasattr(subject, "capture") and graph_from_layer_ok(subject):
-        name = subject.find_layer(layers[0])[0]
-        seen = subject.__dict__.setdefault("_layer_calls", {}) if hasattr(subject, "__dict__") else {}
-        key = (name, tuple(x.shape[1:]), x.dtype)
+    name = subject.find_layer(layers[0])[0] if layers and hasattr(subject, "find_layer") else None
+    seen = subject.__dict__.setdefault("_layer_calls", {}) if hasattr(subject, "__dict__") else {}
+    key = (name, tuple(x.shape[1:]), x.dtype)
+    if (not input_grad and len(layers) == 1 and hasattr(subject, "capture") and seen.get(key, 1) is not None
+            and graph_from_layer_ok(subject)):
         with torch.no_grad():
             xin = x.detach().clone()
             capture = subject.capture(layers, graph_from=max(seen.get(key, 1) - 1, 0))
             with capture:
                 logits = subject.forward(xin)
         outs = capture.records[name].outputs
-        seen[key] = len(outs)
         if outs and isinstance(outs[-1], torch.Tensor) and outs[-1].requires_grad and logits.requires_grad:
+            seen[key] = len(outs)
             return xin, logits, {name: capture.get(name)}
-        # fewer calls than the last forward of this shape made, or an output that is not a tensor
+        # the layer's output is no floating tensor (never tried again for this shape), or the forward
+        # made fewer calls of it than the last one of this shape (tried again with the new count)
+        tensor = bool(outs) and isinstance(outs[-1], torch.Tensor) and outs[-1].is_floating_point()
+        seen[key] = len(outs) if tensor else None
     with torch.enable_grad():  # works even when the caller is under torch.no_grad()
         xin = x.detach().clone().requires_grad_(True)
         capture = subject.capture(layers) if layers else None

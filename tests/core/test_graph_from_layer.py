@@ -27,6 +27,8 @@ def _reference(subject, x, layer, call=-1):
             logits = subject.model.eval()(xin)
             idx = logits.argmax(1)
             kept = outs[call][0] if isinstance(outs[call], tuple) else outs[call]
+            if isinstance(kept, dict):
+                kept = next(iter(kept.values()))
             g, = torch.autograd.grad(logits.gather(1, idx[:, None]).sum(), kept)
     finally:
         h.remove()
@@ -243,3 +245,46 @@ def test_maps_are_bit_equal_with_the_lever_off(tiny, tiny_x, monkeypatch, method
     monkeypatch.setattr(paths, "graph_from_layer_ok", lambda subject: False)
     off = sk.explain(tiny, tiny_x, method, layer="act2", seed=3)
     assert torch.equal(on.maps, off.maps) and on.maps.abs().sum() > 0
+
+
+class DictLayer(nn.Module):
+    """The captured layer returns a dict (as a Hugging Face sub-model's ModelOutput does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.block = _DictBlock()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.block(self.c1(x))["hidden"].mean((2, 3)))
+
+
+class _DictBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        return {"hidden": torch.relu(self.conv(x))}
+
+
+def test_a_layer_whose_output_is_no_tensor_falls_back_once_then_keeps_the_full_graph(monkeypatch):
+    # the late start cannot hand on a leaf inside a dict: the pass falls back to the full graph,
+    # and later passes of this shape go there directly instead of paying a forward twice
+    torch.manual_seed(0)
+    subject = sk.Subject(DictLayer(), labels=list("abcd"), input_size=(12, 12))
+    x = _x()
+    forwards = []
+    real = subject.forward
+    monkeypatch.setattr(subject, "forward", lambda t: (forwards.append(1), real(t))[1])
+    _, ref = _reference(subject, x, "block")
+    forwards.clear()
+    for expected in (2, 1):
+        with subject.explaining():
+            xin, logits, acts = engine.capturing_forward(subject, x, ["block"], input_grad=False)
+            with torch.enable_grad():
+                g, = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), acts["block"])
+        assert xin.requires_grad and torch.equal(g, ref)
+        assert len(forwards) == expected
+        forwards.clear()
