@@ -251,7 +251,8 @@ def graph_from_layer_ok(subject) -> bool:
     return not any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
 
 
-def capturing_forward(subject, x: torch.Tensor, layers: Sequence[str] = (), input_grad: bool = True):
+def capturing_forward(subject, x: torch.Tensor, layers: Sequence[str] = (), input_grad: bool = True,
+                      counter: PassCounter | None = None):
     """Forward `x` with its autograd graph kept and the outputs of `layers` captured:
     `(input leaf, logits, {layer: output})`, the outputs still in the graph.
 
@@ -263,7 +264,8 @@ def capturing_forward(subject, x: torch.Tensor, layers: Sequence[str] = (), inpu
     backward (EfficientNet-Lite0, forward + gradient to its head, one thread, 10 interleaved
     rounds: 27.9 -> 24.0 ms at batch 1, 471 -> 344 ms at batch 8). The layer's calls per forward
     are remembered per input shape (a shared activation module runs more than once); a forward
-    that does not reach the call expected is run again with the graph from the input.
+    that does not reach the call expected is run again with the graph from the input (that extra
+    forward goes to `counter`; the caller counts the one it asked for).
     """
     name = subject.find_layer(layers[0])[0] if layers and hasattr(subject, "find_layer") else None
     seen = subject.__dict__.setdefault("_layer_calls", {}) if hasattr(subject, "__dict__") else {}
@@ -283,6 +285,8 @@ def capturing_forward(subject, x: torch.Tensor, layers: Sequence[str] = (), inpu
         # made fewer calls of it than the last one of this shape (tried again with the new count)
         tensor = bool(outs) and isinstance(outs[-1], torch.Tensor) and outs[-1].is_floating_point()
         seen[key] = len(outs) if tensor else None
+        if counter is not None:
+            counter.add(forward=x.shape[0])
     with torch.enable_grad():  # works even when the caller is under torch.no_grad()
         xin = x.detach().clone().requires_grad_(True)
         capture = subject.capture(layers) if layers else None
@@ -307,7 +311,7 @@ def gradient_pass(subject, x: torch.Tensor, target: ResolvedTarget, rows: torch.
     Samples do not interact in eval mode, so the gradient of the sum is each row's own gradient.
     Must be called inside `subject.explaining()`.
     """
-    xin, logits, acts = capturing_forward(subject, x, layers, input_grad)
+    xin, logits, acts = capturing_forward(subject, x, layers, input_grad, counter)
     with torch.enable_grad():  # works even when the caller is under torch.no_grad()
         scores = target.score(logits, rows=rows, output=output)
         wrt = ([xin] if input_grad else []) + list(acts.values())

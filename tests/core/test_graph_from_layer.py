@@ -288,3 +288,9 @@ def test_a_layer_whose_output_is_no_tensor_falls_back_once_then_keeps_the_full_g
         assert xin.requires_grad and torch.equal(g, ref)
         assert len(forwards) == expected
         forwards.clear()
+    # the forward that fell back is reported: Grad-CAM on a fresh shape costs 2 forwards, then 1
+    x3 = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))   # a shape not seen yet
+    first = sk.explain(subject, x3, "gradcam", layer="block")
+    again = sk.explain(subject, x3, "gradcam", layer="block")
+    assert first.passes["forward"] == 2 and again.passes["forward"] == 1
+    assert torch.equal(first.maps, again.maps)

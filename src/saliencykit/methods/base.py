@@ -165,7 +165,8 @@ class Context:
         chunk = max(1, int(chunk or b))
         parts = []
         for start, stop in spans(b, chunk):
-            xin, logits, acts = capturing_forward(self.subject, self.x[start:stop], layers, self.input_graph)
+            xin, logits, acts = capturing_forward(self.subject, self.x[start:stop], layers, self.input_graph,
+                                                  self.counter)
             self.counter.add(forward=xin.shape[0])
             parts.append((start, xin, logits, acts))
         self._primed = parts
