@@ -206,3 +206,19 @@ def test_the_channel_that_carries_the_motif_is_named():
         assert reg["channel"] == int(data.channels[i]), i
         assert f"channel {reg['channel']} carries" in v.text
         assert sum(reg["channels"]) == pytest.approx(1.0)
+
+
+def test_a_series_map_that_misses_completeness_says_so_with_a_cited_number():
+    # the photo words and the layout words end with the same notes (one helper, words._warning_notes):
+    # IG at 2 steps on the series CNN misses completeness, and the note cites the warning's value
+    from saliencykit.benchmarks.series import dataset as S
+
+    subject = sk.load_model("series_cnn")
+    x = S.to_tensor(S.generate(1, seed=11).series)
+    e = sk.explain(subject, x, "integrated_gradients", steps=2)
+    assert [w["code"] for w in e.warnings] == ["completeness"]
+    v = verbalize(subject, x, e)
+    notes = [s for s in v.sentences if s["text"].startswith("Note:")]
+    assert len(notes) == 1 and "more integration steps" in notes[0]["text"]
+    assert [n["key"] for n in notes[0]["numbers"]] == ["warnings.0.value"]
+    _cited_numbers_agree(v)

@@ -24,7 +24,8 @@ from ..explanation import Explanation
 from ..targets import Side, Target
 from .names import METHOD_NAMES, method_title  # noqa: F401  (re-exported: they lived here)
 from .words import (_ORDINALS, Verbalization, _change, _closing, _components,  # noqa: F401
-                    _centroid, _count_word, _model_says, _opening, _place, _Sentences, fmt_corr, fmt_pct)  # noqa: F401  (fmt_corr re-exported: it lived here)
+                    _centroid, _count_word, _model_says, _opening, _place, _Sentences, _warning_notes, fmt_corr,
+                    fmt_pct)  # noqa: F401  (fmt_corr re-exported: it lived here)
 
 HIDE_WORDS = {
     "blur": "replacing it with a blurred copy of the photo",
@@ -412,17 +413,7 @@ def verbalize(subject, x: torch.Tensor, explanation, target: Target | str | int 
 
     facts["passes"] = {"forward": counter.forward, "backward": counter.backward}
     sentences = _write(facts, kind, pos_side, neg_side)
-    # what the Explanation warns about, each number cited like every other
-    facts["warnings"] = explanation[index].warnings if isinstance(explanation, Explanation) else []
-    for i, w in enumerate(facts["warnings"]):
-        if w["code"] == "completeness":
-            sentences.add(f"Note: the {facts['method_title']} attributions miss the score difference by {{}}, so "
-                          "the map is a coarse estimate; more integration steps make it finer.", f"warnings.{i}.value")
-        elif w["code"] == "unsure":
-            sentences.add("Note: the model is unsure ({} for its top answer), so the map explains a guess.",
-                          f"warnings.{i}.value")
-        elif not any(ch.isdigit() for ch in w["message"]):
-            sentences.add_plain(f"Note: {w['message']}.")
+    _warning_notes(sentences, facts, explanation, index)
     text = " ".join(s["text"] for s in sentences.items)
     return Verbalization(text=text, facts=facts, sentences=sentences.items, masks=[m for _, m in shown])
 

@@ -27,7 +27,7 @@ from ..explanation import Explanation
 from ..metrics.base import map_shape, positions_mask
 from .names import method_title
 from .words import (_ORDINALS, Verbalization, _change, _closing, _components, _count_word,
-                    _centroid, _model_says, _opening, _place, _Sentences, fmt_pct)
+                    _centroid, _model_says, _opening, _place, _Sentences, _warning_notes, fmt_pct)
 
 WHOLE = {"BCT": "series", "BCDHW": "volume", "BTCHW": "clip", "BF": "feature vector"}
 HIDE_WORDS = {
@@ -246,13 +246,7 @@ def verbalize_layout(subject, x: torch.Tensor, explanation, target, *, layout: s
                                      "rank_correlation": 0.0 if not np.isfinite(rho) else float(rho)})
     facts["passes"] = {"forward": counter.forward, "backward": counter.backward}
     sentences = _write(facts, layout, kind, pos_side, neg_side)
-    facts["warnings"] = explanation[index].warnings if isinstance(explanation, Explanation) else []
-    for i, w in enumerate(facts["warnings"]):
-        if w["code"] == "unsure":
-            sentences.add("Note: the model is unsure ({} for its top answer), so the map explains a guess.",
-                          f"warnings.{i}.value")
-        elif not any(ch.isdigit() for ch in w["message"]):
-            sentences.add_plain(f"Note: {w['message']}.")
+    _warning_notes(sentences, facts, explanation, index)
     text = " ".join(s["text"] for s in sentences.items)
     return Verbalization(text=text, facts=facts, sentences=sentences.items, masks=list(shown))
 

@@ -271,3 +271,18 @@ def _place(row: int, col: int) -> str:
     if row == 1:
         return f"middle {_COLS[col]}"
     return f"{_ROWS[row]} {_COLS[col]}"
+
+
+def _warning_notes(s: "_Sentences", facts: dict, explanation, index: int) -> None:
+    """The Explanation's warnings as closing notes (`facts["warnings"]`), each number cited like every
+    other; a warning whose message carries a number without a sentence of its own is left out."""
+    facts["warnings"] = explanation[index].warnings if isinstance(explanation, Explanation) else []
+    for i, w in enumerate(facts["warnings"]):
+        if w["code"] == "completeness":
+            s.add(f"Note: the {facts['method_title']} attributions miss the score difference by {{}}, so "
+                  "the map is a coarse estimate; more integration steps make it finer.", f"warnings.{i}.value")
+        elif w["code"] == "unsure":
+            s.add("Note: the model is unsure ({} for its top answer), so the map explains a guess.",
+                  f"warnings.{i}.value")
+        elif not any(ch.isdigit() for ch in w["message"]):
+            s.add_plain(f"Note: {w['message']}.")
