@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import saliencykit as sk
+from linear_model import Linear2
 from saliencykit import SaliencyError, Subject
 from saliencykit.explanation import Explanation
 from saliencykit.metrics import available, evaluate, get
@@ -18,19 +19,6 @@ from saliencykit.metrics.faithfulness import saco_from_groups
 from saliencykit.metrics.road import noisy_linear_impute
 
 S = 12  # side of the toy inputs
-
-
-class Linear2(nn.Module):
-    """f(x) = [w.x + b, 0]: the linear toy model of the spec (two logits, softmax is monotone)."""
-
-    def __init__(self, w, b=0.0):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-        self.b = nn.Parameter(torch.tensor(float(b)))
-
-    def forward(self, x):
-        lin = (x * self.w).flatten(1).sum(1) + self.b
-        return torch.stack([lin, torch.zeros_like(lin)], 1)
 
 
 def _identity_subject(model, size=S):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import saliencykit as sk
+from linear_model import Linear2
 from saliencykit import SaliencyError, Subject
 from saliencykit.explanation import Explanation
 from saliencykit.metrics import evaluate
@@ -16,18 +17,13 @@ from saliencykit.metrics import evaluate
 CASES = {"BCT": (2, (20,)), "BCDHW": (1, (3, 4, 5)), "BF": (None, (7,))}
 
 
-class Linear2(nn.Module):
-    """f(x) = [w.x + b, 0] over every axis of x: removing a set of positions onto zeros lowers the
-    first logit by exactly the sum of w*x over them (and over all channels)."""
-
-    def __init__(self, w, b=0.0):
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-        self.b = nn.Parameter(torch.tensor(float(b)))
-
-    def forward(self, x):
-        lin = (x * self.w).flatten(1).sum(1) + self.b
-        return torch.stack([lin, torch.zeros_like(lin)], 1)
+def _permutation_maps(layout, seed):
+    """Two maps of the layout's map shape whose values are permutations of 0..n-1 (no ties):
+    (map shape, n positions, maps)."""
+    shape = CASES[layout][1]
+    n = math.prod(shape)
+    g = torch.Generator().manual_seed(seed)
+    return shape, n, torch.stack([torch.randperm(n, generator=g).float().reshape(shape) for _ in range(2)])
 
 
 def _linear_case(layout, batch=2, seed=0):
@@ -55,10 +51,7 @@ def test_deletion_curve_of_a_linear_model_is_the_hand_computed_one(layout):
     # b + the sum of w*x over the positions not yet removed (all channels of a position go together).
     # Distinct map values (a permutation), so the order has no ties; float32 sums: 1e-4.
     subject, x, w = _linear_case(layout)
-    shape = CASES[layout][1]
-    n = math.prod(shape)
-    g = torch.Generator().manual_seed(1)
-    maps = torch.stack([torch.randperm(n, generator=g).float().reshape(shape) for _ in range(2)])
+    shape, n, maps = _permutation_maps(layout, seed=1)
     step = 3
     ev = evaluate(subject, x, _exp(maps, layout), metrics=["deletion"], target=0, random_baseline=False,
                   params={"deletion": {"step": step, "substrate": "zero", "output": "logit"}})
@@ -247,10 +240,7 @@ def test_rfxg_masks_the_top_positions_of_the_map(layout):
     # floor(alpha*n) positions are removed, p_a - p_b = tanh(logit/2) with logit = b + the sum of w*x
     # over the positions kept; trapezoid over alpha as the metric does (float32 logits: 1e-5)
     subject, x, w = _linear_case(layout)
-    shape = CASES[layout][1]
-    n = math.prod(shape)
-    g = torch.Generator().manual_seed(5)
-    maps = torch.stack([torch.randperm(n, generator=g).float().reshape(shape) for _ in range(2)])
+    shape, n, maps = _permutation_maps(layout, seed=5)
     ev = evaluate(subject, x, _exp(maps, layout), metrics=["rfxg_ccs"], target=sk.Contrast(0, vs=1),
                   random_baseline=False)
     r = ev["rfxg_ccs"]["m"]
