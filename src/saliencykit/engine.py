@@ -267,11 +267,13 @@ def capturing_forward(subject, x: torch.Tensor, layers: Sequence[str] = (), inpu
     that does not reach the call expected is run again with the graph from the input (that extra
     forward goes to `counter`; the caller counts the one it asked for).
     """
-    name = subject.find_layer(layers[0])[0] if layers and hasattr(subject, "find_layer") else None
-    seen = subject.__dict__.setdefault("_layer_calls", {}) if hasattr(subject, "__dict__") else {}
-    key = (name, tuple(x.shape[1:]), x.dtype)
-    if (not input_grad and len(layers) == 1 and hasattr(subject, "capture") and seen.get(key, 1) is not None
-            and graph_from_layer_ok(subject)):
+    late = not input_grad and len(layers) == 1 and hasattr(subject, "capture")
+    if late:
+        name = subject.find_layer(layers[0])[0]
+        seen = subject.__dict__.setdefault("_layer_calls", {}) if hasattr(subject, "__dict__") else {}
+        key = (name, tuple(x.shape[1:]), x.dtype)
+        late = seen.get(key, 1) is not None and graph_from_layer_ok(subject)
+    if late:
         with torch.no_grad():
             xin = x.detach().clone()
             capture = subject.capture(layers, graph_from=max(seen.get(key, 1) - 1, 0))
